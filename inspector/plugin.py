@@ -1,0 +1,138 @@
+"""The plugin contract and the registry that fills itself from entry points.
+
+A plugin is a class registered under the `inspector.plugins` entry-point group.
+The built-in DFKDE goes through the same path as a third-party package. A plugin
+is checked when it is loaded: a missing method names the plugin and the method,
+and two plugins under one name are an error, not a warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from inspector.errors import PluginError
+
+ENTRY_POINT_GROUP = "inspector.plugins"
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a plugin says of a batch: one anomaly probability (0..1) and one raw score per image."""
+
+    probability: np.ndarray
+    raw: np.ndarray
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """What a fit used: images seen and embeddings kept (after any subsampling)."""
+
+    images: int
+    embeddings: int
+
+
+@runtime_checkable
+class Plugin(Protocol):
+    """A scoring model that fits from normal images, saves, loads and scores batches.
+
+    `prepare` runs on decode threads (CPU, one image at a time) and must be thread
+    safe; `score` runs on the scoring thread, on the plugin's device.
+    """
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[BaseModel]]
+
+    @classmethod
+    def create(cls, settings: BaseModel, device: torch.device) -> "Plugin":
+        """An unfitted plugin from its validated settings."""
+
+    @classmethod
+    def load(cls, folder: Path, device: torch.device) -> "Plugin":
+        """A fitted plugin from the files `save` wrote; raises StateError when they are bad."""
+
+    @property
+    def min_images(self) -> int:
+        """The fewest images a fit accepts."""
+
+    def describe(self) -> dict[str, Any]:
+        """The settings that define this model, as plain JSON data (for manifests)."""
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """H x W x 3 uint8 RGB -> the tensor `score` and `fit` take a stack of."""
+
+    def fit(self, batches: Iterable[torch.Tensor]) -> FitReport:
+        """Fit from batches of prepared images of normal parts."""
+
+    def score(self, batch: torch.Tensor) -> Scores:
+        """Score a stacked batch of prepared images."""
+
+    def save(self, folder: Path) -> list[str]:
+        """Write the fitted state into `folder`; returns the names of the files written."""
+
+
+_CLASS_METHODS = ("create", "load")
+_METHODS = ("describe", "prepare", "fit", "score", "save")
+
+
+def check_plugin(name: str, cls: Any) -> type:
+    """Raise PluginError unless `cls` implements the Plugin contract."""
+    if not inspect.isclass(cls):
+        raise PluginError(f"plugin {name!r}: the entry point must name a class, got {cls!r}")
+    if getattr(cls, "name", None) != name:
+        raise PluginError(
+            f"plugin {name!r}: class {cls.__qualname__} declares name {getattr(cls, 'name', None)!r}; "
+            "the entry-point name and the class's `name` must agree"
+        )
+    settings = getattr(cls, "Settings", None)
+    if not (inspect.isclass(settings) and issubclass(settings, BaseModel)):
+        raise PluginError(f"plugin {name!r}: `Settings` must be a pydantic BaseModel class")
+    for method in _CLASS_METHODS + _METHODS:
+        if not callable(getattr(cls, method, None)):
+            raise PluginError(f"plugin {name!r}: missing method `{method}` of the inspector plugin contract")
+    for method in _CLASS_METHODS:
+        if not isinstance(inspect.getattr_static(cls, method), classmethod):
+            raise PluginError(f"plugin {name!r}: `{method}` must be a classmethod")
+    if not isinstance(inspect.getattr_static(cls, "min_images", None), property):
+        raise PluginError(f"plugin {name!r}: `min_images` must be a property")
+    return cls
+
+
+@cache
+def registry() -> dict[str, type]:
+    """Every installed plugin by name, each checked; duplicates are an error."""
+    found: dict[str, type] = {}
+    origins: dict[str, str] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found:
+            if ep.value == origins[ep.name]:
+                continue  # the same package seen twice on the path (editable installs)
+            raise PluginError(
+                f"two plugins are registered as {ep.name!r}: {origins[ep.name]} and {ep.value}; "
+                "uninstall one of them"
+            )
+        try:
+            cls = ep.load()
+        except Exception as exc:  # noqa: BLE001 - any import failure of a third-party plugin
+            raise PluginError(f"plugin {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
+        found[ep.name] = check_plugin(ep.name, cls)
+        origins[ep.name] = ep.value
+    return found
+
+
+def get_plugin(name: str) -> type:
+    """The plugin class registered as `name`."""
+    plugins = registry()
+    if name not in plugins:
+        available = ", ".join(sorted(plugins)) or "none"
+        raise PluginError(f"unknown plugin {name!r}; installed plugins: {available}")
+    return plugins[name]

@@ -1,0 +1,1 @@
+"""Built-in scoring plugins, registered through the `inspector.plugins` entry points."""

@@ -1,0 +1,1 @@
+"""DFKDE: deep CNN features, PCA and a Gaussian kernel density of normal parts."""

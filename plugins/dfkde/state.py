@@ -1,0 +1,118 @@
+"""Save and load a fitted DfkdeModel: tensors in safetensors, settings in JSON, no pickle.
+
+The backbone's weights are not stored with each version; they come from the
+configured source. A digest of them is stored instead, and a load whose backbone
+differs from the one the model was fitted with is refused: scoring with other
+weights would give silently wrong verdicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from inspector.errors import InspectorError, StateError
+from plugins.dfkde.model import DfkdeModel
+
+STATE_FILE = "state.safetensors"
+SETTINGS_FILE = "settings.json"
+FORMAT = "dfkde.state/1"
+
+_TENSORS = {
+    "pca.mean": ("pca_model", "mean"),
+    "pca.components": ("pca_model", "components"),
+    "pca.explained_variance": ("pca_model", "explained_variance"),
+    "kde.whitened": ("kde_model", "whitened"),
+    "kde.whitened_sq_norm": ("kde_model", "whitened_sq_norm"),
+    "kde.bw_transform": ("kde_model", "bw_transform"),
+    "kde.log_norm": ("kde_model", "log_norm"),
+}
+
+
+def backbone_digest(model: DfkdeModel) -> str:
+    """sha256 of the feature extractor's parameters and buffers, in key order."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.feature_extractor.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_settings(model: DfkdeModel) -> dict[str, Any]:
+    """The constructor arguments that rebuild `model`, as JSON data."""
+    return {
+        "backbone": model.backbone.name,
+        "layers": list(model.backbone.layers),
+        "weights": model.backbone.weights,
+        "n_comps": model.n_components,
+        "pre_processing": model.pre_processing,
+        "filter_count": model.filter_count,
+        "threshold_steepness": model.threshold_steepness,
+        "threshold_offset": model.threshold_offset,
+        "input_size": model.input_size,
+        "precision": model.precision,
+        "seed": model.seed,
+    }
+
+
+def save_state(model: DfkdeModel, folder: Path) -> list[str]:
+    """Write the fitted state into `folder` (which must exist); returns the file names."""
+    if not model.fitted:
+        raise StateError("cannot save an unfitted DFKDE model")
+    tensors = {"max_length": model.max_length.reshape(1)}
+    for key, (part, attr) in _TENSORS.items():
+        tensors[key] = getattr(getattr(model, part), attr)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(folder / STATE_FILE))
+    meta = {"format": FORMAT, "settings": model_settings(model), "backbone_digest": backbone_digest(model)}
+    (folder / SETTINGS_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return [STATE_FILE, SETTINGS_FILE]
+
+
+def read_settings(folder: Path) -> dict[str, Any]:
+    path = folder / SETTINGS_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StateError(f"{path}: cannot read the DFKDE settings ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StateError(f"{path}: not a {FORMAT} settings file")
+    return meta
+
+
+def load_state(folder: Path, device: torch.device, precision: str | None = None) -> DfkdeModel:
+    """Rebuild a fitted model from `folder`, on `device`; StateError for anything amiss."""
+    meta = read_settings(folder)
+    settings = dict(meta["settings"])
+    if precision is not None:
+        settings["precision"] = precision
+    try:
+        tensors = load_file(str(folder / STATE_FILE))
+    except (OSError, SafetensorsError) as exc:
+        raise StateError(f"{folder / STATE_FILE}: cannot read the DFKDE state ({exc})") from exc
+    missing = sorted({"max_length", *_TENSORS} - set(tensors))
+    if missing:
+        raise StateError(f"{folder / STATE_FILE}: missing tensors {missing}")
+    backbone = settings.pop("backbone")
+    try:
+        model = DfkdeModel(backbone, **settings)
+    except InspectorError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise StateError(f"{folder / SETTINGS_FILE}: bad settings ({exc})") from exc
+    if backbone_digest(model) != meta.get("backbone_digest"):
+        raise StateError(
+            f"{folder}: the backbone weights from {settings['weights']!r} differ from the ones this "
+            "model was fitted with; restore those weights or refit the model"
+        )
+    model.max_length = tensors["max_length"].reshape(())
+    for key, (part, attr) in _TENSORS.items():
+        setattr(getattr(model, part), attr, tensors[key])
+    if model.pca_model.components.shape != (model.feature_dim, model.n_components):
+        raise StateError(f"{folder}: PCA shape {tuple(model.pca_model.components.shape)} does not fit the backbone")
+    return model.to(device)
