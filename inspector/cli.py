@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from inspector import __version__
-from inspector.errors import InspectorError
+from inspector.errors import ConfigError, InspectorError
 
 log = logging.getLogger("inspector")
 
@@ -46,6 +46,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
 
+    refit = commands.add_parser(
+        "refit",
+        help="fit a new model version from a folder of normal images, store it, announce it",
+        description="Fit a new version of a model from a folder tree of images of good parts, calibrate "
+        "its threshold on a held-out share of them, write it to the model store as the current version "
+        "and announce it to the running workers.",
+    )
+    _add_config(refit)
+    refit.add_argument("--data", type=Path, required=True, metavar="DIR", help="folder of good-part images (recursive)")
+    refit.add_argument("--model", metavar="NAME", help="the model to refit (default: default_model)")
+    refit.add_argument("--target-false-reject", type=float, metavar="RATE",
+                       help="false-reject rate on good parts to calibrate for (default: refit.target_false_reject)")
+    refit.add_argument("--held-out", type=float, metavar="SHARE",
+                       help="share of images held out for calibration (default: refit.held_out_share)")
+    refit.add_argument("--no-calibrate", action="store_true",
+                       help="keep the configured threshold and offset; use every image for the fit")
+    refit.add_argument("--keep", type=int, metavar="N", help="keep only the newest N versions (never the current)")
+    refit.add_argument("--no-announce", action="store_true", help="store the version without telling the workers")
+    refit.set_defaults(func=_cmd_refit)
+
+    models = commands.add_parser("models", help="what is in the model store; make an older version current")
+    model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = model_commands.add_parser("list", help="every model and its versions")
+    _add_config(listing)
+    listing.set_defaults(func=_cmd_models_list)
+    show = model_commands.add_parser("show", help="the manifest of a version (default: the current one)")
+    _add_config(show)
+    show.add_argument("name")
+    show.add_argument("version", nargs="?")
+    show.set_defaults(func=_cmd_models_show)
+    rollback = model_commands.add_parser("rollback", help="make VERSION current again and announce it")
+    _add_config(rollback)
+    rollback.add_argument("name")
+    rollback.add_argument("version")
+    rollback.add_argument("--no-announce", action="store_true", help="switch without telling the workers")
+    rollback.set_defaults(func=_cmd_models_rollback)
+
     config = commands.add_parser("config", help="check the configuration and print it as JSON")
     _add_config(config)
     config.set_defaults(func=_cmd_config)
@@ -56,6 +93,92 @@ def _cmd_demo(settings, args) -> int:
     from inspector.demo import run_demo
 
     return run_demo(settings, train=args.train, test=args.test, seed=args.seed)
+
+
+def _cmd_refit(settings, args) -> int:
+    from inspector.refit import RefitOptions, run_refit
+
+    options = RefitOptions(
+        data=args.data.expanduser(),
+        model=args.model or settings.default_model,
+        calibrate=not args.no_calibrate,
+        target_false_reject=(
+            args.target_false_reject if args.target_false_reject is not None else settings.refit.target_false_reject
+        ),
+        held_out_share=args.held_out if args.held_out is not None else settings.refit.held_out_share,
+        keep=args.keep if args.keep is not None else settings.refit.keep,
+        announce=not args.no_announce,
+    )
+    if options.keep < 0:
+        raise ConfigError(f"--keep {options.keep}: must be 0 (keep all) or more")
+    result = run_refit(settings, options)
+    print(f"model {options.model!r}: version {result.version} is current")
+    print(f"  images: {result.found} found, {result.used} used for the fit, {result.held_out} held out, "
+          f"{result.skipped} skipped")
+    print(f"  time: {result.seconds:.1f} s, {result.images_per_second:.1f} images/s")
+    if result.calibration:
+        c = result.calibration
+        print(f"  calibration: threshold {c['threshold']} at log-density {c['boundary_log_density']:.3f} for a "
+              f"false-reject rate of {c['target_false_reject']:.2%} (held out: {c['held_out_false_reject']:.2%} "
+              f"of {c['held_out']})")
+    else:
+        print("  calibration: none; the configured threshold and offset are kept")
+    if result.pruned:
+        print(f"  pruned: {', '.join(result.pruned)}")
+    if result.announced:
+        print(f"  announced model.{options.model} on {settings.broker.exchanges.control}")
+    elif options.announce:
+        print("  not announced: the broker is unreachable; workers pick the version up when they next start "
+              f"or are told (inspector models rollback {options.model} {result.version})")
+    return 0
+
+
+def _store(settings):
+    from inspector.store import ModelStore
+
+    return ModelStore(settings.store.path)
+
+
+def _cmd_models_list(settings, args) -> int:
+    store = _store(settings)
+    names = store.names()
+    if not names:
+        print(f"no models in {settings.store.path}")
+        return 0
+    print(f"{'model':<16}{'version':<26}{'plugin':<10}{'images':>8}  {'threshold':>9}  created")
+    for name in names:
+        for info in store.versions(name):
+            images = (info.manifest.get("images") or {}).get("used", "")
+            marker = " *" if info.current else ""
+            print(f"{name:<16}{info.version:<26}{info.plugin:<10}{images!s:>8}  "
+                  f"{info.manifest.get('threshold', '')!s:>9}  {info.created_at}{marker}")
+    print("(* current)")
+    return 0
+
+
+def _cmd_models_show(settings, args) -> int:
+    info = _store(settings).info(args.name, args.version)
+    print(json.dumps(info.manifest | {"current": info.current, "path": str(info.path)}, indent=2))
+    return 0
+
+
+def _cmd_models_rollback(settings, args) -> int:
+    from inspector.broker import announce, announcement
+    from inspector.errors import BrokerError
+
+    store = _store(settings)
+    store.set_current(args.name, args.version)
+    info = store.info(args.name, args.version)
+    print(f"model {args.name!r}: version {args.version} is current")
+    if args.no_announce:
+        return 0
+    try:
+        announce(settings.broker, announcement(args.name, args.version, info.plugin, "rollback"))
+        print(f"  announced model.{args.name} on {settings.broker.exchanges.control}")
+    except BrokerError as exc:
+        log.warning("%s", exc)
+        print("  not announced: the broker is unreachable; workers pick the version up when they next start")
+    return 0
 
 
 def _cmd_config(settings, args) -> int:
@@ -76,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         settings = config.load(args.config)
         logging.getLogger().setLevel(settings.log_level)
+        logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))
         return args.func(settings, args)
     except InspectorError as exc:
         print(f"inspector: error: {exc}", file=sys.stderr)

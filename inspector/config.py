@@ -15,8 +15,9 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from inspector.devices import DEVICE_PATTERN
@@ -34,6 +35,38 @@ class _Section(BaseModel):
 
 class StoreSettings(_Section):
     path: Path = Field(Path("models"), description="folder of the model store")
+
+
+class ExchangeSettings(_Section):
+    captures: str = Field("inspection.captures", description="topic exchange cameras publish frames to")
+    results: str = Field("inspection.results", description="topic exchange verdicts are published to")
+    control: str = Field("inspection.control", description="model announcements: model.<name>")
+    dead: str = Field("inspection.dead", description="dead-letter exchange for frames that could not be scored")
+
+
+class BrokerSettings(_Section):
+    url: str = Field("amqp://guest@127.0.0.1:5672/%2F", description="AMQP URL without the password")
+    password: SecretStr = Field(SecretStr("guest"), description="from INSPECTOR_BROKER__PASSWORD only")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    heartbeat_s: int = Field(30, ge=0)
+    exchanges: ExchangeSettings = ExchangeSettings()
+
+    @field_validator("url")
+    @classmethod
+    def _amqp_url(cls, url: str) -> str:
+        if urlsplit(url).scheme not in ("amqp", "amqps"):
+            raise ValueError("must be an amqp:// or amqps:// URL")
+        return url
+
+
+class RefitSettings(_Section):
+    batch_size: int = Field(32, ge=1, le=4096, description="images per backbone batch")
+    decode_workers: int = Field(0, ge=0, description="decoding threads; 0 = one per CPU core")
+    held_out_share: float = Field(0.1, ge=0.0, lt=1.0, description="share of images held out for calibration")
+    target_false_reject: float = Field(0.005, gt=0.0, lt=1.0, description="false-reject rate calibration aims at")
+    seed: int = Field(0, description="seeds the held-out split")
+    keep: int = Field(0, ge=0, description="versions kept per model after a refit; 0 keeps all")
+    max_image_pixels: int = Field(100_000_000, ge=1, description="larger archive images are skipped")
 
 
 class ModelSettings(_Section):
@@ -55,6 +88,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     store: StoreSettings = StoreSettings()
+    broker: BrokerSettings = BrokerSettings()
+    refit: RefitSettings = RefitSettings()
     default_model: str = Field("default", pattern=MODEL_NAME_PATTERN)
     models: dict[str, ModelSettings] = Field(default_factory=lambda: {"default": ModelSettings()})
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -154,6 +189,19 @@ def _check_environment(environ: Mapping[str, str]) -> None:
             )
 
 
+def _check_no_secrets_in_file(data: Mapping[str, Any]) -> None:
+    """The broker password comes from the environment only, never from a file that gets copied around."""
+    broker = data.get("broker")
+    if not isinstance(broker, Mapping):
+        return
+    url = broker.get("url")
+    if "password" in broker or (isinstance(url, str) and urlsplit(url).password):
+        raise ConfigError(
+            "broker password in the config file: remove it (from broker.password or broker.url) "
+            "and set INSPECTOR_BROKER__PASSWORD in the environment instead"
+        )
+
+
 def load(path: Path | str | None = None, *, check_plugins: bool = True) -> Settings:
     """Settings from `path` (or ./inspector.toml when present, else defaults) and the environment."""
     if path is None:
@@ -161,6 +209,7 @@ def load(path: Path | str | None = None, *, check_plugins: bool = True) -> Setti
     else:
         data = _read_toml(Path(path).expanduser())
     _check_environment(os.environ)
+    _check_no_secrets_in_file(data)
     try:
         settings = Settings(**data)
     except ValidationError as exc:

@@ -45,3 +45,9 @@ class StateError(InspectorError):
     """A saved model state that is missing, corrupt or does not match its plugin."""
 
     code = "state_invalid"
+
+
+class BrokerError(InspectorError):
+    """RabbitMQ could not be reached, or refused what was sent."""
+
+    code = "broker_unavailable"

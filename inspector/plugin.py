@@ -76,12 +76,16 @@ class Plugin(Protocol):
     def score(self, batch: torch.Tensor) -> Scores:
         """Score a stacked batch of prepared images."""
 
+    def calibrate(self, held_out: Scores, threshold: float, target_false_reject: float) -> dict[str, Any]:
+        """Re-map probabilities so that `target_false_reject` of these good images score at or over
+        `threshold`; returns the figures for the manifest (they must include `threshold`)."""
+
     def save(self, folder: Path) -> list[str]:
         """Write the fitted state into `folder`; returns the names of the files written."""
 
 
 _CLASS_METHODS = ("create", "load")
-_METHODS = ("describe", "prepare", "fit", "score", "save")
+_METHODS = ("describe", "prepare", "fit", "score", "calibrate", "save")
 
 
 def check_plugin(name: str, cls: Any) -> type:

@@ -33,14 +33,43 @@ def test_example_file_loads_and_equals_the_defaults():
     assert from_example.plugin_settings("dfkde") == dfkde_defaults
 
 
-def test_example_documents_every_dfkde_key():
-    text = EXAMPLE.read_text()
+def _leaf_keys(model_cls, prefix=()):
+    from pydantic import BaseModel
+
+    for name, field in model_cls.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _leaf_keys(annotation, prefix + (name,))
+        else:
+            yield prefix, name
+
+
+def test_example_documents_every_key():
+    import tomllib
+
+    example = tomllib.loads(EXAMPLE.read_text())
     settings = config.load(EXAMPLE)
-    for key in type(settings.plugin_settings("dfkde")).model_fields:
-        assert f"\n{key} = " in text, key
-    for key in config.Settings.model_fields:
-        if key not in ("store", "models", "plugins"):
-            assert f"\n{key} = " in text, key
+    for section, key in _leaf_keys(config.Settings):
+        if key in ("models", "plugins", "password"):
+            continue
+        table = example
+        for part in section:
+            table = table[part]
+        assert key in table, ".".join(section + (key,))
+    assert "INSPECTOR_BROKER__PASSWORD" in EXAMPLE.read_text()
+    assert set(example["models"]["default"]) == set(config.ModelSettings.model_fields)
+    assert set(example["plugins"]["dfkde"]) == set(type(settings.plugin_settings("dfkde")).model_fields)
+
+
+def test_broker_password_comes_from_the_environment_only(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="INSPECTOR_BROKER__PASSWORD"):
+        config.load(_write(tmp_path, "[broker]\npassword = 'hunter2'\n"))
+    with pytest.raises(ConfigError, match="INSPECTOR_BROKER__PASSWORD"):
+        config.load(_write(tmp_path, "[broker]\nurl = 'amqp://user:hunter2@host/'\n"))
+    monkeypatch.setenv("INSPECTOR_BROKER__PASSWORD", "hunter2")
+    settings = config.load(_write(tmp_path, "[broker]\nurl = 'amqp://user@host/'\n"))
+    assert settings.broker.password.get_secret_value() == "hunter2"
+    assert "hunter2" not in repr(settings)
 
 
 def test_environment_overrides_file_with_nested_keys(tmp_path, monkeypatch):

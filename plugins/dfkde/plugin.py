@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -11,7 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torchvision.transforms.v2 import functional as TF
 
-from inspector.errors import FitError
+from inspector.errors import ConfigError, FitError
 from inspector.plugin import FitReport, Scores
 from plugins.dfkde.model import DfkdeModel
 from plugins.dfkde.state import load_state, model_settings, save_state
@@ -124,6 +125,32 @@ class DfkdePlugin:
             probability=probability.double().cpu().numpy(),
             raw=log_density.double().cpu().numpy(),
         )
+
+    def calibrate(self, held_out: Scores, threshold: float, target_false_reject: float) -> dict[str, Any]:
+        """Move the logistic's offset so that probability == threshold at the log-density below which
+        `target_false_reject` of the held-out good images lie; the steepness stays the seed's.
+
+        prob(L) = sigmoid(-s (L - offset)) = threshold at L* gives offset = L* + logit(threshold) / s.
+        """
+        if not 0.0 < threshold < 1.0:
+            raise ConfigError(f"calibration needs a threshold strictly between 0 and 1, got {threshold}")
+        raw = np.asarray(held_out.raw, dtype=np.float64)
+        boundary = float(np.quantile(raw, target_false_reject))
+        steepness = self.model.threshold_steepness
+        offset = boundary + math.log(threshold / (1.0 - threshold)) / steepness
+        self.model.threshold_offset = offset
+        probability = self.model.to_probability(torch.from_numpy(raw)).numpy()
+        levels = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 0.9)
+        return {
+            "method": "held-out quantile of log-density",
+            "target_false_reject": target_false_reject,
+            "threshold": threshold,
+            "threshold_offset": offset,
+            "threshold_steepness": steepness,
+            "boundary_log_density": boundary,
+            "held_out_false_reject": float(np.mean(probability >= threshold)),
+            "held_out_log_density_quantiles": {str(q): float(np.quantile(raw, q)) for q in levels},
+        }
 
     def save(self, folder: Path) -> list[str]:
         return save_state(self.model, folder)

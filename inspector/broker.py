@@ -1,0 +1,94 @@
+"""RabbitMQ through pika: connection parameters, the exchanges, publishing with confirms.
+
+Only this module talks pika. pika's own exceptions are turned into BrokerError so
+callers deal with one kind of failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import pika
+import pika.exceptions
+
+from inspector.config import BrokerSettings
+from inspector.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+ANNOUNCEMENT_SCHEMA = "inspection.model/1"
+
+
+def connection_parameters(broker: BrokerSettings) -> pika.URLParameters:
+    """pika parameters from the URL, with the password from the settings (the environment)."""
+    parts = urlsplit(broker.url)
+    username = unquote(parts.username or "guest")
+    host = parts.netloc.rsplit("@", 1)[-1]
+    netloc = f"{quote(username, safe='')}:{quote(broker.password.get_secret_value(), safe='')}@{host}"
+    params = pika.URLParameters(urlunsplit(parts._replace(netloc=netloc)))
+    params.socket_timeout = broker.connect_timeout_s
+    params.blocked_connection_timeout = broker.connect_timeout_s * 6
+    params.connection_attempts = 1
+    params.heartbeat = broker.heartbeat_s
+    params.client_properties = {"connection_name": "inspector"}
+    return params
+
+
+def declare_control(channel: Any, broker: BrokerSettings) -> None:
+    channel.exchange_declare(broker.exchanges.control, exchange_type="topic", durable=True)
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC with milliseconds, as every timestamp the project writes."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def announcement(model: str, version: str, plugin: str, reason: str) -> dict[str, Any]:
+    """The body of `model.<name>` on the control exchange."""
+    return {
+        "schema": ANNOUNCEMENT_SCHEMA,
+        "model": model,
+        "version": version,
+        "plugin": plugin,
+        "reason": reason,
+        "announced_at": utc_now(),
+    }
+
+
+def announce(broker: BrokerSettings, body: dict[str, Any]) -> None:
+    """Publish a model announcement, persistent and confirmed; BrokerError if it cannot be."""
+    routing_key = f"model.{body['model']}"
+    try:
+        connection = pika.BlockingConnection(connection_parameters(broker))
+    except pika.exceptions.AMQPError as exc:
+        raise BrokerError(f"cannot connect to RabbitMQ at {_safe_url(broker.url)}: {exc!r}") from exc
+    except OSError as exc:
+        raise BrokerError(f"cannot connect to RabbitMQ at {_safe_url(broker.url)}: {exc}") from exc
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        declare_control(channel, broker)
+        channel.basic_publish(
+            exchange=broker.exchanges.control,
+            routing_key=routing_key,
+            body=json.dumps(body).encode(),
+            properties=pika.BasicProperties(content_type="application/json", delivery_mode=2),
+        )
+    except pika.exceptions.AMQPError as exc:
+        raise BrokerError(f"announcing {routing_key} failed: {exc!r}") from exc
+    finally:
+        try:
+            connection.close()
+        except pika.exceptions.AMQPError:
+            pass
+    log.info("announced %s version %s on %s", routing_key, body["version"], broker.exchanges.control)
+
+
+def _safe_url(url: str) -> str:
+    """The URL without credentials, for messages and logs."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))

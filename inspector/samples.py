@@ -1,0 +1,514 @@
+"""The synthetic line: images of one machined part, good and defective.
+
+Tests, the demo, benchmarks and the camera simulator need a supply of plausible
+inspection frames without a camera or a data set. Every image shows the same
+product: a square, face-turned metal plate with rounded corners and a central
+bore, lying on a dark matte belt. Good images differ only in nuisance (a few
+pixels of shift, a few degrees of rotation, lighting gain, offset and gradient,
+turning-mark phase and tool chatter, sensor noise); a defective image is drawn
+from exactly the same nuisance distribution and then gets one local defect, so
+only the defect tells the two apart.
+
+Everything is numpy and deterministic from a `numpy.random.Generator`; a
+256 x 256 frame takes a few milliseconds. The nuisance, sensor noise included,
+is drawn before anything about the defect, so `good_part(rng)` and
+`defective_part(rng)` from the same generator state show the same part under
+the same light and differ only where the defect is.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFECT_KINDS: tuple[str, ...] = ("scratch", "hole", "stain", "crack", "missing_corner")
+"""Every kind of defect the line produces; `write_folder` makes one folder per kind."""
+
+_MIN_SIZE = 32
+_IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
+
+# The product. Lengths in part units are fractions of the plate's half-width.
+_HALF_WIDTH = 0.31  # plate half-width as a fraction of the image size
+_CORNER_RADIUS = 0.14
+_BORE_RADIUS = 0.17
+_CHAMFER = 0.05
+_TURNING_PITCH_PX = 4.2  # at size 256; scales with the image
+_LIGHT_ANGLE = -0.75 * math.pi  # the ring light's brightest side, in the image: upper left
+# How much each nuisance varies (uniform half-ranges or standard deviations, as drawn below).
+_SHIFT = 0.012  # fraction of the image size
+_ANGLE_DEG = 2.5
+_SCALE = 0.01
+_GAIN = 0.015
+_OFFSET = 0.008
+_GRADIENT = 0.02
+# How strong each texture is, in units of full scale.
+_RINGS = 0.025
+_CHATTER = 0.008
+_SHEEN = 0.05
+_SECTOR = 0.007
+_BELT_MOTTLE = 0.012
+_NOISE_FLOOR = 0.003
+_NOISE_SHOT = 0.006
+_METAL_RGB = np.array([0.96, 1.0, 1.05], dtype=np.float32)
+_BELT_RGB = np.array([0.92, 1.0, 0.96], dtype=np.float32)
+_STAIN_TINTS = (
+    np.array([0.86, 0.60, 0.38], dtype=np.float32),  # rust
+    np.array([0.55, 0.56, 0.62], dtype=np.float32),  # oil or burnt coolant
+    np.array([1.25, 1.22, 1.12], dtype=np.float32),  # dried residue, whitish
+)
+
+
+@dataclass(frozen=True)
+class _Nuisance:
+    """What varies between good parts: pose, light, surface finish and sensor noise."""
+
+    shift: tuple[float, float]  # pixels, x and y
+    angle: float  # radians
+    scale: float
+    gain: float
+    offset: float
+    gradient: tuple[float, float]  # lighting slope across the frame, x and y
+    ring_phase: float
+    chatter: np.ndarray  # per-ring brightness variation of the turning marks
+    sector: np.ndarray  # slow brightness variation around the part: cos, sin of 1 and 2 theta
+    belt: np.ndarray  # coarse grid of belt mottling
+    noise: np.ndarray  # sensor noise, 3 x H x W (channels first, see _render), zero mean, unit variance
+
+
+@dataclass(frozen=True)
+class _Defect:
+    kind: str
+    params: dict
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < _MIN_SIZE:
+        raise ValueError(f"size must be an integer >= {_MIN_SIZE}, got {size!r}")
+
+
+def _draw_nuisance(rng: np.random.Generator, size: int) -> _Nuisance:
+    """Draw every nuisance of one frame, in a fixed order, before anything about a defect."""
+    return _Nuisance(
+        shift=(float(rng.uniform(-_SHIFT, _SHIFT) * size), float(rng.uniform(-_SHIFT, _SHIFT) * size)),
+        angle=float(np.deg2rad(rng.uniform(-_ANGLE_DEG, _ANGLE_DEG))),
+        scale=float(rng.uniform(1.0 - _SCALE, 1.0 + _SCALE)),
+        gain=float(rng.normal(1.0, _GAIN)),
+        offset=float(rng.normal(0.0, _OFFSET)),
+        gradient=(float(rng.normal(0.0, _GRADIENT)), float(rng.normal(0.0, _GRADIENT))),
+        ring_phase=float(rng.uniform(0.0, 2 * math.pi)),
+        chatter=rng.normal(0.0, 1.0, 512).astype(np.float32),
+        sector=rng.normal(0.0, 1.0, 4).astype(np.float32),
+        belt=rng.normal(0.0, 1.0, (6, 6)).astype(np.float32),
+        noise=_sensor_noise(rng, size),
+    )
+
+
+def _sensor_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Unit-variance triangular noise from random bytes: close enough to Gaussian for a
+    sensor, and several times faster than `standard_normal`, which would dominate a frame."""
+    b = np.frombuffer(rng.bytes(2 * 3 * size * size), dtype=np.uint8).reshape(2, 3, size, size)
+    noise = b[0].astype(np.float32)
+    noise -= b[1]
+    noise *= 1.0 / 104.5  # std of the difference of two uniform bytes
+    return noise
+
+
+def _draw_defect(rng: np.random.Generator, kind: str | None) -> _Defect:
+    """Draw one defect's shape, in part coordinates, so it moves with the part.
+
+    Local defects spread over a region a fifth to a third of the plate wide (a scuff
+    of several scratches, a cluster of pits, a branching crack, a wide stain) rather
+    than one tiny mark: real damage looks like that, and it is what a detector that
+    pools coarse features can see at all (a random-weight ResNet looks at 11-pixel
+    patches 32 pixels apart).
+    """
+    if kind is None:
+        kind = DEFECT_KINDS[int(rng.integers(len(DEFECT_KINDS)))]
+    elif kind not in DEFECT_KINDS:
+        raise ValueError(f"unknown defect kind {kind!r}; known kinds: {', '.join(DEFECT_KINDS)}")
+    if kind == "missing_corner":
+        corner = (float(rng.choice([-1.0, 1.0])), float(rng.choice([-1.0, 1.0])))
+        return _Defect(
+            kind,
+            {
+                "corner": corner,
+                "leg": float(rng.uniform(0.45, 0.70)),  # length cut off each side, part units
+                "tilt": float(rng.uniform(-0.25, 0.25)),  # radians off the 45 degree cut
+                "jag": rng.normal(0.0, 1.0, (4, 2)).astype(np.float32),  # break roughness harmonics
+                "facets": rng.normal(0.0, 1.0, (6, 2)).astype(np.float32),  # grain of the broken face
+            },
+        )
+    cu, cv = _surface_point(rng)
+    if kind == "scratch":
+        # a scuff: a few nearly parallel strokes of one drag, each bright (burnished) or dark (gouged)
+        direction = float(rng.uniform(0.0, math.pi))
+        length = float(rng.uniform(0.6, 1.0))
+        n = int(rng.integers(3, 7))
+        strands = []
+        for _ in range(n):
+            a = direction + float(rng.normal(0.0, 0.05))
+            du, dv = math.cos(a), math.sin(a)
+            offset = float(rng.uniform(-0.12, 0.12))
+            start, stop = sorted(rng.uniform(-0.5, 0.5, 2) * length)
+            start, stop = min(start, -0.25 * length), max(stop, 0.25 * length)
+            t = np.linspace(start, stop, 6)
+            bow = float(rng.uniform(-0.04, 0.04)) * (1 - (2 * t / length) ** 2)
+            su, sv = cu - offset * dv, cv + offset * du
+            strands.append(np.stack([su + t * du - bow * dv, sv + t * dv + bow * du], axis=1))
+        return _Defect(
+            kind,
+            {
+                "strands": strands,
+                "widths": rng.uniform(0.025, 0.045, n).astype(np.float32),  # 2 to 3.5 pixels at size 256
+                "contrasts": (rng.choice([-1.0, 1.0]) * rng.uniform(0.4, 0.6, n)).astype(np.float32),
+            },
+        )
+    if kind == "hole":
+        # porosity: one pit and a few smaller ones around it
+        n = int(rng.integers(4, 8))
+        offsets = np.concatenate([[[0.0, 0.0]], rng.uniform(-0.25, 0.25, (n - 1, 2))])
+        radii = np.concatenate([[rng.uniform(0.09, 0.13)], rng.uniform(0.04, 0.07, n - 1)])
+        pits = np.column_stack([offsets + (cu, cv), radii]).astype(np.float32)
+        return _Defect(kind, {"pits": pits, "depth": float(rng.uniform(0.85, 0.95))})
+    if kind == "stain":
+        return _Defect(
+            kind,
+            {
+                "centre": (cu, cv),
+                "radius": float(rng.uniform(0.22, 0.32)),
+                # outline wobble; higher harmonics weaker, so the blob is irregular but not boxy
+                "harmonics": (rng.normal(0.0, 0.12, (4, 2)) / np.arange(1, 5)[:, None]).astype(np.float32),
+                "tint": _STAIN_TINTS[int(rng.integers(len(_STAIN_TINTS)))],
+                "strength": float(rng.uniform(0.7, 1.0)),
+                "mottle": rng.normal(0.0, 1.0, (9, 9)).astype(np.float32),  # blotchy, uneven drying
+                "rim": float(rng.uniform(0.5, 0.9)),  # a dried drop leaves its edge darker
+            },
+        )
+    # crack: a jagged walk that keeps its general course (the heading is pulled back
+    # towards it at every kink), with one or two side branches
+    course = float(rng.uniform(0.0, 2 * math.pi))
+    walk = _jagged_walk(rng, (cu, cv), course, int(rng.integers(12, 19)), (0.045, 0.07))
+    walk -= walk.mean(axis=0) - (cu, cv)  # centre the crack where it was placed
+    paths = [walk]
+    for _ in range(int(rng.integers(2, 4))):
+        at = int(rng.integers(2, len(walk) - 2))
+        side = course + float(rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.1))
+        paths.append(_jagged_walk(rng, tuple(walk[at]), side, int(rng.integers(3, 7)), (0.035, 0.06)))
+    return _Defect(
+        kind,
+        {
+            "paths": paths,
+            "width": float(rng.uniform(0.025, 0.038)),  # 2 to 3 pixels at size 256
+            "darkness": float(rng.uniform(0.7, 0.85)),
+        },
+    )
+
+
+def _jagged_walk(
+    rng: np.random.Generator, start: tuple[float, float], course: float, n: int, step: tuple[float, float]
+) -> np.ndarray:
+    """n kinked steps from start, keeping to `course`: the outline of a crack."""
+    points = [np.asarray(start, dtype=np.float64)]
+    heading = course
+    for length, turn in zip(rng.uniform(*step, n), rng.normal(0.0, 0.6, n)):
+        heading = course + 0.4 * (heading - course) + float(turn)
+        points.append(points[-1] + length * np.array([math.cos(heading), math.sin(heading)]))
+    return np.stack(points)
+
+
+def _surface_point(rng: np.random.Generator) -> tuple[float, float]:
+    """A point on the flat face, clear of the bore and the rim, where a local defect can sit."""
+    while True:
+        u, v = rng.uniform(-0.6, 0.6, 2)
+        if math.hypot(u, v) > _BORE_RADIUS + _CHAMFER + 0.2:
+            return float(u), float(v)
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+@functools.lru_cache(maxsize=32)
+def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """Linear interpolation from n_in samples to n_out, as a matrix (n_out x n_in)."""
+    t = np.linspace(0.0, n_in - 1.0, n_out)
+    i = np.minimum(t.astype(np.int64), n_in - 2)
+    f = t - i
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    m[np.arange(n_out), i] = 1 - f
+    m[np.arange(n_out), i + 1] = f
+    m.setflags(write=False)
+    return m
+
+
+def _upsample(grid: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Bilinear upsampling of a small grid: cheap low-frequency variation (two small matrix products)."""
+    return _interpolation_matrix(rows, grid.shape[0]) @ grid @ _interpolation_matrix(cols, grid.shape[1]).T
+
+
+def _segment_distance(u: np.ndarray, v: np.ndarray, path: np.ndarray) -> np.ndarray:
+    """Distance from each point to a polyline, in the polyline's units."""
+    best = np.full(u.shape, np.inf, dtype=np.float32)
+    for (u0, v0), (u1, v1) in zip(path[:-1], path[1:]):
+        du, dv = u1 - u0, v1 - v0
+        t = np.clip(((u - u0) * du + (v - v0) * dv) / max(du * du + dv * dv, 1e-12), 0.0, 1.0)
+        eu, ev = u - u0 - t * du, v - v0 - t * dv
+        np.minimum(best, np.sqrt(eu * eu + ev * ev), out=best)
+    return best
+
+
+def _window(points_px: np.ndarray, margin_px: float, size: int) -> tuple[slice, slice]:
+    """The rows and columns around a defect; drawing only there keeps a frame cheap."""
+    lo = np.floor(points_px.min(axis=0) - margin_px - 2).astype(int)
+    hi = np.ceil(points_px.max(axis=0) + margin_px + 3).astype(int)
+    return slice(max(lo[1], 0), min(hi[1], size)), slice(max(lo[0], 0), min(hi[0], size))
+
+
+def _draw_local_defect(
+    defect: _Defect, u: np.ndarray, v: np.ndarray, metal: np.ndarray, half: float, to_pixels
+) -> tuple[slice, slice, np.ndarray] | None:
+    """Mark a scratch, hole or crack into the surface brightness, in place.
+
+    A stain changes colour, not brightness alone, so it is returned instead: the
+    window it covers and a 3 x h x w factor for the metal's colour there.
+    """
+    size = u.shape[0]
+    p = defect.params
+    if defect.kind == "scratch":
+        margin = float(p["widths"].max()) * half
+        rows, cols = _window(np.array([to_pixels(q) for path in p["strands"] for q in path]), margin, size)
+        uw, vw = u[rows, cols], v[rows, cols]
+        window = metal[rows, cols]
+        for path, width, contrast in zip(p["strands"], p["widths"], p["contrasts"]):
+            d = _segment_distance(uw, vw, path)
+            window += contrast * _smoothstep(1.0 - d / width)
+        return None
+    if defect.kind == "hole":
+        pits = p["pits"]
+        rows, cols = _window(np.array([to_pixels(q) for q in pits[:, :2]]), float(pits[:, 2].max() + 0.04) * half, size)
+        uw, vw = u[rows, cols], v[rows, cols]
+        window = metal[rows, cols]
+        light_u, light_v = math.cos(_LIGHT_ANGLE), math.sin(_LIGHT_ANGLE)
+        for a, b, rr in pits:
+            eu, ev = uw - a, vw - b
+            d = np.sqrt(eu * eu + ev * ev)
+            facing = (eu * light_u + ev * light_v) / np.maximum(d, 1e-6)  # cos of the angle to the light
+            inside = np.clip(0.5 - (d - rr) * half, 0.0, 1.0)
+            # the far wall catches the light, the near one is in shadow; a raised burr rings the pit
+            wall = 0.6 * (1 - p["depth"]) + 0.12 * np.clip(-facing, 0.0, 1.0) * (d / rr)
+            window[:] = window * (1 - inside) + wall * inside
+            rim = _smoothstep(1.0 - np.abs(d - rr - 0.018) * half / 2.0) * (1 - inside)
+            window += 0.15 * rim * np.clip(facing, -0.5, 1.0)
+        return None
+    if defect.kind == "stain":
+        cu, cv = p["centre"]
+        reach = p["radius"] * (1 + np.abs(p["harmonics"]).sum())
+        rows, cols = _window(np.array([to_pixels((cu, cv))]), reach * half, size)
+        uw, vw = u[rows, cols] - cu, v[rows, cols] - cv
+        phi = np.arctan2(vw, uw)  # only inside the window: cheap
+        edge = np.ones_like(phi)
+        for k, (a, b) in enumerate(p["harmonics"], start=1):
+            edge += a * np.cos(k * phi) + b * np.sin(k * phi)
+        d = np.sqrt(uw * uw + vw * vw) / (p["radius"] * edge)
+        mottle = np.clip(0.75 + 0.35 * _upsample(p["mottle"], *uw.shape), 0.2, 1.3)
+        body = _smoothstep((1.0 - d) / 0.3)
+        ring = _smoothstep(1.0 - np.abs(d - 0.85) / 0.15)
+        amount = np.minimum(p["strength"] * (body * mottle + p["rim"] * ring), 0.98)
+        return rows, cols, 1.0 - amount[None] * (1.0 - p["tint"])[:, None, None]
+    # crack
+    rows, cols = _window(np.array([to_pixels(q) for path in p["paths"] for q in path]), p["width"] * half, size)
+    uw, vw = u[rows, cols], v[rows, cols]
+    d = np.min([_segment_distance(uw, vw, path) for path in p["paths"]], axis=0)
+    metal[rows, cols] *= 1.0 - p["darkness"] * _smoothstep(1.0 - d / p["width"])
+    return None
+
+
+def _shifted(field: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:
+    """`field` moved down by dy and right by dx pixels; what comes in from the edge is `fill`."""
+    out = np.full_like(field, fill)
+    h, w = field.shape
+    out[dy:, dx:] = field[: h - dy, : w - dx]
+    return out
+
+
+def _render(nz: _Nuisance, defect: _Defect | None, size: int) -> np.ndarray:
+    """Draw the frame: outline, turned face, defect, belt with shadow, light, noise."""
+    half = _HALF_WIDTH * size * nz.scale  # pixels per part unit
+    cx = (size - 1) / 2 + nz.shift[0]
+    cy = (size - 1) / 2 + nz.shift[1]
+    cos_a, sin_a = math.cos(nz.angle), math.sin(nz.angle)
+    xs = (np.arange(size, dtype=np.float32) - cx) / half
+    ys = (np.arange(size, dtype=np.float32) - cy) / half
+    # part coordinates of every pixel: the frame's grid turned back by the part's angle
+    u = xs[None, :] * cos_a + ys[:, None] * sin_a
+    v = -xs[None, :] * sin_a + ys[:, None] * cos_a
+
+    def to_pixels(q) -> tuple[float, float]:
+        return (cx + half * (q[0] * cos_a - q[1] * sin_a), cy + half * (q[0] * sin_a + q[1] * cos_a))
+
+    # outline: a rounded square (signed distance, negative inside), minus a chipped corner
+    qu = np.abs(u) - (1.0 - _CORNER_RADIUS)
+    qv = np.abs(v) - (1.0 - _CORNER_RADIUS)
+    mu, mv = np.maximum(qu, 0), np.maximum(qv, 0)
+    outline = np.sqrt(mu * mu + mv * mv) + np.minimum(np.maximum(qu, qv), 0) - _CORNER_RADIUS
+    fracture = None
+    if defect is not None and defect.kind == "missing_corner":
+        p = defect.params
+        su, sv = p["corner"]
+        angle = math.pi / 4 + p["tilt"]
+        nu, nv = su * math.cos(angle), sv * math.sin(angle)
+        # the break passes through the point `leg` in from the corner, on the diagonal
+        reach = (1.0 - p["leg"] / 2) * (nu * su + nv * sv)
+        along = -nv * u + nu * v
+        jag = sum(a / k * np.sin(along * (9.0 * k) + b) for k, (a, b) in enumerate(p["jag"], start=1))
+        cut = nu * u + nv * v - reach - 0.012 * jag
+        outline = np.maximum(outline, cut)
+        # the broken face, seen from above: a band a few pixels wide of bright and dark facets
+        band = _smoothstep(1.0 - np.abs(cut) * (half / 5.0)) * (outline <= 0)
+        grain = sum(a * np.sin(along * (23.0 * k) + b) for k, (a, b) in enumerate(p["facets"], start=1))
+        fracture = band * (0.1 + 0.08 * grain)
+    part = np.clip(0.5 - outline * half, 0.0, 1.0)
+
+    # face-turned surface: concentric marks with per-ring chatter, a bow-tie sheen, the bore.
+    # Angles enter only through cos and sin of theta and 2 theta, taken from u, v and r,
+    # which keeps arctan2 and interpolation (the slow parts) out of every frame.
+    r = np.sqrt(u * u + v * v)
+    inv_r = 1.0 / np.maximum(r, 1e-6)
+    cos1, sin1 = u * inv_r, v * inv_r
+    cos2, sin2 = cos1 * cos1 - sin1 * sin1, 2.0 * cos1 * sin1
+    pitch = _TURNING_PITCH_PX * size / 256 / half
+    rings = np.sin(r * (2 * math.pi / pitch) + nz.ring_phase)
+    chatter = nz.chatter.take((r * (1.0 / pitch)).astype(np.int32), mode="clip")
+    light = _LIGHT_ANGLE - nz.angle  # the light is fixed in the frame, so it turns against the part
+    sheen = cos2 * math.cos(2 * light) + sin2 * math.sin(2 * light)  # cos(2 (theta - light))
+    a1, b1, a2, b2 = nz.sector
+    sector = a1 * cos1 + b1 * sin1 + a2 * cos2 + b2 * sin2
+    metal = (
+        0.60
+        + _RINGS * rings * (0.7 + 0.3 * sheen)
+        + _CHATTER * chatter
+        + _SHEEN * sheen * np.minimum(r, 1.0)
+        + _SECTOR * sector
+    )
+    chamfer = _smoothstep((r - _BORE_RADIUS) / _CHAMFER)
+    facing = cos1 * math.cos(light) + sin1 * math.sin(light)  # cos(theta - light)
+    metal = metal * (0.55 + 0.45 * chamfer) + 0.18 * (1 - chamfer) * (0.5 + 0.5 * facing)
+    bore = np.clip(0.5 - (_BORE_RADIUS - r) * half, 0.0, 1.0)  # 1 on the face, 0 down the bore
+    metal = (metal * bore + 0.05 * (1 - bore)).astype(np.float32)
+    if fracture is not None:
+        metal += fracture
+    stain = None
+    if defect is not None and defect.kind != "missing_corner":
+        stain = _draw_local_defect(defect, u, v, metal, half, to_pixels)
+
+    # the belt, with a soft shadow the part casts down and to the right
+    step = max(size // 80, 1)
+    shadow = _smoothstep((_shifted(outline, step, step, 1.0) * half + 1.0) / (3.0 * step))
+    belt = (0.15 + _BELT_MOTTLE * _upsample(nz.belt, size, size)) * (0.55 + 0.45 * shadow)
+
+    # light: gain and a gentle gradient; colour: metal and belt tints and the camera's balance.
+    # Colour is worked channels-first (3 x H x W) so numpy's inner loops run along rows:
+    # broadcasting over a trailing axis of 3 is several times slower.
+    lighting = nz.gain * (1.0 + _HALF_WIDTH * (nz.gradient[0] * xs[None, :] + nz.gradient[1] * ys[:, None]))
+    lit_metal = metal * part * lighting
+    lit_belt = belt * (1 - part) * lighting
+    metal_rgb = _METAL_RGB[:, None, None]
+    img = lit_metal[None] * metal_rgb
+    img += lit_belt[None] * _BELT_RGB[:, None, None]
+    if stain is not None:
+        rows, cols, factor = stain
+        img[:, rows, cols] += lit_metal[None, rows, cols] * metal_rgb * (factor - 1.0)
+    img += nz.offset
+
+    # sensor: noise that grows with the signal, then 8 bits
+    img += nz.noise * (_NOISE_FLOOR + _NOISE_SHOT * img)
+    img *= 255.0
+    img += 0.5
+    np.clip(img, 0.0, 255.0, out=img)
+    return np.ascontiguousarray(img.astype(np.uint8).transpose(1, 2, 0))
+
+
+def good_part(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """A defect-free frame, H x W x 3 uint8 RGB."""
+    _check_size(size)
+    return _render(_draw_nuisance(rng, size), None, size)
+
+
+def defective_part(rng: np.random.Generator, size: int = 256, kind: str | None = None) -> np.ndarray:
+    """A frame with one defect of `kind` (a random one when None), H x W x 3 uint8 RGB.
+
+    The nuisance is drawn first, exactly as `good_part` draws it, so both from the
+    same generator state differ only where the defect is.
+    """
+    _check_size(size)
+    if kind is not None and kind not in DEFECT_KINDS:
+        raise ValueError(f"unknown defect kind {kind!r}; known kinds: {', '.join(DEFECT_KINDS)}")
+    nuisance = _draw_nuisance(rng, size)
+    return _render(nuisance, _draw_defect(rng, kind), size)
+
+
+def _stream(seed: int, *key: int) -> np.random.Generator:
+    """An independent generator per (seed, purpose), so streams never share frames."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+
+def make_images(n: int, *, defective: bool = False, seed: int = 0, size: int = 256) -> list[np.ndarray]:
+    """`n` frames from `seed`; defective ones cycle through DEFECT_KINDS so every kind is covered.
+
+    Good and defective frames of one seed come from independent streams: a
+    defective frame is never a training frame with a mark added, which would
+    flatter or sink a detector for the wrong reason.
+    """
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    _check_size(size)
+    rng = _stream(seed, int(defective))
+    if not defective:
+        return [good_part(rng, size) for _ in range(n)]
+    return [defective_part(rng, size, DEFECT_KINDS[i % len(DEFECT_KINDS)]) for i in range(n)]
+
+
+def write_folder(
+    root: pathlib.Path,
+    n_good: int,
+    n_defective_per_kind: int = 0,
+    *,
+    seed: int = 0,
+    size: int = 256,
+    fmt: str = "png",
+) -> dict[str, int]:
+    """Write an MVTec-AD-like tree, root/good/000.png and root/<kind>/000.png; return counts per folder.
+
+    The good frames are `make_images(n_good, seed=seed)`; each kind has its own
+    stream, so asking for more of one kind does not change the others.
+    """
+    from PIL import Image  # only writing needs pillow
+
+    ext = fmt.lower().lstrip(".")
+    if ext not in _IMAGE_FORMATS:
+        raise ValueError(f"unknown image format {fmt!r}; known formats: {', '.join(_IMAGE_FORMATS)}")
+    if n_good < 0 or n_defective_per_kind < 0:
+        raise ValueError(f"counts must be >= 0, got n_good={n_good}, n_defective_per_kind={n_defective_per_kind}")
+    _check_size(size)
+    root = pathlib.Path(root)
+
+    def save(folder: str, images) -> int:
+        path = root / folder
+        path.mkdir(parents=True, exist_ok=True)
+        count = 0
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(path / f"{i:03d}.{ext}", format=_IMAGE_FORMATS[ext])
+            count += 1
+        return count
+
+    counts = {"good": save("good", make_images(n_good, seed=seed, size=size))}
+    if n_defective_per_kind:
+        for k, kind in enumerate(DEFECT_KINDS):
+            rng = _stream(seed, 2, k)
+            counts[kind] = save(kind, (defective_part(rng, size, kind) for _ in range(n_defective_per_kind)))
+    return counts

@@ -1,0 +1,140 @@
+"""The DFKDE plugin behind inspector's contract: registry, fit from images, save/load, ranking."""
+
+from importlib.metadata import EntryPoint
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from inspector import plugin as registry_module
+from inspector import samples
+from inspector.errors import FitError, PluginError, StateError
+from inspector.plugin import get_plugin
+from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
+
+CPU = torch.device("cpu")
+
+
+def _plugin(**overrides):
+    settings = DfkdeSettings(backbone="resnet18", layers=["layer4"], weights="none", precision="fp32", **overrides)
+    return DfkdePlugin.create(settings, CPU)
+
+
+def _batches(plugin, images, size=16):
+    prepared = [plugin.prepare(image) for image in images]
+    for start in range(0, len(prepared), size):
+        yield torch.stack(prepared[start : start + size])
+
+
+def _score(plugin, images):
+    return np.concatenate([plugin.score(batch).probability for batch in _batches(plugin, images)])
+
+
+def auroc(negatives, positives):
+    """Area under the ROC curve from scipy's Mann-Whitney U (positives should score higher)."""
+    u = scipy.stats.mannwhitneyu(positives, negatives, alternative="greater").statistic
+    return u / (len(positives) * len(negatives))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    plugin = _plugin(n_comps=16)
+    report = plugin.fit(_batches(plugin, samples.make_images(120, seed=1)))
+    return plugin, report
+
+
+def test_registered_through_the_entry_point():
+    assert get_plugin("dfkde") is DfkdePlugin
+    with pytest.raises(PluginError, match="unknown plugin 'nope'; installed plugins: dfkde"):
+        get_plugin("nope")
+
+
+def test_defects_score_above_held_out_good_parts(fitted):
+    plugin, report = fitted
+    assert (report.images, report.embeddings) == (120, 120)
+    good = _score(plugin, samples.make_images(40, seed=2))
+    defective = _score(plugin, samples.make_images(40, defective=True, seed=3))
+    assert auroc(good, defective) >= 0.9
+
+
+def test_save_then_load_gives_identical_scores(fitted, tmp_path):
+    plugin, _ = fitted
+    files = plugin.save(tmp_path)
+    assert sorted(files) == ["settings.json", "state.safetensors"]
+    loaded = DfkdePlugin.load(tmp_path, CPU)
+    batch = next(_batches(plugin, samples.make_images(8, defective=True, seed=4)))
+    before, after = plugin.score(batch), loaded.score(batch)
+    np.testing.assert_array_equal(before.probability, after.probability)
+    np.testing.assert_array_equal(before.raw, after.raw)
+    assert loaded.describe() == plugin.describe()
+
+
+def test_load_refuses_a_corrupt_state_or_other_backbone_weights(fitted, tmp_path):
+    plugin, _ = fitted
+    plugin.save(tmp_path)
+    settings = (tmp_path / "settings.json").read_text()
+    (tmp_path / "settings.json").write_text(settings.replace('"seed": 0', '"seed": 1'))
+    with pytest.raises(StateError, match="backbone weights .* differ"):
+        DfkdePlugin.load(tmp_path, CPU)
+    (tmp_path / "settings.json").write_text(settings)
+    (tmp_path / "state.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(StateError, match="state.safetensors: cannot read"):
+        DfkdePlugin.load(tmp_path, CPU)
+
+
+def test_fit_streams_into_a_bounded_seeded_reservoir():
+    plugin = _plugin(n_comps=4, filter_count=30)
+    images = samples.make_images(50, seed=5)
+    report = plugin.fit(_batches(plugin, images, size=7))
+    assert (report.images, report.embeddings) == (50, 30)
+    assert plugin.model.kde_model.whitened.shape[0] == 30
+    again = _plugin(n_comps=4, filter_count=30)
+    again.fit(_batches(again, images, size=7))
+    assert torch.equal(plugin.model.kde_model.whitened, again.model.kde_model.whitened)
+
+
+def test_too_few_images_says_how_many_are_needed():
+    plugin = _plugin(n_comps=16)
+    with pytest.raises(FitError, match="needs at least 18 images, got 5"):
+        plugin.fit(_batches(plugin, samples.make_images(5, seed=6)))
+
+
+def test_prepare_resizes_and_accepts_mono():
+    plugin = _plugin()
+    rgb = plugin.prepare(np.zeros((480, 640, 3), dtype=np.uint8))
+    mono = plugin.prepare(np.full((100, 120), 7, dtype=np.uint8))
+    assert rgb.shape == mono.shape == (3, 256, 256) and rgb.dtype == torch.uint8
+    assert torch.all(mono == 7)
+    with pytest.raises(ValueError, match="uint8"):
+        plugin.prepare(np.zeros((10, 10, 3), dtype=np.float32))
+
+
+class _Incomplete:
+    name = "broken"
+    Settings = DfkdeSettings
+
+    @classmethod
+    def create(cls, settings, device): ...
+
+    @classmethod
+    def load(cls, folder, device): ...
+
+
+def test_registry_checks_the_contract_and_refuses_duplicates(monkeypatch):
+    with pytest.raises(PluginError, match="plugin 'broken': missing method `describe`"):
+        registry_module.check_plugin("broken", _Incomplete)
+    with pytest.raises(PluginError, match="declares name 'dfkde'"):
+        registry_module.check_plugin("other", DfkdePlugin)
+
+    duplicate = [
+        EntryPoint("dfkde", "plugins.dfkde.plugin:DfkdePlugin", "inspector.plugins"),
+        EntryPoint("dfkde", "somewhere.else:Plugin", "inspector.plugins"),
+    ]
+    monkeypatch.setattr(registry_module, "entry_points", lambda group: duplicate)
+    registry_module.registry.cache_clear()
+    try:
+        with pytest.raises(PluginError, match="two plugins are registered as 'dfkde'"):
+            registry_module.registry()
+    finally:
+        registry_module.registry.cache_clear()

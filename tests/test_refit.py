@@ -1,0 +1,220 @@
+"""`inspector refit` and `inspector models` end to end: real files, the real store, the real broker."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pika
+import pytest
+import torch
+from PIL import Image
+
+from inspector import samples
+from inspector.store import ModelStore
+from plugins.dfkde.plugin import DfkdePlugin
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = 150
+
+
+def inspector(*args, cwd, env=None, timeout=300):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTOR_")}
+    environ.update({"INSPECTOR_DEVICE": "cpu", "INSPECTOR_REFIT__BATCH_SIZE": "16"}, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "inspector.cli", *args], cwd=cwd, env=environ, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+FORMATS = [(".png", "PNG"), (".JPG", "JPEG"), (".bmp", "BMP"), (".webp", "WEBP")]
+
+
+def _as_camera_saw_it(images):
+    """The same encode/decode cycle as the archive's (JPEG and WebP are lossy), for fresh test images."""
+    out = []
+    for i, image in enumerate(images):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format=FORMATS[i % 4][1])
+        out.append(np.array(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")))
+    return out
+
+
+def _archive(root: Path, n: int, seed: int) -> Path:
+    """Good parts in nested folders, mixed formats and suffix cases, plus corrupt and non-image files."""
+    images = samples.make_images(n, seed=seed)
+    for i, image in enumerate(images):
+        folder = root / f"day{i % 3}" / ("cam1" if i % 2 else "cam2")
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix, fmt = FORMATS[i % 4]
+        Image.fromarray(image).save(folder / f"part{i:04d}{suffix}", format=fmt)
+    (root / "day0" / "cam1" / "notes.txt").write_text("not an image")
+    (root / "day0" / "cam1" / "empty.png").write_bytes(b"")
+    (root / "day1" / "cam2" / "garbage.jpg").write_bytes(os.urandom(2000))
+    whole = (root / "day0" / "cam2" / "part0000.png").read_bytes()
+    (root / "day2" / "cam1" / "truncated.png").write_bytes(whole[: len(whole) // 3])
+    return root
+
+
+@pytest.fixture(scope="module")
+def refitted(tmp_path_factory):
+    work = tmp_path_factory.mktemp("refit")
+    _archive(work / "archive", GOOD, seed=11)
+    result = inspector("refit", "--data", "archive", "--held-out", "0.3", "--target-false-reject", "0.1",
+                       "--no-announce", cwd=work)
+    return work, result
+
+
+def test_refit_summary_and_manifest(refitted):
+    work, result = refitted
+    assert result.returncode == 0, result.stderr
+    for name in ("empty.png", "garbage.jpg", "truncated.png"):
+        assert f"skipping archive/" in result.stderr and name in result.stderr
+    assert "notes.txt" not in result.stderr
+    found, corrupt = GOOD + 3, 3
+    held_out = round(found * 0.3)
+    assert f"{found} found" in result.stdout and f"{corrupt} skipped" in result.stdout
+
+    store = ModelStore(work / "models")
+    info = store.info("default")
+    manifest = info.manifest
+    assert manifest["plugin"] == "dfkde"
+    images = manifest["images"]
+    assert images["found"] == found and images["skipped"] == corrupt
+    assert images["used"] + images["held_out"] == GOOD
+    assert abs(images["held_out"] - held_out) <= corrupt
+    assert manifest["source"] == str((work / "archive").resolve())
+    calibration = manifest["calibration"]
+    assert calibration["target_false_reject"] == 0.1 and calibration["threshold"] == 0.5
+    assert calibration["held_out"] == images["held_out"]
+    assert abs(calibration["held_out_false_reject"] - 0.1) <= 1.5 / images["held_out"]
+    quantiles = calibration["held_out_log_density_quantiles"]
+    assert quantiles["0.1"] == pytest.approx(calibration["boundary_log_density"])
+    assert manifest["settings"]["threshold_offset"] == pytest.approx(calibration["threshold_offset"])
+
+
+def test_calibrated_threshold_holds_on_fresh_good_images(refitted):
+    work, _ = refitted
+    info = ModelStore(work / "models").load_path("default")
+    plugin = DfkdePlugin.load(info.path, torch.device("cpu"))
+    fresh = _as_camera_saw_it(samples.make_images(200, seed=99))
+    probabilities = np.concatenate([
+        plugin.score(torch.stack([plugin.prepare(im) for im in fresh[i : i + 25]])).probability
+        for i in range(0, len(fresh), 25)
+    ])
+    false_reject = float(np.mean(probabilities >= info.manifest["threshold"]))
+    # target 10%; binomial spread on 200 fresh images plus the quantile's own error from ~45 held out
+    assert 0.02 <= false_reject <= 0.22, false_reject
+    defects = _as_camera_saw_it(samples.make_images(60, defective=True, seed=98))
+    caught = np.concatenate([
+        plugin.score(torch.stack([plugin.prepare(im) for im in defects[i : i + 20]])).probability
+        for i in range(0, 60, 20)
+    ])
+    assert np.mean(caught >= info.manifest["threshold"]) > false_reject
+
+
+def test_too_few_images_exits_1_and_writes_nothing(tmp_path):
+    _archive(tmp_path / "few", 12, seed=3)  # 15 image files, 12 of them readable
+    result = inspector("refit", "--data", "few", "--no-calibrate", "--no-announce", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "needs at least 18 images to fit; found 15 image files" in result.stderr
+    assert "Traceback" not in result.stderr
+    _archive(tmp_path / "unreadable", 16, seed=3)  # 19 files pass the count, 16 decode
+    result = inspector("refit", "--data", "unreadable", "--no-calibrate", "--no-announce", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "needs at least 18 images to fit; 16 usable of 19 image files" in result.stderr
+    assert "(3 unreadable)" in result.stderr and "Traceback" not in result.stderr
+    assert ModelStore(tmp_path / "models").names() == []
+    result = inspector("refit", "--data", "few", "--no-announce", cwd=tmp_path)
+    assert result.returncode == 1 and "calibration needs at least 20 held-out images" in result.stderr
+
+
+def test_operator_mistakes_exit_2_without_a_traceback(tmp_path):
+    (tmp_path / "bad.toml").write_text("[refit]\nheld_out_share = 1.5\n")
+    cases = [
+        (["refit", "--data", "nowhere"], "--data nowhere: no such folder"),
+        (["refit", "--data", ".", "--config", "bad.toml"], "refit.held_out_share"),
+        (["refit", "--data", ".", "--model", "ghost"], "--model 'ghost' is not a configured model"),
+        (["refit", "--data", ".", "--target-false-reject", "2"], "--target-false-reject"),
+        (["models", "show", "ghost"], "ghost"),
+    ]
+    for args, message in cases:
+        result = inspector(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_sigkill_mid_refit_keeps_the_previous_version(refitted, tmp_path):
+    work, _ = refitted
+    store = ModelStore(work / "models")
+    before = store.current("default")
+    _archive(tmp_path / "bigger", 400, seed=12)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTOR_")}
+    environ.update(INSPECTOR_DEVICE="cpu", INSPECTOR_STORE__PATH=str(work / "models"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "inspector.cli", "refit", "--data", str(tmp_path / "bigger"), "--no-announce"],
+        cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    time.sleep(6)  # part-way through decoding and fitting
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert store.current("default") == before
+    assert [v.version for v in store.versions("default")] == [before]
+    plugin = DfkdePlugin.load(store.load_path("default").path, torch.device("cpu"))
+    assert plugin.score(torch.stack([plugin.prepare(samples.make_images(1, seed=1)[0])])).probability.shape == (1,)
+
+
+def test_rollback_switches_current_and_announces_on_the_broker(refitted):
+    work, _ = refitted
+    store = ModelStore(work / "models")
+    first = store.current("default")
+    second = inspector("refit", "--data", "archive", "--no-calibrate", "--no-announce", cwd=work)
+    assert second.returncode == 0, second.stderr
+    newest = store.current("default")
+    assert newest != first
+
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+    channel = connection.channel()
+    channel.exchange_declare("inspection.control", exchange_type="topic", durable=True)
+    queue = channel.queue_declare("", exclusive=True).method.queue
+    channel.queue_bind(queue, "inspection.control", routing_key="model.default")
+    try:
+        result = inspector("models", "rollback", "default", first, cwd=work)
+        assert result.returncode == 0, result.stderr
+        assert store.current("default") == first
+        body = None
+        for _ in range(50):
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method:
+                break
+            time.sleep(0.1)
+        assert method is not None, "no announcement arrived"
+        assert method.routing_key == "model.default"
+        message = json.loads(body)
+        assert message["model"] == "default" and message["version"] == first and message["reason"] == "rollback"
+        assert properties.delivery_mode == 2
+    finally:
+        connection.close()
+
+    listing = inspector("models", "list", cwd=work)
+    assert listing.returncode == 0
+    current_rows = [row for row in listing.stdout.splitlines() if row.endswith("*")]
+    assert len(current_rows) == 1 and first in current_rows[0]
+    shown = json.loads(inspector("models", "show", "default", newest, cwd=work).stdout)
+    assert shown["version"] == newest and shown["current"] is False and shown["calibration"] is None
+
+
+def test_unreachable_broker_still_stores_and_exits_0(refitted):
+    work, _ = refitted
+    result = inspector("refit", "--data", "archive", "--no-calibrate", "--keep", "2", cwd=work,
+                       env={"INSPECTOR_BROKER__URL": "amqp://guest@127.0.0.1:1/%2F"})
+    assert result.returncode == 0, result.stderr
+    assert "not announced" in result.stdout and "pick the version up" in result.stdout
+    store = ModelStore(work / "models")
+    assert len(store.versions("default")) == 2
+    assert store.info("default").version in result.stdout
