@@ -98,7 +98,9 @@ class DfkdePlugin:
             image = np.repeat(image[:, :, None], 3, axis=2)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an H x W x 3 uint8 image, got {image.dtype} {image.shape}")
-        chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        if not (image.flags.c_contiguous and image.flags.writeable):
+            image = np.array(image, order="C")  # torch wants its own writable, contiguous buffer
+        chw = torch.from_numpy(image).permute(2, 0, 1)
         size = self.model.input_size
         return TF.resize(chw, [size, size], antialias=True).contiguous()
 
