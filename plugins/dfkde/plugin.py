@@ -191,5 +191,6 @@ class _Reservoir:
     def sample(self) -> torch.Tensor:
         if self.capacity is None:
             return torch.cat(self.rows, dim=0)
-        assert self.buffer is not None
+        if self.buffer is None:
+            return torch.empty(0)
         return self.buffer[: self.kept]
