@@ -5,7 +5,7 @@ float32 densities). Both run in one process on the same data, interleaved, so a 
 machine slows both alike. Prints the median of each, their ratio, and how many queries the
 baseline's float32 density lost to underflow (scores that tie at probability 1).
 
-    .venv/bin/python bench/kde_scoring.py [--points 40000] [--batch 64] [--repeats 15] [--device cpu]
+    .venv/bin/python bench/kde_scoring.py [--points 40000] [--batch 64] [--repeats 15] [--device cpu] [--threads N]
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     generator = torch.Generator().manual_seed(0)
