@@ -204,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InspectorError as exc:
         print(f"inspector: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # disk full, permission denied, a store path that is a file, ...
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"inspector: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("inspector: interrupted", file=sys.stderr)
         return 130

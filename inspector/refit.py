@@ -169,6 +169,7 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
     refit = settings.refit
     started = time.perf_counter()
     paths = find_images(options.data)
+    _check_store_writable(settings.store.path)
     share = options.held_out_share if options.calibrate else 0.0
     fit_paths, held_paths = split_held_out(paths, share, refit.seed)
     if options.calibrate and len(held_paths) < MIN_HELD_OUT:
@@ -244,6 +245,18 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
     return RefitResult(version=info.version, found=len(paths), used=report.images, skipped=len(skipped),
                        held_out=held_stream.used, seconds=seconds, calibration=calibration, announced=announced,
                        pruned=pruned)
+
+
+def _check_store_writable(root: Path) -> None:
+    """Fail before an hour of fitting, not after it, when the store cannot take the result."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"store.path {root}: not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"store.path {root}: cannot be created ({exc.strerror or exc})") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"store.path {root}: not writable by this user")
 
 
 def _score_all(plugin, batches: Iterable[torch.Tensor]) -> Scores:

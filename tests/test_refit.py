@@ -142,7 +142,9 @@ def test_operator_mistakes_exit_2_without_a_traceback(tmp_path):
         (["refit", "--data", ".", "--model", "ghost"], "--model 'ghost' is not a configured model"),
         (["refit", "--data", ".", "--target-false-reject", "2"], "--target-false-reject"),
         (["models", "show", "ghost"], "ghost"),
+        (["refit", "--data", ".", "--no-calibrate"], "store.path models: not a folder"),
     ]
+    (tmp_path / "models").write_text("a file where the store should be")
     for args, message in cases:
         result = inspector(*args, cwd=tmp_path)
         assert result.returncode == 2, (args, result.stderr)
