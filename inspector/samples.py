@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import pathlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -302,17 +303,23 @@ def _polyline_distance(
     return best
 
 
-def _stroke(metal, u, v, paths, widths, half, to_pixels, apply) -> None:
-    """Draw polylines into `metal` in place: `apply(window, profile, i)` for path i, where the
-    profile is 1 on the line, falling to 0 one width from it."""
+def _lines(u, v, paths, widths, halo: float, half: float, to_pixels):
+    """Profiles of polylines over the window they cover: (rows, cols, cores, glow).
+
+    cores[i] is 1 on path i and falls to 0 one width from it; glow, over all paths,
+    falls to 0 `halo` widths away: the dulled or discoloured margin real marks have.
+    """
     widths = [max(float(w), _MIN_LINE_PX / half) for w in widths]
     pixels = [np.array([to_pixels(q) for q in path]) for path in paths]
-    rows, cols = _window(np.concatenate(pixels), max(widths) * half, u.shape[0])
-    uw, vw, window = u[rows, cols], v[rows, cols], metal[rows, cols]
+    rows, cols = _window(np.concatenate(pixels), halo * max(widths) * half, u.shape[0])
+    uw, vw = u[rows, cols], v[rows, cols]
     origin = np.array([cols.start, rows.start])
-    for i, (path, px, width) in enumerate(zip(paths, pixels, widths)):
-        d = _polyline_distance(uw, vw, path, width * half + 1, px - origin)
-        apply(window, _smoothstep(1.0 - d / width), i)
+    cores, glow = [], np.zeros(uw.shape, dtype=np.float32)
+    for path, px, width in zip(paths, pixels, widths):
+        d = _polyline_distance(uw, vw, path, halo * width * half + 1, px - origin)
+        cores.append(_smoothstep(1.0 - d / width))
+        np.maximum(glow, _smoothstep(1.0 - d / (halo * width)), out=glow)
+    return rows, cols, cores, glow
 
 
 def _window(points_px: np.ndarray, margin_px: float, size: int) -> tuple[slice, slice]:
@@ -333,15 +340,16 @@ def _draw_local_defect(
     size = u.shape[0]
     p = defect.params
     if defect.kind == "scratch":
-
-        def scratch(window, profile, i):
-            window += p["contrasts"][i] * profile
-
-        _stroke(metal, u, v, p["strands"], p["widths"], half, to_pixels, scratch)
+        rows, cols, cores, haze = _lines(u, v, p["strands"], p["widths"], 4.0, half, to_pixels)
+        window = metal[rows, cols]
+        window += (0.6 - window) * (0.5 * haze)  # abrasion dulls the turning marks around a scuff
+        for contrast, core in zip(p["contrasts"], cores):
+            window += contrast * core
         return None
     if defect.kind == "hole":
         pits = p["pits"]
-        rows, cols = _window(np.array([to_pixels(q) for q in pits[:, :2]]), float(pits[:, 2].max() + 0.04) * half, size)
+        margin = float(pits[:, 2].max() + 0.04) * half  # the largest pit and its burr
+        rows, cols = _window(np.array([to_pixels(q) for q in pits[:, :2]]), margin, size)
         uw, vw = u[rows, cols], v[rows, cols]
         window = metal[rows, cols]
         light_u, light_v = math.cos(_LIGHT_ANGLE), math.sin(_LIGHT_ANGLE)
@@ -362,26 +370,20 @@ def _draw_local_defect(
         rows, cols = _window(np.array([to_pixels((cu, cv))]), reach * half, size)
         uw, vw = u[rows, cols] - cu, v[rows, cols] - cv
         phi = np.arctan2(vw, uw)  # only inside the window: cheap
-        edge = np.ones_like(phi)
+        wobble = np.ones_like(phi)
         for k, (a, b) in enumerate(p["harmonics"], start=1):
-            edge += a * np.cos(k * phi) + b * np.sin(k * phi)
-        d = np.sqrt(uw * uw + vw * vw) / (p["radius"] * edge)
+            wobble += a * np.cos(k * phi) + b * np.sin(k * phi)
+        d = np.sqrt(uw * uw + vw * vw) / (p["radius"] * wobble)  # 1 on the stain's outline
         mottle = np.clip(0.75 + 0.35 * _upsample(p["mottle"], *uw.shape), 0.2, 1.3)
-        body = _smoothstep((1.0 - d) / 0.3)
-        ring = _smoothstep(1.0 - np.abs(d - 0.85) / 0.15)
-        body = p["strength"] * body * mottle
-        edge = p["rim"] * ring
+        body = p["strength"] * mottle * _smoothstep((1.0 - d) / 0.3)
+        rim = p["rim"] * _smoothstep(1.0 - np.abs(d - 0.85) / 0.15)
         factor = 1.0 - body[None] * (1.0 - p["tint"])[:, None, None]
-        factor *= 1.0 - edge[None] * (1.0 - _STAIN_EDGE_TINT)[:, None, None]
+        factor *= 1.0 - rim[None] * (1.0 - _STAIN_EDGE_TINT)[:, None, None]
         return rows, cols, factor
-    # crack: where branches cross, the darker one wins rather than both darkening twice
-    shade = np.zeros_like(metal)
-
-    def crack(window, profile, i):
-        np.maximum(window, profile, out=window)
-
-    _stroke(shade, u, v, p["paths"], [p["width"]] * len(p["paths"]), half, to_pixels, crack)
-    metal *= 1.0 - p["darkness"] * shade
+    # crack: where branches meet, the darker wins rather than both darkening twice;
+    # the opened edges leave a faint shadowed margin
+    rows, cols, cores, margin = _lines(u, v, p["paths"], [p["width"]] * len(p["paths"]), 3.0, half, to_pixels)
+    metal[rows, cols] *= (1.0 - p["darkness"] * np.max(cores, axis=0)) * (1.0 - 0.15 * margin)
     return None
 
 
@@ -451,25 +453,27 @@ def _render(nz: _Nuisance, defect: _Defect | None, size: int) -> np.ndarray:
         + _CHATTER * chatter
         + _SHEEN * sheen * np.minimum(r, 1.0)
         + _SECTOR * sector
-    )
+    ).astype(np.float32)
+    # damage is on the face, so it goes on before the bore is cut through it
+    stain = None
+    if defect is not None and defect.kind != "missing_corner":
+        stain = _draw_local_defect(defect, u, v, metal, half, to_pixels)
     chamfer = _smoothstep((r - _BORE_RADIUS) / _CHAMFER)
     facing = cos1 * math.cos(light) + sin1 * math.sin(light)  # cos(theta - light)
     metal = metal * (0.55 + 0.45 * chamfer) + 0.18 * (1 - chamfer) * (0.5 + 0.5 * facing)
     bore = np.clip(0.5 - (_BORE_RADIUS - r) * half, 0.0, 1.0)  # 1 on the face, 0 down the bore
-    metal = (metal * bore + 0.05 * (1 - bore)).astype(np.float32)
+    metal = metal * bore + 0.05 * (1 - bore)
     if fracture is not None:
         metal += fracture
-    stain = None
-    if defect is not None and defect.kind != "missing_corner":
-        stain = _draw_local_defect(defect, u, v, metal, half, to_pixels)
 
     # the belt, with a soft shadow the part casts down and to the right
     step = max(size // 80, 1)
     shadow = _smoothstep((_shifted(outline, step, step, 1.0) * half + 1.0) / (3.0 * step))
     belt = (0.15 + _BELT_MOTTLE * _upsample(nz.belt, size, size)) * (0.55 + 0.45 * shadow)
 
-    # light: gain and a gentle gradient, then the colours of metal and belt. Colour is worked channels-first (3 x H x W) so numpy's inner loops run along rows:
-    # broadcasting over a trailing axis of 3 is several times slower.
+    # light: gain and a gentle gradient, then the colours of metal and belt. Colour is worked
+    # channels-first (3 x H x W) so numpy's inner loops run along rows: broadcasting over a
+    # trailing axis of 3 is several times slower.
     lighting = nz.gain * (1.0 + _HALF_WIDTH * (nz.gradient[0] * xs[None, :] + nz.gradient[1] * ys[:, None]))
     lit_metal = metal * part * lighting
     lit_belt = belt * (1 - part) * lighting
@@ -549,22 +553,26 @@ def write_folder(
     if ext not in _IMAGE_FORMATS:
         raise ValueError(f"unknown image format {fmt!r}; known formats: {', '.join(_IMAGE_FORMATS)}")
     if n_good < 0 or n_defective_per_kind < 0:
-        raise ValueError(f"counts must be >= 0, got n_good={n_good}, n_defective_per_kind={n_defective_per_kind}")
+        raise ValueError(
+            f"counts must be >= 0, got n_good={n_good}, n_defective_per_kind={n_defective_per_kind}"
+        )
     _check_size(size)
     root = pathlib.Path(root)
 
-    def save(folder: str, images) -> int:
+    def save(folder: str, images: list[np.ndarray] | Iterator[np.ndarray], n: int) -> int:
         path = root / folder
         path.mkdir(parents=True, exist_ok=True)
+        digits = max(3, len(str(n - 1)))  # names sort in order however many there are
         count = 0
         for i, image in enumerate(images):
-            Image.fromarray(image).save(path / f"{i:03d}.{ext}", format=_IMAGE_FORMATS[ext])
+            Image.fromarray(image).save(path / f"{i:0{digits}d}.{ext}", format=_IMAGE_FORMATS[ext])
             count += 1
         return count
 
-    counts = {"good": save("good", make_images(n_good, seed=seed, size=size))}
+    counts = {"good": save("good", make_images(n_good, seed=seed, size=size), n_good)}
     if n_defective_per_kind:
         for k, kind in enumerate(DEFECT_KINDS):
             rng = _stream(seed, 2, k)
-            counts[kind] = save(kind, (defective_part(rng, size, kind) for _ in range(n_defective_per_kind)))
+            frames = (defective_part(rng, size, kind) for _ in range(n_defective_per_kind))
+            counts[kind] = save(kind, frames, n_defective_per_kind)
     return counts
