@@ -17,7 +17,7 @@ import torch
 from inspector import samples
 from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
-from inspector.plugin import Scores, get_plugin
+from inspector.plugin import get_plugin, score_all
 
 log = logging.getLogger(__name__)
 BATCH = 16
@@ -45,14 +45,8 @@ def _batches(plugin, images: Sequence[np.ndarray]) -> Iterator[torch.Tensor]:
         yield torch.stack([plugin.prepare(image) for image in images[start : start + BATCH]])
 
 
-def _score_scores(plugin, images: Sequence[np.ndarray]) -> Scores:
-    scores = [plugin.score(batch) for batch in _batches(plugin, images)]
-    return Scores(probability=np.concatenate([s.probability for s in scores]),
-                  raw=np.concatenate([s.raw for s in scores]))
-
-
 def _score(plugin, images: Sequence[np.ndarray]) -> np.ndarray:
-    return _score_scores(plugin, images).probability
+    return score_all(plugin, _batches(plugin, images)).probability
 
 
 def run_demo(settings: Settings, *, train: int, test: int, seed: int) -> int:
@@ -73,7 +67,7 @@ def run_demo(settings: Settings, *, train: int, test: int, seed: int) -> int:
 
     # Calibrate as refit does, on good images held out of the fit, so the verdicts below mean something.
     held_out = samples.make_images(max(20, train // 5), seed=seed + 3)
-    held_scores = _score_scores(plugin, held_out)
+    held_scores = score_all(plugin, _batches(plugin, held_out))
     calibration = plugin.calibrate(held_scores, model.threshold, DEMO_FALSE_REJECT)
     print(f"calibrated on {len(held_out)} held-out good images for a {DEMO_FALSE_REJECT:.0%} false-reject rate: "
           f"probability {calibration['threshold']} at log-density {calibration['boundary_log_density']:.3f}")

@@ -84,6 +84,18 @@ class Plugin(Protocol):
         """Write the fitted state into `folder`; returns the names of the files written."""
 
 
+def score_all(plugin: Plugin, batches: Iterable[torch.Tensor]) -> Scores:
+    """Score a stream of prepared batches into one Scores (empty when there are none)."""
+    probability, raw = [], []
+    for batch in batches:
+        scores = plugin.score(batch)
+        probability.append(scores.probability)
+        raw.append(scores.raw)
+    if not raw:
+        return Scores(probability=np.empty(0), raw=np.empty(0))
+    return Scores(probability=np.concatenate(probability), raw=np.concatenate(raw))
+
+
 _CLASS_METHODS = ("create", "load")
 _METHODS = ("describe", "prepare", "fit", "score", "calibrate", "save")
 

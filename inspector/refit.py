@@ -31,7 +31,7 @@ from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import BrokerError, ConfigError, FitError
 from inspector.imagefiles import UnreadableImage, is_image_file, read_image
-from inspector.plugin import Scores, get_plugin
+from inspector.plugin import get_plugin, score_all
 from inspector.progress import Progress
 from inspector.store import ModelStore
 
@@ -205,7 +205,7 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
                 f"({len(fit_stream.skipped)} unreadable)"
             ) from exc
         held_stream = ImageStream(plugin.prepare, workers, refit.max_image_pixels, progress)
-        held_scores = _score_all(plugin, held_stream.batches(held_paths, refit.batch_size))
+        held_scores = score_all(plugin, held_stream.batches(held_paths, refit.batch_size))
     skipped = fit_stream.skipped + held_stream.skipped
     calibration = None
     if options.calibrate:
@@ -257,14 +257,3 @@ def _check_store_writable(root: Path) -> None:
         raise ConfigError(f"store.path {root}: cannot be created ({exc.strerror or exc})") from None
     if not os.access(root, os.W_OK | os.X_OK):
         raise ConfigError(f"store.path {root}: not writable by this user")
-
-
-def _score_all(plugin, batches: Iterable[torch.Tensor]) -> Scores:
-    probability, raw = [], []
-    for batch in batches:
-        scores = plugin.score(batch)
-        probability.append(scores.probability)
-        raw.append(scores.raw)
-    if not raw:
-        return Scores(probability=np.empty(0), raw=np.empty(0))
-    return Scores(probability=np.concatenate(probability), raw=np.concatenate(raw))
