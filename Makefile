@@ -31,7 +31,8 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow
 
 bench: setup
-	$(BIN)/python bench/kde_scoring.py
+	$(BIN)/python bench/kde_scoring.py --threads 1
+	$(BIN)/python bench/refit_throughput.py --images 256
 
 clean:
 	rm -rf $(VENV) build *.egg-info
