@@ -43,7 +43,7 @@ _MIN_SIZE = 32
 _IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
 
 # The product. Lengths in part units are fractions of the plate's half-width.
-_HALF_WIDTH = 0.31  # plate half-width as a fraction of the image; 0.36 or 0.4 put its edges on the patches
+_HALF_WIDTH = 0.31  # of the image; at 0.36 or 0.4 the edges cross a random ResNet's patches (see above)
 _CORNER_RADIUS = 0.14
 _BORE_RADIUS = 0.17
 _CHAMFER = 0.05
@@ -61,6 +61,7 @@ _GRADIENT = 0.02
 # How strong each texture is, in units of full scale.
 _RINGS = 0.025
 _CHATTER = 0.01
+_CHATTER_RINGS = 6.0  # how many neighbouring rings a chatter swell spans
 _SHEEN = 0.05
 _SECTOR = 0.007
 _BELT_MOTTLE = 0.012
@@ -121,15 +122,9 @@ def _draw_nuisance(rng: np.random.Generator, size: int) -> _Nuisance:
     )
 
 
-_CHATTER_RINGS = 6.0  # how many neighbouring rings a chatter swell spans
-
-
 def _chatter(rng: np.random.Generator, n_rings: int = 512) -> np.ndarray:
-    """Brightness of each turning mark: slow swells from tool vibration, not ring-to-ring static.
-
-    Independent per-ring values would put fine random stripes everywhere, which a
-    coarse detector confuses with scratches far more than real chatter does.
-    """
+    """Brightness of each turning mark: tool vibration swells and fades over several
+    rings, so neighbouring rings are alike rather than independent static."""
     knots = int(n_rings / _CHATTER_RINGS) + 2
     swell = _interpolation_matrix(n_rings, knots) @ rng.normal(0.0, 1.0, knots).astype(np.float32)
     return (swell * math.sqrt(1.5)).astype(np.float32)  # linear interpolation loses a third of the variance
