@@ -31,7 +31,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow || [ $$? -eq 5 ]  # 5: none selected yet
 
 bench: setup
-	$(BIN)/python bench/kde_scoring.py --threads 1
+	$(BIN)/python bench/kde_scoring.py --repeats 21
 	$(BIN)/python bench/refit_throughput.py --images 256
 
 clean:
