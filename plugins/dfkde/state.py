@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from inspector.errors import InspectorError, StateError
+from inspector.errors import StateError
 from plugins.dfkde.model import DfkdeModel
 
 STATE_FILE = "state.safetensors"
@@ -101,8 +101,6 @@ def load_state(folder: Path, device: torch.device, precision: str | None = None)
     backbone = settings.pop("backbone")
     try:
         model = DfkdeModel(backbone, **settings)
-    except InspectorError:
-        raise
     except (TypeError, ValueError) as exc:
         raise StateError(f"{folder / SETTINGS_FILE}: bad settings ({exc})") from exc
     if backbone_digest(model) != meta.get("backbone_digest"):
