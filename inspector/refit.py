@@ -138,8 +138,11 @@ class ImageStream:
         path, future = item
         try:
             tensor = future.result()
-        except (UnreadableImage, ValueError) as exc:
+        except UnreadableImage as exc:
             log.warning("skipping %s: %s", path, exc)
+            self.skipped.append((path, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one odd file (mode, size, decoder bug) must not end a refit
+            log.warning("skipping %s: %s: %s", path, type(exc).__name__, exc)
             self.skipped.append((path, str(exc)))
         else:
             self.used += 1

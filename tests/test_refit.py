@@ -220,3 +220,25 @@ def test_unreachable_broker_still_stores_and_exits_0(refitted):
     store = ModelStore(work / "models")
     assert len(store.versions("default")) == 2
     assert store.info("default").version in result.stdout
+
+
+def test_an_unexpected_error_on_one_file_skips_that_file_only(tmp_path):
+    from inspector.progress import Progress
+    from inspector.refit import ImageStream
+
+    paths = []
+    for i, image in enumerate(samples.make_images(5, seed=4, size=64)):
+        paths.append(tmp_path / f"p{i}.png")
+        Image.fromarray(image).save(paths[-1])
+
+    def prepare(image):
+        if image[0, 0, 0] == np.asarray(Image.open(paths[2]))[0, 0, 0] and image.sum() == np.asarray(Image.open(paths[2])).sum():
+            raise RuntimeError("decoder bug")
+        return torch.from_numpy(image).permute(2, 0, 1)
+
+    with Progress(len(paths), "test") as progress:
+        stream = ImageStream(prepare, 2, 10**8, progress)
+        batches = list(stream.batches(paths, 2))
+    assert sum(len(b) for b in batches) == 4 and stream.used == 4
+    assert [p.name for p, _ in stream.skipped] == ["p2.png"]
+    assert progress.done == 5
