@@ -69,6 +69,45 @@ class RefitSettings(_Section):
     max_image_pixels: int = Field(100_000_000, ge=1, description="larger archive images are skipped")
 
 
+class RouteSettings(_Section):
+    match: str = Field(description="topic pattern on the capture's routing key: '*' one word, '#' any words")
+    model: str = Field(pattern=MODEL_NAME_PATTERN, description="the model that scores captures it matches")
+
+    @field_validator("match")
+    @classmethod
+    def _topic_pattern(cls, pattern: str) -> str:
+        words = pattern.split(".")
+        if not pattern or any(not w or (("*" in w or "#" in w) and w not in ("*", "#")) for w in words):
+            raise ValueError("must be dot-separated words, each a name, '*' or '#' (e.g. 'line2.*' or 'line2.#')")
+        return pattern
+
+
+class WorkerSettings(_Section):
+    queue: str = Field("inspector.captures", min_length=1, description="durable quorum queue the worker consumes")
+    binding_keys: list[str] = Field(default_factory=lambda: ["#"], min_length=1)
+    prefetch: int = Field(64, ge=1, le=65535, description="unacknowledged captures held at most")
+    batch_size: int = Field(8, ge=1, le=4096, description="frames scored together at most")
+    max_batch_wait_ms: float = Field(10.0, ge=0, description="longest a frame waits for its batch to fill")
+    decode_threads: int = Field(0, ge=0, description="threads decoding captures; 0 = one per CPU core")
+    max_image_bytes: int = Field(64 * 1024 * 1024, ge=1, description="larger bodies or files are refused")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="images with more pixels are refused unread")
+    allowed_roots: list[Path] = Field(default_factory=list, description="folders image_uri may point into")
+    routes: list[RouteSettings] = Field(default_factory=list, description="routing-key rules choosing a model")
+    shutdown_grace_s: float = Field(25.0, gt=0, description="SIGTERM: time to finish held frames")
+    start_timeout_s: float = Field(120.0, gt=0, description="how long the first connection is retried")
+    reconnect_max_s: float = Field(30.0, gt=0, description="longest wait between reconnection attempts")
+    store_poll_s: float = Field(30.0, ge=0, description="store check for missed announcements; 0 = never")
+    delivery_limit: int = Field(10, ge=1, description="deliveries of one capture before the broker dead-letters it")
+    dead_letter_queue: str = Field("inspection.dead", min_length=1, description="durable queue keeping dead letters")
+
+
+class MetricsSettings(_Section):
+    enabled: bool = Field(True, description="serve /metrics, /healthz and /readyz")
+    host: str = Field("0.0.0.0", description="address the HTTP endpoints listen on")
+    port: int = Field(9108, ge=0, le=65535, description="port of the HTTP endpoints; 0 = any free port")
+    max_label_values: int = Field(100, ge=1, description="distinct values per message label before 'other'")
+
+
 class ModelSettings(_Section):
     plugin: str = Field("dfkde", description="the plugin that scores this model's frames")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="anomaly probability at or over which a frame fails")
@@ -90,6 +129,8 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     broker: BrokerSettings = BrokerSettings()
     refit: RefitSettings = RefitSettings()
+    worker: WorkerSettings = WorkerSettings()
+    metrics: MetricsSettings = MetricsSettings()
     default_model: str = Field("default", pattern=MODEL_NAME_PATTERN)
     models: dict[str, ModelSettings] = Field(default_factory=lambda: {"default": ModelSettings()})
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -120,6 +161,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_model {self.default_model!r} is not one of the models defined: {sorted(self.models)}"
             )
+        for index, route in enumerate(self.worker.routes):
+            if route.model not in self.models:
+                raise ValueError(
+                    f"worker.routes[{index}] names model {route.model!r}, which is not one of the models "
+                    f"defined: {sorted(self.models)}"
+                )
         return self
 
     @classmethod

@@ -51,3 +51,34 @@ class BrokerError(InspectorError):
     """RabbitMQ could not be reached, or refused what was sent."""
 
     code = "broker_unavailable"
+
+
+# Why a capture could not be scored: the `error.code` of its result and the `reason`
+# label of inspector_errors_total. Stable: downstream systems and dashboards match on them.
+FRAME_ERROR_CODES: dict[str, str] = {
+    "empty_body": "the capture's body is empty",
+    "unsupported_content_type": "a content type the worker does not decode",
+    "image_undecodable": "image bytes that do not decode, or are truncated",
+    "image_too_large": "a body or image_uri file over worker.max_image_bytes",
+    "image_too_many_pixels": "an image over worker.max_image_pixels (refused before decoding)",
+    "raw_headers_missing": "image/x-raw without its width, height or pixel_format header",
+    "raw_headers_invalid": "image/x-raw with a size that is not a positive integer or an unknown pixel_format",
+    "raw_size_mismatch": "image/x-raw whose body length is not width x height x channels",
+    "json_malformed": "application/json that is not an object with exactly one of image_uri, image_b64",
+    "uri_not_allowed": "an image_uri that is not a file:// path inside worker.allowed_roots",
+    "file_not_found": "an image_uri that names no readable file",
+    "base64_invalid": "an image_b64 that is not valid base64",
+    "model_unknown": "a model header (or route) naming no configured model",
+    "model_unavailable": "a configured model with no version loaded (run inspector refit for it)",
+    "scoring_failed": "the plugin failed on the frame or gave a score that is not a finite number",
+}
+
+
+class FrameError(InspectorError):
+    """One capture that cannot be scored; the worker answers it with an error result and a dead letter."""
+
+    def __init__(self, code: str, message: str) -> None:
+        if code not in FRAME_ERROR_CODES:
+            raise ValueError(f"unknown frame error code {code!r}")
+        super().__init__(message)
+        self.code = code
