@@ -34,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"inspector {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    run = commands.add_parser(
+        "run",
+        help="the worker: score every capture from RabbitMQ and publish its verdict",
+        description="Consume captures from RabbitMQ, score each with the current version of its model, "
+        "publish the verdict with publisher confirms and acknowledge the capture. Takes up new model "
+        "versions announced by refit or rollback without a restart. SIGTERM or SIGINT: finish the "
+        "held captures and exit 0 within worker.shutdown_grace_s.",
+    )
+    _add_config(run)
+    run.set_defaults(func=_cmd_run)
+
     demo = commands.add_parser(
         "demo",
         help="fit the configured model on a synthetic part and score good and defective frames",
@@ -87,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(config)
     config.set_defaults(func=_cmd_config)
     return parser
+
+
+def _cmd_run(settings, args) -> int:
+    from inspector.worker import run_worker
+
+    return run_worker(settings)
 
 
 def _cmd_demo(settings, args) -> int:

@@ -1,0 +1,266 @@
+"""One capture (body, content type, AMQP headers) to an H x W x 3 uint8 RGB array.
+
+Everything here comes from the network, so nothing is trusted: sizes are checked
+before anything is allocated, PIL may only use its JPEG, PNG, BMP, TIFF and WebP
+decoders, an image_uri must resolve inside worker.allowed_roots, and every failure
+is a FrameError with a stable code, never another exception: a bad frame gets an
+error result, it must not crash the worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import reprlib
+import stat
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes, urlsplit
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from inspector.errors import FrameError
+
+if TYPE_CHECKING:
+    from inspector.config import WorkerSettings
+
+ENCODED_TYPES = frozenset({"image/jpeg", "image/jpg", "image/png", "image/bmp", "image/tiff", "image/webp"})
+SNIFFED_TYPES = frozenset({"", "application/octet-stream"})  # decoded by what the bytes are
+SUPPORTED_TYPES = (
+    "image/jpeg, image/png, image/bmp, image/tiff, image/webp, image/x-raw, application/json "
+    "(none or application/octet-stream: an encoded image, sniffed)"
+)
+PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # no other PIL decoder is reachable
+RAW_CHANNELS = {"mono8": 1, "rgb8": 3, "bgr8": 3}
+RAW_HEADERS = ("width", "height", "pixel_format")
+RAW_USAGE = "image/x-raw needs integer headers width, height and pixel_format (mono8, rgb8, bgr8)"
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # scaled by >> 8, not clipped
+
+_shown = reprlib.Repr()  # values from the capture, quoted in messages at a bounded length
+_shown.maxstring = _shown.maxother = 200
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one capture may cost: bytes, pixels, and the folders an image_uri may point into."""
+
+    max_image_bytes: int
+    max_image_pixels: int
+    allowed_roots: tuple[Path, ...] = ()  # resolved (realpath) once by from_settings
+
+    @classmethod
+    def from_settings(cls, worker: WorkerSettings) -> DecodeLimits:
+        roots = tuple(Path(os.path.realpath(root)) for root in worker.allowed_roots)
+        return cls(worker.max_image_bytes, worker.max_image_pixels, roots)
+
+
+def decode_capture(
+    body: bytes, content_type: str | None, headers: Mapping[str, Any] | None, limits: DecodeLimits
+) -> np.ndarray:
+    """The capture's pixels as a C-contiguous, writable H x W x 3 uint8 RGB copy, or a FrameError."""
+    if not body:
+        raise FrameError("empty_body", "the capture's body is empty")
+    if len(body) > limits.max_image_bytes:
+        raise _too_large("the body", len(body), limits)
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind in ENCODED_TYPES or kind in SNIFFED_TYPES:
+        return _decode_image(body, "the body", limits)
+    if kind == "image/x-raw":
+        return _decode_raw(body, headers or {}, limits)
+    if kind == "application/json":
+        return _decode_json(body, limits)
+    message = f"content type {content_type!r} is not decoded; send {SUPPORTED_TYPES}"
+    raise FrameError("unsupported_content_type", message)
+
+
+def _too_large(what: str, size: int, limits: DecodeLimits) -> FrameError:
+    return FrameError(
+        "image_too_large", f"{what} is {size} bytes, over worker.max_image_bytes ({limits.max_image_bytes})"
+    )
+
+
+def _check_pixels(what: str, width: int, height: int, limits: DecodeLimits) -> None:
+    if width * height > limits.max_image_pixels:
+        raise FrameError(
+            "image_too_many_pixels",
+            f"{what} is {width}x{height} = {width * height} pixels, "
+            f"over worker.max_image_pixels ({limits.max_image_pixels}); refused unread",
+        )
+
+
+# -- encoded images --------------------------------------------------------------------
+
+
+def _decode_image(data: bytes, what: str, limits: DecodeLimits) -> np.ndarray:
+    """Decode JPEG/PNG/BMP/TIFF/WebP bytes (whatever the content type said) fully, first frame only."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's notes on corrupt metadata: a frame either decodes or errs
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
+                width, height = image.size
+                _check_pixels(what, width, height, limits)  # from the header, before anything is decoded
+                if width < 1 or height < 1:
+                    raise FrameError("image_undecodable", f"{what} is an image of {width}x{height}: no pixels")
+                image.load()  # truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES is False)
+                return _to_rgb(image, what)
+    except FrameError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise FrameError(
+            "image_too_many_pixels",
+            f"{what}: {exc} (PIL's Image.MAX_IMAGE_PIXELS; worker.max_image_pixels is {limits.max_image_pixels})",
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise FrameError("image_undecodable", f"{what} is not a JPEG, PNG, BMP, TIFF or WebP image") from exc
+    except Exception as exc:  # hostile bytes make PIL raise nearly anything: OSError, SyntaxError,
+        # EOFError, struct.error, zlib.error, MemoryError, IndexError, ...; none may crash the worker.
+        raise FrameError("image_undecodable", f"{what} does not decode: {type(exc).__name__}: {exc}") from exc
+
+
+def _to_rgb(image: Image.Image, what: str) -> np.ndarray:
+    if image.mode in SIXTEEN_BIT_MODES:  # 16-bit grey (industrial cameras): PIL's convert would clip at 255
+        grey = (np.clip(np.asarray(image), 0, 0xFFFF).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, np.newaxis], 3, axis=2)
+    if image.mode == "F":
+        raise FrameError("image_undecodable", f"{what} has floating-point pixels (mode F); send 8- or 16-bit images")
+    return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
+
+
+# -- raw pixels ------------------------------------------------------------------------
+
+
+def _decode_raw(body: bytes, headers: Mapping[str, Any], limits: DecodeLimits) -> np.ndarray:
+    missing = [name for name in RAW_HEADERS if headers.get(name) is None]
+    if missing:
+        raise FrameError("raw_headers_missing", f"{RAW_USAGE}; missing: {', '.join(missing)}")
+    width, height = _positive_int(headers, "width"), _positive_int(headers, "height")
+    pixel_format = (_text(headers["pixel_format"]) or "").strip().lower()  # also GenICam's Mono8, RGB8, BGR8
+    if pixel_format not in RAW_CHANNELS:
+        raise FrameError("raw_headers_invalid", f"{RAW_USAGE}; pixel_format is {_shown.repr(headers['pixel_format'])}")
+    _check_pixels("the image/x-raw frame", width, height, limits)  # before anything is allocated
+    channels = RAW_CHANNELS[pixel_format]
+    expected = width * height * channels
+    if len(body) != expected:
+        raise FrameError(
+            "raw_size_mismatch",
+            f"image/x-raw {width}x{height} {pixel_format} needs {expected} bytes, the body has {len(body)}",
+        )
+    pixels = np.frombuffer(body, dtype=np.uint8).reshape(height, width, channels)
+    if pixel_format == "mono8":
+        pixels = np.repeat(pixels, 3, axis=2)
+    elif pixel_format == "bgr8":
+        pixels = pixels[:, :, ::-1]
+    return np.array(pixels, dtype=np.uint8, order="C")  # its own writable copy, not a view of the body
+
+
+def _text(value: Any) -> str | None:
+    """A header value as text: pika gives bytes for some AMQP strings."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    return None
+
+
+def _positive_int(headers: Mapping[str, Any], name: str) -> int:
+    value = headers[name]
+    text = (_text(value) or "").strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif text.isascii() and text.isdigit() and len(text) <= 18:
+        number = int(text)
+    else:
+        number = 0
+    if number <= 0:
+        raise FrameError("raw_headers_invalid", f"{RAW_USAGE}; {name} is {_shown.repr(value)}, not a positive integer")
+    return number
+
+
+# -- application/json references -------------------------------------------------------
+
+
+def _decode_json(body: bytes, limits: DecodeLimits) -> np.ndarray:
+    usage = 'application/json needs an object with exactly one of "image_uri" or "image_b64", a string'
+    try:
+        document = json.loads(str(body, "utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise FrameError("json_malformed", f"{usage}; the body is not UTF-8 JSON ({exc})") from exc
+    if not isinstance(document, dict):
+        raise FrameError("json_malformed", f"{usage}; the body is a JSON {type(document).__name__}")
+    given = [key for key in ("image_uri", "image_b64") if key in document]
+    if len(given) != 1:
+        raise FrameError("json_malformed", f"{usage}; it has {' and '.join(given) or 'neither'}")
+    key, value = given[0], document[given[0]]
+    if not isinstance(value, str):
+        raise FrameError("json_malformed", f"{usage}; {key} is a JSON {type(value).__name__}")
+    if key == "image_b64":
+        return _decode_image(_from_base64(value), "image_b64", limits)
+    return _decode_image(_read_uri(value, limits), f"image_uri {_shown.repr(value)}", limits)
+
+
+def _from_base64(text: str) -> bytes:
+    # No size check of its own: the body is at most max_image_bytes, the image 3/4 of that.
+    try:
+        data = base64.b64decode(text.strip(), validate=True)
+    except ValueError as exc:  # binascii.Error, or non-ASCII characters
+        raise FrameError("base64_invalid", f"image_b64 is not valid padded standard base64 ({exc})") from exc
+    if not data:
+        raise FrameError("base64_invalid", "image_b64 is empty")
+    return data
+
+
+def _read_uri(uri: str, limits: DecodeLimits) -> bytes:
+    """The bytes of a file:// image_uri that resolves (symlinks and .. followed) inside an allowed root."""
+    roots = ", ".join(str(root) for root in limits.allowed_roots)
+    quoted = f"image_uri {_shown.repr(uri)}"
+    if not roots:
+        raise FrameError("uri_not_allowed", f"{quoted} refused: worker.allowed_roots lists no folders")
+    try:
+        parts = urlsplit(uri)
+        path = os.fsdecode(unquote_to_bytes(parts.path))
+    except ValueError:  # a bad IPv6 host, or a lone surrogate from a JSON "\udc80"
+        parts = path = None
+    if (
+        parts is None
+        or parts.scheme.lower() != "file"
+        or parts.netloc.lower() not in ("", "localhost")
+        or parts.query
+        or parts.fragment
+        or not parts.path.startswith("/")
+    ):
+        message = f"{quoted} is not file:///absolute/path (file://localhost/ allowed, no other host)"
+        raise FrameError("uri_not_allowed", message)
+    resolved = Path(os.path.realpath(path)) if "\0" not in path else None
+    if resolved is None or not any(resolved.is_relative_to(root) for root in limits.allowed_roots):
+        raise FrameError("uri_not_allowed", f"{quoted} is outside worker.allowed_roots ({roots})")
+    # Open what was resolved, then size the open file, not the path. O_NOFOLLOW refuses a file swapped for
+    # a symlink since realpath (a folder on the path swapped in that instant is not caught).
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+    except OSError as exc:
+        raise FrameError("file_not_found", f"{quoted} names no readable file ({exc.strerror})") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FrameError("file_not_found", f"{quoted} names no regular file (a folder or a device)")
+        if info.st_size > limits.max_image_bytes:
+            raise _too_large(quoted, info.st_size, limits)
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(limits.max_image_bytes + 1)
+    except OSError as exc:
+        raise FrameError("file_not_found", f"{quoted} could not be read ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+    if len(data) > limits.max_image_bytes:  # it grew after fstat
+        raise _too_large(quoted, len(data), limits)
+    return data

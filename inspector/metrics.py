@@ -1,0 +1,414 @@
+"""The worker's Prometheus metrics and its /metrics, /healthz, /readyz endpoints.
+
+Every metric of the worker lives here, on a registry of its own per `Metrics` (so
+tests can make several), and the worker records through a few methods called at
+clear points. A metrics call must never cost the worker a frame: each public
+method is cheap, thread safe, and logs a failure instead of raising it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import platform
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import metadata
+from typing import Any, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+import inspector
+from inspector.config import MetricsSettings
+from inspector.errors import FRAME_ERROR_CODES, ConfigError
+
+log = logging.getLogger(__name__)
+
+VERDICTS = ("pass", "fail", "error")
+STAGES = ("decode", "infer", "publish")
+RELOAD_OUTCOMES = ("success", "failed")
+OTHER = "other"
+
+PROBABILITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+_FAILURE_LOG_EVERY_S = 60.0
+_T = TypeVar("_T")
+
+
+class LabelCap:
+    """At most `limit` distinct values per label name; later new ones become "other".
+
+    Line, camera and model names come from messages: a misconfigured camera must
+    not be able to create series without bound. Values admitted once keep working.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._admitted: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, label: str, value: str) -> str:
+        value = value or "unknown"
+        with self._lock:
+            admitted = self._admitted.setdefault(label, set())
+            if value in admitted:
+                return value
+            if len(admitted) < self._limit:
+                admitted.add(value)
+                return value
+        if value != OTHER:
+            _log_rate_limited(
+                f"cap:{label}",
+                "label %r has reached metrics.max_label_values (%d): %r and any further new value "
+                "are counted as %r",
+                label,
+                self._limit,
+                value,
+                OTHER,
+                exc_info=False,
+            )
+        return OTHER
+
+
+_last_logged: dict[str, float] = {}
+_last_logged_lock = threading.Lock()
+
+
+def _log_rate_limited(key: str, message: str, *args: Any, exc_info: bool = True) -> None:
+    """A warning at most once a minute per key: a broken metric at 100 frames/s must not flood the log."""
+    now = time.monotonic()
+    with _last_logged_lock:
+        if now - _last_logged.get(key, -math.inf) < _FAILURE_LOG_EVERY_S:
+            return
+        _last_logged[key] = now
+    log.warning(message, *args, exc_info=exc_info)
+
+
+def _guarded(default: Any = None) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """Log an exception of a metrics method (rate limited) and return `default` instead of raising it."""
+
+    def decorate(method: Callable[..., _T]) -> Callable[..., _T]:
+        @functools.wraps(method)
+        def wrapper(*args: Any, **kwargs: Any) -> _T:
+            try:
+                return method(*args, **kwargs)
+            except Exception:
+                _log_rate_limited(f"call:{method.__name__}", "metrics: %s failed", method.__name__)
+                return default
+
+        return wrapper
+
+    return decorate
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+class GpuMemoryCollector:
+    """inspector_gpu_memory_bytes per visible CUDA device, read at scrape time.
+
+    torch is imported here, not at module import: a CPU machine exports the family
+    with no series, and scraping never initialises CUDA (memory_allocated on a
+    device torch has not touched is 0 without creating a context).
+    """
+
+    NAME = "inspector_gpu_memory_bytes"
+    HELP = "Bytes of GPU memory held by tensors (torch.cuda.memory_allocated), per CUDA device."
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(self.NAME, self.HELP, labels=["device"])]
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP, labels=["device"])
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                for index in range(torch.cuda.device_count()):
+                    family.add_metric([f"cuda:{index}"], float(torch.cuda.memory_allocated(index)))
+        except Exception:
+            _log_rate_limited("collect:gpu", "metrics: reading GPU memory failed")
+        return [family]
+
+
+def default_build() -> dict[str, str]:
+    """Build labels without importing torch (its version comes from the installed distribution)."""
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "none"
+    return {"version": inspector.__version__, "python": platform.python_version(), "torch": torch_version}
+
+
+class Metrics:
+    """All metrics of one worker, and the HTTP server that exposes them."""
+
+    def __init__(self, settings: MetricsSettings, *, build: Mapping[str, str] | None = None) -> None:
+        # The *_created series double the series count and nothing here reads them. This is
+        # prometheus_client's process-wide switch: the worker owns its process.
+        disable_created_metrics()
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self._cap = LabelCap(settings.max_label_values)
+        self._lock = threading.Lock()
+        self._broker_connected = False
+        self._models: dict[str, tuple[str, str]] = {}  # model -> (plugin, version) in service
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        r = self.registry
+
+        self.frames = Counter(
+            "inspector_frames_total", "Frames answered, by verdict.", ["line", "camera", "model", "verdict"], registry=r
+        )
+        self.probability = Histogram(
+            "inspector_anomaly_probability", "Anomaly probability of scored frames.", ["line", "model"],
+            buckets=PROBABILITY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "inspector_frame_latency_seconds", "Capture time to result confirmed by the broker.", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "inspector_queue_wait_seconds", "Capture time to the start of scoring (queue plus batching).", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.stages = Histogram(
+            "inspector_stage_seconds", "Time spent per stage of a frame or batch.", ["stage"],
+            buckets=STAGE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "inspector_batch_size", "Frames scored together in one batch.", ["model"],
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.errors = Counter(
+            "inspector_errors_total", "Frames that could not be scored, by reason.", ["reason"], registry=r
+        )
+        self.dead_letters = Counter(
+            "inspector_dead_letters_total", "Captures sent to the dead-letter exchange, by reason.", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        self.redelivered = Counter(
+            "inspector_redelivered_frames_total", "Frames answered that the broker had delivered before.", ["model"],
+            registry=r,
+        )  # fmt: skip
+        self.model_info = Gauge(
+            "inspector_model_info", "The model version in service (always 1).", ["model", "plugin", "version"],
+            registry=r,
+        )  # fmt: skip
+        self.model_threshold = Gauge(
+            "inspector_model_threshold", "Probability at or over which a frame fails.", ["model"], registry=r
+        )
+        self.model_reloads = Counter(
+            "inspector_model_reloads_total", "Model reloads, by outcome (success, failed).", ["model", "outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.broker_connected = Gauge("inspector_broker_connected", "1 while connected to RabbitMQ.", registry=r)
+        self.broker_reconnects = Counter(
+            "inspector_broker_reconnects_total", "Connections to RabbitMQ re-established after a loss.", registry=r
+        )
+        self.inflight = Gauge("inspector_inflight_frames", "Captures received and not yet acknowledged.", registry=r)
+        self.build_info = Gauge(
+            "inspector_build_info", "Versions of this worker (always 1).", ["version", "python", "torch"], registry=r
+        )
+        r.register(GpuMemoryCollector())
+
+        labels = default_build() | dict(build or {})
+        self.build_info.labels(version=labels["version"], python=labels["python"], torch=labels["torch"]).set(1)
+        # Series alerts and dashboards rely on exist from the start at 0: a counter born at 1
+        # shows no increase() in Prometheus, so the first error would go unseen.
+        for code in FRAME_ERROR_CODES:
+            self.errors.labels(reason=code)
+            self.dead_letters.labels(reason=code)
+        for stage in STAGES:
+            self.stages.labels(stage=stage)
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Start /metrics, /healthz, /readyz in a daemon thread; the bound port (settings.port 0: any free one)."""
+        if self._server is not None:
+            return self._server.server_address[1]
+        host, port = self.settings.host, self.settings.port
+        try:
+            server = _Server((host, port), _Handler, self)
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics.port: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                "another process holds it, or the address is not on this machine: choose another metrics.port "
+                "(or metrics.host)"
+            ) from None
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="inspector-metrics-http", daemon=True)
+        self._thread.start()
+        bound = server.server_address[1]
+        log.info("metrics on http://%s:%d/metrics (/healthz, /readyz)", host, bound)
+        return bound
+
+    @_guarded()
+    def close(self) -> None:
+        """Stop the HTTP server; the metrics themselves stay usable."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    # -- health -------------------------------------------------------------------------------
+
+    @_guarded()
+    def set_broker_connected(self, connected: bool) -> None:
+        self._broker_connected = bool(connected)
+        self.broker_connected.set(1 if connected else 0)
+
+    @_guarded()
+    def broker_reconnected(self) -> None:
+        self.broker_reconnects.inc()
+
+    @_guarded()
+    def set_model(self, model: str, plugin: str, version: str, threshold: float) -> None:
+        """`version` of `model` is now in service: it replaces the previous version's info series."""
+        model = self._cap("model", model)
+        with self._lock:
+            previous = self._models.get(model)
+            if previous != (plugin, version):
+                if previous is not None:
+                    self.model_info.remove(model, *previous)
+                self.model_info.labels(model=model, plugin=plugin, version=version).set(1)
+                self._models[model] = (plugin, version)
+        self.model_threshold.labels(model=model).set(threshold)
+        for outcome in RELOAD_OUTCOMES:  # at 0 from now on, so the first failed reload shows in increase()
+            self.model_reloads.labels(model=model, outcome=outcome)
+
+    @_guarded()
+    def model_reload(self, model: str, outcome: str) -> None:
+        if outcome not in RELOAD_OUTCOMES:
+            raise ValueError(f"reload outcome {outcome!r} is not one of {RELOAD_OUTCOMES}")
+        self.model_reloads.labels(model=self._cap("model", model), outcome=outcome).inc()
+
+    @_guarded()
+    def set_inflight(self, frames: int) -> None:
+        self.inflight.set(frames)
+
+    @_guarded(default=False)
+    def ready(self) -> bool:
+        """Connected to the broker and at least one model in service."""
+        return self._broker_connected and bool(self._models)
+
+    def not_ready_reason(self) -> str | None:
+        """Why /readyz answers 503, or None when ready."""
+        if not self._broker_connected:
+            return "broker disconnected"
+        if not self._models:
+            return "no model loaded"
+        return None
+
+    # -- per frame / batch --------------------------------------------------------------------
+
+    @_guarded()
+    def frame_done(
+        self,
+        *,
+        line: str,
+        camera: str,
+        model: str,
+        verdict: str,
+        probability: float | None,
+        latency_s: float | None,
+        queue_wait_s: float | None,
+        redelivered: bool,
+    ) -> None:
+        """One frame answered (its result confirmed). Negative times (camera clock ahead) count as 0."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict {verdict!r} is not one of {VERDICTS}")
+        line, camera, model = self._cap("line", line), self._cap("camera", camera), self._cap("model", model)
+        self.frames.labels(line=line, camera=camera, model=model, verdict=verdict).inc()
+        if _finite(probability):
+            self.probability.labels(line=line, model=model).observe(probability)
+        if _finite(latency_s):
+            self.latency.labels(model=model).observe(max(latency_s, 0.0))
+        if _finite(queue_wait_s):
+            self.queue_wait.labels(model=model).observe(max(queue_wait_s, 0.0))
+        if redelivered:
+            self.redelivered.labels(model=model).inc()
+
+    @_guarded()
+    def frame_error(self, reason: str) -> None:
+        """A frame that could not be scored; `reason` is its error code (FRAME_ERROR_CODES)."""
+        self.errors.labels(reason=reason).inc()
+
+    @_guarded()
+    def dead_lettered(self, reason: str) -> None:
+        self.dead_letters.labels(reason=reason).inc()
+
+    @_guarded()
+    def stage(self, stage: str, seconds: float) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"stage {stage!r} is not one of {STAGES}")
+        if _finite(seconds):
+            self.stages.labels(stage=stage).observe(max(seconds, 0.0))
+
+    @_guarded()
+    def batch(self, model: str, size: int) -> None:
+        self.batch_size.labels(model=self._cap("model", model)).observe(size)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], metrics: Metrics) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.metrics = metrics
+        super().__init__(address, handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._answer(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(send_body=False)
+
+    def _answer(self, *, send_body: bool) -> None:
+        metrics = self.server.metrics
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/metrics":
+                # As prometheus_client's own handler: the format the scraper's Accept asks for
+                # (plain text 0.0.4 by default, OpenMetrics or text 1.0.0 when negotiated).
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                status, body = 200, encoder(metrics.registry)
+            elif path == "/healthz":
+                status, content_type, body = 200, "text/plain; charset=utf-8", b"ok\n"
+            elif path == "/readyz":
+                reason = metrics.not_ready_reason()
+                status = 200 if reason is None else 503
+                content_type, body = "text/plain; charset=utf-8", f"{reason or 'ready'}\n".encode()
+            else:
+                status, content_type, body = 404, "text/plain; charset=utf-8", b"not found; try /metrics\n"
+        except Exception:
+            _log_rate_limited("http", "metrics: answering %s failed", path)
+            status, content_type, body = 500, "text/plain; charset=utf-8", b"internal error\n"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Silent: a scrape every 15 s would otherwise fill stderr."""

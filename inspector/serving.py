@@ -1,0 +1,224 @@
+"""The models in service: loading a stored version and proving it works, choosing one per capture,
+and taking up new versions in the background without stopping the line.
+
+A version goes into service only after its checksums verify, its plugin loads it and a
+warm-up batch gives finite scores; until then, and for ever if it fails, the old one serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from inspector.config import ModelSettings, RouteSettings
+from inspector.errors import FrameError, StateError
+from inspector.messages import Capture
+from inspector.plugin import Plugin, get_plugin
+from inspector.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class ServedModel:
+    """One loaded version of a named model, with the threshold its verdicts use."""
+
+    name: str
+    plugin_name: str
+    version: str
+    threshold: float
+    plugin: Plugin
+
+    def identity(self) -> dict[str, str]:
+        """The `model` object of a result."""
+        return {"name": self.name, "plugin": self.plugin_name, "version": self.version}
+
+
+def load_version(
+    store: ModelStore, name: str, settings: ModelSettings, device: torch.device, version: str | None = None
+) -> ServedModel:
+    """Verify, load and warm up a stored version (None: the current one); StateError when any step fails."""
+    info = store.load_path(name, version)  # recomputes every checksum
+    if info.plugin != settings.plugin:
+        raise StateError(
+            f"model {name!r} version {info.version} was fitted with plugin {info.plugin!r}, but models.{name}.plugin "
+            f"is {settings.plugin!r}; refit it or change the configuration"
+        )
+    plugin = get_plugin(info.plugin).load(info.path, device)
+    warm_up(plugin)
+    calibrated = (info.manifest.get("calibration") or {}).get("threshold")
+    if calibrated is not None and abs(float(calibrated) - settings.threshold) > 1e-9:
+        log.warning(
+            "model %s version %s was calibrated for threshold %s; models.%s.threshold = %s is used instead, so "
+            "its false-reject rate differs from the calibrated %s", name, info.version, calibrated, name,
+            settings.threshold, (info.manifest.get("calibration") or {}).get("target_false_reject"),
+        )
+    return ServedModel(name=name, plugin_name=info.plugin, version=info.version, threshold=settings.threshold,
+                       plugin=plugin)
+
+
+def warm_up(plugin: Plugin) -> None:
+    """Score a small batch end to end (allocations, kernels, autotuning); StateError unless it gives one
+    finite probability in [0, 1] and one finite raw score per image."""
+    rng = np.random.default_rng(0)
+    images = [np.full((96, 128, 3), 128, np.uint8), rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)]
+    try:
+        scores = plugin.score(torch.stack([plugin.prepare(image) for image in images]))
+        probability, raw = np.asarray(scores.probability, float), np.asarray(scores.raw, float)
+    except Exception as exc:  # noqa: BLE001 - any failure of a freshly loaded plugin refuses it
+        raise StateError(f"warm-up batch failed: {exc!r}") from exc
+    if probability.shape != (2,) or raw.shape != (2,):
+        raise StateError(f"warm-up batch of 2 gave {probability.shape} probabilities and {raw.shape} scores")
+    if not (np.isfinite(probability).all() and np.isfinite(raw).all()):
+        raise StateError("warm-up batch gave scores that are not finite numbers")
+    if ((probability < 0) | (probability > 1)).any():
+        raise StateError(f"warm-up batch gave probabilities outside [0, 1]: {probability.tolist()}")
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching: '*' is exactly one word, '#' zero or more."""
+
+    def match(p: Sequence[str], k: Sequence[str]) -> bool:
+        if not p:
+            return not k
+        if p[0] == "#":
+            return any(match(p[1:], k[i:]) for i in range(len(k) + 1))
+        return bool(k) and (p[0] == "*" or p[0] == k[0]) and match(p[1:], k[1:])
+
+    return match(pattern.split("."), routing_key.split("."))
+
+
+class ModelSet:
+    """The version in service of each configured model (None until one loads); swapped atomically.
+
+    A frame keeps the ServedModel it was prepared with, so a swap takes effect between
+    batches and a result names the version that really scored it.
+    """
+
+    def __init__(self, models: dict[str, ModelSettings], default_model: str, routes: Sequence[RouteSettings]) -> None:
+        self.settings = dict(models)
+        self.default_model = default_model
+        self.routes = list(routes)
+        self._served: dict[str, ServedModel | None] = {name: None for name in models}
+        self._lock = threading.Lock()
+
+    def choose(self, capture: Capture) -> ServedModel:
+        """The model for a capture: its `model` header, else the first matching route, else the default."""
+        name = capture.model
+        if name is None:
+            name = next((r.model for r in self.routes if topic_matches(r.match, capture.routing_key)),
+                        self.default_model)
+        elif name not in self.settings:
+            raise FrameError("model_unknown", f"model header {name!r} names no configured model; "
+                                              f"configured: {', '.join(sorted(self.settings))}")
+        served = self.get(name)
+        if served is None:
+            raise FrameError("model_unavailable", f"model {name!r} has no version in service; "
+                                                  f"run `inspector refit --model {name} --data DIR`")
+        return served
+
+    def get(self, name: str) -> ServedModel | None:
+        with self._lock:
+            return self._served.get(name)
+
+    def put(self, served: ServedModel) -> ServedModel | None:
+        """Put a version in service; returns the one it replaces."""
+        with self._lock:
+            previous, self._served[served.name] = self._served.get(served.name), served
+            return previous
+
+    def in_service(self) -> list[ServedModel]:
+        with self._lock:
+            return [s for s in self._served.values() if s is not None]
+
+
+class Reloader:
+    """A background thread that takes up new current versions: on request (an announcement, a
+    reconnect) and every `poll_s` seconds (an announcement missed while disconnected).
+
+    A version that fails to verify, load or warm up is refused once, logged and counted, and not
+    tried again; the version in service keeps scoring.
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        models: ModelSet,
+        device: torch.device,
+        poll_s: float,
+        on_loaded: Callable[[ServedModel], None],
+        on_outcome: Callable[[str, str], None],
+    ) -> None:
+        self.store = store
+        self.models = models
+        self.device = device
+        self.poll_s = poll_s
+        self.on_loaded = on_loaded
+        self.on_outcome = on_outcome
+        self.refused: set[tuple[str, str]] = set()
+        self._requests: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="inspector-reload", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self, name: str) -> None:
+        self._requests.put(name)
+
+    def request_all(self) -> None:
+        for name in self.models.settings:
+            self._requests.put(name)
+
+    def stop(self) -> None:
+        self._requests.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                name = self._requests.get(timeout=self.poll_s or None)
+            except queue.Empty:
+                for model in self.models.settings:
+                    self.reload(model)
+                continue
+            if name is None:
+                return
+            self.reload(name)
+
+    def reload(self, name: str) -> ServedModel | None:
+        """Put the store's current version of `name` in service unless it already is, or was refused."""
+        try:
+            version = self.store.current(name)
+        except Exception as exc:  # noqa: BLE001 - an unreadable store must not stop the thread
+            log.error("model %s: cannot read the store's current version: %s", name, exc)
+            return None
+        served = self.models.get(name)
+        if version is None or (served is not None and served.version == version):
+            return None
+        if (name, version) in self.refused:
+            return None
+        log.info("model %s: loading version %s", name, version)
+        try:
+            loaded = load_version(self.store, name, self.models.settings[name], self.device, version)
+        except Exception as exc:  # noqa: BLE001 - whatever goes wrong, the old version keeps serving
+            self.refused.add((name, version))
+            kept = f"version {served.version} keeps serving" if served else "no version is in service"
+            log.error("model %s: version %s refused, %s: %s", name, version, kept, _reason(exc))
+            self.on_outcome(name, "failed")
+            return None
+        self.models.put(loaded)
+        log.info("model %s: version %s in service (was %s)", name, version, served.version if served else "none")
+        self.on_loaded(loaded)
+        self.on_outcome(name, "success")
+        return loaded
+
+
+def _reason(exc: BaseException) -> Any:
+    return exc if str(exc) else repr(exc)

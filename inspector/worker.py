@@ -1,0 +1,408 @@
+"""`inspector run`: consume -> decode -> batch -> score -> publish -> ack, for months.
+
+Threads, one job each:
+- the broker thread (consumer.Consumer) owns the pika connection;
+- a pool decodes and prepares captures (CPU), overlapping with inference;
+- the scoring thread forms micro-batches per model version and runs the plugin on its device;
+- the reloader takes up new model versions in the background.
+Every capture is answered: a score, or an error result plus a dead letter. Nothing here
+raises into a thread's loop: a bad frame or a failing batch becomes error results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+from inspector import __version__
+from inspector.consumer import Consumer, Delivery, Outcome
+from inspector.decode import DecodeLimits, decode_capture
+from inspector.devices import describe_device, resolve_device
+from inspector.errors import FrameError, InspectorError, StateError
+from inspector.config import Settings
+from inspector.messages import Capture, encode, parse_capture, result_body, result_routing_key, rfc3339
+from inspector.metrics import Metrics
+from inspector.serving import ModelSet, Reloader, ServedModel, load_version
+from inspector.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What the metrics need of a frame once its result is confirmed."""
+
+    line: str
+    camera: str
+    model: str
+    verdict: str
+    probability: float | None
+    reason: str | None
+    captured_at: float  # seconds since the epoch; the receipt time when the camera sent none
+    queue_wait_s: float | None
+    redelivered: bool
+
+
+@dataclass(eq=False)
+class _Prepared:
+    delivery: Delivery
+    capture: Capture
+    model: ServedModel
+    tensor: torch.Tensor
+    ready_at: float  # time.monotonic()
+
+
+class Batcher:
+    """Groups prepared frames by the model version that prepared them; a group goes when it holds
+    `batch_size` frames or its oldest frame has waited `max_wait_s`."""
+
+    def __init__(self, batch_size: int, max_wait_s: float) -> None:
+        self.batch_size = batch_size
+        self.max_wait_s = max_wait_s
+        self._groups: dict[int, list] = {}
+        self._since: dict[int, float] = {}
+
+    def add(self, key: int, item: object, now: float) -> list | None:
+        group = self._groups.setdefault(key, [])
+        if not group:
+            self._since[key] = now
+        group.append(item)
+        return self._take(key) if len(group) >= self.batch_size else None
+
+    def due(self, now: float) -> list[list]:
+        return [self._take(key) for key, since in list(self._since.items()) if now - since >= self.max_wait_s]
+
+    def next_deadline(self) -> float | None:
+        return min(self._since.values()) + self.max_wait_s if self._since else None
+
+    def drain(self) -> list[list]:
+        return [self._take(key) for key in list(self._groups)]
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self._groups.values())
+
+    def _take(self, key: int) -> list:
+        self._since.pop(key, None)
+        return self._groups.pop(key)
+
+
+class Worker:
+    """The running worker. `start()` loads models and connects; `stop()` drains and closes."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics(settings.metrics)
+        self.device = resolve_device(settings.device)
+        self.store = ModelStore(settings.store.path)
+        self.models = ModelSet(settings.models, settings.default_model, settings.worker.routes)
+        self.limits = DecodeLimits.from_settings(settings.worker)
+        threads = settings.worker.decode_threads or max(1, os.cpu_count() or 1)
+        self._decoders = ThreadPoolExecutor(threads, thread_name_prefix="inspector-decode")
+        self._prepared: queue.Queue[_Prepared | None] = queue.Queue()
+        self._scorer = threading.Thread(target=self._score_loop, name="inspector-score", daemon=True)
+        self._reloader = Reloader(self.store, self.models, self.device, settings.worker.store_poll_s,
+                                  on_loaded=self._model_in_service, on_outcome=self.metrics.model_reload)
+        self.consumer = Consumer(settings, self._on_delivery, self._on_settled, self._on_control,
+                                 self._on_connection)
+        self._inflight = 0
+        self._inflight_lock = threading.Lock()
+        self.scored = 0
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load every model's current version, start the threads and connect; raises InspectorError when
+        no model can serve or RabbitMQ cannot be reached within worker.start_timeout_s."""
+        self._load_models()
+        self._scorer.start()
+        self._reloader.start()
+        self.consumer.start()
+        while not self.consumer.connected.wait(0.1):
+            if self.consumer.stopped.is_set():
+                self._stop_threads()
+                raise self.consumer.failure or InspectorError("the broker thread stopped before connecting")
+        log.info("worker %s ready: queue %s bound to %s (%s); batches of up to %d, waiting %g ms at most",
+                 __version__, self.settings.worker.queue, self.settings.broker.exchanges.captures,
+                 ", ".join(self.settings.worker.binding_keys), self.settings.worker.batch_size,
+                 self.settings.worker.max_batch_wait_ms)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop taking captures, finish and confirm those held, close; returns within the grace period."""
+        grace = self.settings.worker.shutdown_grace_s if grace_s is None else grace_s
+        log.info("stopping: finishing %d held captures (grace %g s)", self._inflight, grace)
+        self.consumer.stop_consuming(max(0.0, grace - 1.0))
+        self.consumer.stopped.wait(grace)
+        self._stop_threads()
+        log.info("stopped")
+
+    def wait(self, stop: threading.Event) -> None:
+        """Block until `stop` is set or the broker thread gives up."""
+        while not stop.wait(0.5):
+            if self.consumer.stopped.is_set():
+                if self.consumer.failure:
+                    raise self.consumer.failure
+                return
+
+    def _stop_threads(self) -> None:
+        self._prepared.put(None)
+        self._decoders.shutdown(wait=False, cancel_futures=True)
+        self._scorer.join(timeout=10)
+        self._reloader.stop()
+
+    def _load_models(self) -> None:
+        for name, model_settings in self.settings.models.items():
+            version = None
+            try:
+                version = self.store.current(name)
+                if version is None:
+                    log.warning("model %s has no version in %s: its frames get model_unavailable errors until "
+                                "`inspector refit --model %s` stores one", name, self.store.root, name)
+                    continue
+                served = load_version(self.store, name, model_settings, self.device, version)
+            except InspectorError as exc:
+                self.metrics.model_reload(name, "failed")
+                if version is not None:
+                    self._reloader.refused.add((name, version))
+                log.error("model %s: version %s cannot serve: %s", name, version, exc)
+                continue
+            self.models.put(served)
+            self._model_in_service(served)
+        in_service = self.models.in_service()
+        if not in_service:
+            raise StateError(
+                f"no model can serve from the store at {self.store.root}: fit one with "
+                f"`inspector refit --data DIR` (models configured: {', '.join(sorted(self.settings.models))})"
+            )
+        for served in in_service:
+            log.info("model %s: %s version %s on %s, threshold %g", served.name, served.plugin_name,
+                     served.version, describe_device(self.device), served.threshold)
+
+    def _model_in_service(self, served: ServedModel) -> None:
+        self.metrics.set_model(served.name, served.plugin_name, served.version, served.threshold)
+
+    # -- broker-thread callbacks (quick, never block) ------------------------------------------
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        self._count_inflight(+1)
+        self._decoders.submit(self._decode, delivery)
+
+    def _on_connection(self, connected: bool) -> None:
+        self.metrics.set_broker_connected(connected)
+        if connected:
+            if self.consumer.generation > 1:
+                self.metrics.broker_reconnected()
+            self._reloader.request_all()  # announcements missed while away
+
+    def _on_control(self, routing_key: str, body: bytes) -> None:
+        try:
+            message = json.loads(body)
+            name = message["model"]
+            if not isinstance(name, str):
+                raise TypeError("model is not a string")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a malformed announcement on %s: %s", routing_key, exc)
+            return
+        if name not in self.settings.models:
+            log.info("announcement for model %s, which this worker does not serve; ignored", name)
+            return
+        log.info("announcement: model %s version %s (%s)", name, message.get("version"), message.get("reason"))
+        self._reloader.request(name)
+
+    def _on_settled(self, outcome: Outcome, acked: bool) -> None:
+        self._count_inflight(-1)
+        if not acked:
+            return
+        record: _Record = outcome.record
+        now = time.time()
+        self.metrics.stage("publish", time.perf_counter() - outcome.submitted_at)
+        self.metrics.frame_done(
+            line=record.line, camera=record.camera, model=record.model, verdict=record.verdict,
+            probability=record.probability, latency_s=max(0.0, now - record.captured_at),
+            queue_wait_s=record.queue_wait_s, redelivered=record.redelivered,
+        )
+        if record.reason is not None:
+            self.metrics.frame_error(record.reason)
+            self.metrics.dead_lettered(record.reason)
+
+    def _count_inflight(self, delta: int) -> None:
+        with self._inflight_lock:
+            self._inflight += delta
+            self.metrics.set_inflight(self._inflight)
+
+    # -- decode threads ----------------------------------------------------------------------
+
+    def _decode(self, delivery: Delivery) -> None:
+        started = time.perf_counter()
+        capture = parse_capture(delivery.routing_key, delivery.properties, delivery.body, delivery.redelivered)
+        try:
+            model = self.models.choose(capture)
+            image = decode_capture(capture.body, capture.content_type, capture.headers, self.limits)
+            try:
+                tensor = model.plugin.prepare(image)
+            except Exception as exc:  # noqa: BLE001 - a plugin's failure on one frame is that frame's error
+                raise FrameError("scoring_failed", f"{model.plugin_name} could not prepare the image: {exc}") from exc
+        except FrameError as exc:
+            self._answer_error(delivery, capture, exc.code, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - never lose a frame to a bug: answer it and log loudly
+            log.exception("frame %s: unexpected failure while decoding", capture.frame_id)
+            self._answer_error(delivery, capture, "image_undecodable", f"unexpected failure: {exc!r}")
+            return
+        self.metrics.stage("decode", time.perf_counter() - started)
+        self._prepared.put(_Prepared(delivery, capture, model, tensor, time.monotonic()))
+
+    def _answer_error(self, delivery: Delivery, capture: Capture, code: str, message: str,
+                      model: ServedModel | None = None) -> None:
+        log.warning("frame %s from %s.%s: %s: %s", capture.frame_id, capture.line_id, capture.camera_id, code, message)
+        body = result_body(capture, verdict="error", error=(code, message), inspected_at=_now(),
+                           model=model.identity() if model else None,
+                           threshold=model.threshold if model else None)
+        self.consumer.submit([Outcome(
+            delivery=delivery, routing_key=result_routing_key("error", capture.line_id, capture.camera_id),
+            result=encode(body), frame_id=capture.frame_id, dead_letter=(code, message),
+            record=self._record(delivery, capture, model.name if model else capture.model or "none", "error",
+                                None, code, None),
+        )])
+
+    def _record(self, delivery: Delivery, capture: Capture, model: str, verdict: str, probability: float | None,
+                reason: str | None, queue_wait_s: float | None) -> _Record:
+        captured = capture.captured_at.timestamp() if capture.captured_at else delivery.received_at
+        return _Record(line=capture.line_id, camera=capture.camera_id, model=model, verdict=verdict,
+                       probability=probability, reason=reason, captured_at=captured, queue_wait_s=queue_wait_s,
+                       redelivered=capture.redelivered)
+
+    # -- the scoring thread ----------------------------------------------------------------------
+
+    def _score_loop(self) -> None:
+        batcher = Batcher(self.settings.worker.batch_size, self.settings.worker.max_batch_wait_ms / 1000)
+        while True:
+            deadline = batcher.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._prepared.get(timeout=timeout)
+            except queue.Empty:
+                item = False
+            if item is None:
+                for batch in batcher.drain():
+                    self._score(batch)
+                return
+            batches = batcher.due(time.monotonic())
+            if item:
+                full = batcher.add(id(item.model), item, time.monotonic())
+                if full:
+                    batches.append(full)
+            for batch in batches:
+                self._score(batch)
+
+    def _score(self, batch: list[_Prepared]) -> None:
+        """Score one batch and hand its results to the broker thread; never raises."""
+        model = batch[0].model
+        started = time.perf_counter()
+        waits = [self._queue_wait(p) for p in batch]
+        try:
+            probability, raw = self._run_plugin(model, batch)
+        except Exception as exc:  # noqa: BLE001 - isolate the frame(s) at fault, one at a time
+            log.warning("model %s version %s failed on a batch of %d (%r); scoring its frames one by one",
+                        model.name, model.version, len(batch), exc)
+            probability, raw = self._score_one_by_one(model, batch)
+        self.metrics.stage("infer", time.perf_counter() - started)
+        self.metrics.batch(model.name, len(batch))
+        inspected_at = _now()
+        outcomes = []
+        for prepared, p, r, wait in zip(batch, probability, raw, waits):
+            capture = prepared.capture
+            if p is None:
+                self._answer_error(prepared.delivery, capture, "scoring_failed",
+                                   f"{model.plugin_name} failed on this frame: {r}", model)
+                continue
+            if not (np.isfinite(p) and np.isfinite(r) and 0.0 <= p <= 1.0):
+                self._answer_error(prepared.delivery, capture, "scoring_failed",
+                                   f"{model.plugin_name} gave probability {p} and score {r}", model)
+                continue
+            verdict = "fail" if p >= model.threshold else "pass"
+            body = result_body(capture, verdict=verdict, probability=float(p), score=float(r),
+                               threshold=model.threshold, model=model.identity(), inspected_at=inspected_at)
+            outcomes.append(Outcome(
+                delivery=prepared.delivery, routing_key=result_routing_key(verdict, capture.line_id, capture.camera_id),
+                result=encode(body), frame_id=capture.frame_id,
+                record=self._record(prepared.delivery, capture, model.name, verdict, float(p), None, wait),
+            ))
+        self.scored += len(outcomes)
+        if outcomes:
+            self.consumer.submit(outcomes)
+
+    @staticmethod
+    def _run_plugin(model: ServedModel, batch: list[_Prepared]) -> tuple[list, list]:
+        scores = model.plugin.score(torch.stack([p.tensor for p in batch]))
+        probability, raw = np.asarray(scores.probability, float), np.asarray(scores.raw, float)
+        if probability.shape != (len(batch),) or raw.shape != (len(batch),):
+            raise StateError(f"a batch of {len(batch)} gave {probability.shape} probabilities")
+        return list(probability), list(raw)
+
+    def _score_one_by_one(self, model: ServedModel, batch: list[_Prepared]) -> tuple[list, list]:
+        probability, raw = [], []
+        for prepared in batch:
+            try:
+                p, r = self._run_plugin(model, [prepared])
+                probability.append(p[0])
+                raw.append(r[0])
+            except Exception as exc:  # noqa: BLE001 - this frame's error result says why
+                log.error("model %s failed on frame %s: %r", model.name, prepared.capture.frame_id, exc)
+                probability.append(None)
+                raw.append(repr(exc))
+        return probability, raw
+
+    @staticmethod
+    def _queue_wait(prepared: _Prepared) -> float | None:
+        captured = prepared.capture.captured_at
+        if captured is None:
+            return None
+        return max(0.0, time.time() - captured.timestamp())
+
+
+def run_worker(settings: Settings) -> int:
+    """The `inspector run` command: serve until SIGTERM or SIGINT, then drain and exit 0.
+
+    A second signal cuts the grace period short; captures not yet settled are redelivered.
+    """
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            log.warning("second %s: closing now; unsettled captures will be redelivered", signal.Signals(signum).name)
+            worker.consumer.close_now()
+        else:
+            log.info("%s received", signal.Signals(signum).name)
+        stop.set()
+
+    metrics = Metrics(settings.metrics)
+    worker = Worker(settings, metrics)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if settings.metrics.enabled:
+            metrics.serve()
+        worker.start()
+        try:
+            worker.wait(stop)
+        finally:
+            worker.stop()
+    finally:
+        metrics.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _now() -> str:
+    return rfc3339(datetime.now(timezone.utc))

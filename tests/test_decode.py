@@ -1,0 +1,422 @@
+"""decode_capture: every capture form gives the right pixels, every bad one its FrameError code.
+
+Images are made here with PIL and checked against independent references: the array
+itself for lossless formats, PIL's own decode of the same bytes for JPEG.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from inspector.config import WorkerSettings
+from inspector.decode import DecodeLimits, decode_capture
+from inspector.errors import FrameError
+
+LIMITS = DecodeLimits(max_image_bytes=1_000_000, max_image_pixels=1_000_000)
+PIXELS = np.random.default_rng(0).integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
+
+
+def encode(image: Image.Image | np.ndarray, fmt: str, **options) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def pil_rgb(data: bytes) -> np.ndarray:
+    """PIL's own RGB decode of `data`: the reference for lossy formats and mode conversions."""
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image.convert("RGB"))
+
+
+def check(result: np.ndarray, expected: np.ndarray) -> None:
+    assert result.dtype == np.uint8 and result.ndim == 3 and result.shape[2] == 3
+    assert result.flags.c_contiguous and result.flags.writeable and result.flags.owndata
+    np.testing.assert_array_equal(result, expected)
+
+
+def refused(code: str, body: bytes, content_type: str | None, headers=None, limits=LIMITS) -> str:
+    """Decode expecting FrameError `code`; its message."""
+    with pytest.raises(FrameError) as caught:
+        decode_capture(body, content_type, headers, limits)
+    assert caught.value.code == code, str(caught.value)
+    return str(caught.value)
+
+
+def as_json(**fields) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR claims width x height RGB pixels and whose IDAT holds almost nothing."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 16)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+# -- encoded images --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content_type", "fmt", "options"),
+    [
+        ("image/png", "PNG", {}),
+        ("image/bmp", "BMP", {}),
+        ("image/tiff", "TIFF", {}),
+        ("image/tiff", "TIFF", {"compression": "tiff_lzw"}),
+        ("image/webp", "WEBP", {"lossless": True}),
+        ("image/jpeg", "JPEG", {"quality": 90}),
+        ("image/jpg", "JPEG", {}),
+    ],
+)
+def test_encoded_types_give_their_pixels(content_type, fmt, options):
+    data = encode(PIXELS, fmt, **options)
+    expected = pil_rgb(data) if fmt == "JPEG" else PIXELS
+    check(decode_capture(data, content_type, None, LIMITS), expected)
+
+
+@pytest.mark.parametrize(
+    "content_type", [None, "", "application/octet-stream", "IMAGE/PNG; charset=binary", " image/png ;x=1", "image/png"]
+)
+def test_content_type_sniffed_normalised_or_mismatched(content_type):
+    # The last case says PNG while the bytes are a JPEG: decoded by what the bytes are.
+    data = encode(PIXELS, "JPEG") if content_type == "image/png" else encode(PIXELS, "PNG")
+    check(decode_capture(data, content_type, {}, LIMITS), pil_rgb(data) if content_type == "image/png" else PIXELS)
+
+
+SIXTEEN_BIT = np.array([[0x0000, 0x00FF, 0x0100, 0x1234], [0x7FFF, 0x8000, 0xFF00, 0xFFFF]], dtype=np.uint16)
+
+
+@pytest.mark.parametrize(
+    ("array", "fmt"),
+    [
+        (SIXTEEN_BIT, "PNG"),  # opens as I;16
+        (SIXTEEN_BIT, "TIFF"),  # I;16
+        (SIXTEEN_BIT.astype(">u2"), "TIFF"),  # I;16B
+        (SIXTEEN_BIT.astype(np.int32), "TIFF"),  # I, values of a 16-bit camera
+    ],
+)
+def test_sixteen_bit_grey_is_scaled_not_clipped(array, fmt):
+    data = encode(array, fmt)
+    expected = np.repeat((SIXTEEN_BIT >> 8).astype(np.uint8)[:, :, None], 3, axis=2)
+    assert expected[0, 3, 0] == 0x12
+    check(decode_capture(data, "image/" + fmt.lower(), None, LIMITS), expected)
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("RGBA", "PNG"), ("P", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("1", "PNG"), ("CMYK", "TIFF"), ("CMYK", "JPEG")],
+)
+def test_other_modes_convert_to_rgb(mode, fmt):
+    image = Image.fromarray(PIXELS).convert(mode)
+    data = encode(image, fmt)
+    with Image.open(io.BytesIO(data)) as reopened:
+        assert reopened.mode == mode
+    check(decode_capture(data, None, None, LIMITS), pil_rgb(data))
+
+
+def test_multi_frame_tiff_gives_the_first_frame():
+    data = encode(Image.fromarray(PIXELS), "TIFF", save_all=True, append_images=[Image.fromarray(255 - PIXELS)])
+    check(decode_capture(data, "image/tiff", None, LIMITS), PIXELS)
+
+
+def test_float_image_is_refused():
+    data = encode(PIXELS[:, :, 0].astype(np.float32), "TIFF")
+    assert "mode F" in refused("image_undecodable", data, "image/tiff")
+
+
+# -- raw pixels ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [int, str, lambda v: str(v).encode()])
+@pytest.mark.parametrize("pixel_format", ["mono8", "rgb8", "bgr8"])
+def test_raw_pixels(pixel_format, kind):
+    height, width = PIXELS.shape[:2]
+    if pixel_format == "mono8":
+        body, expected = PIXELS[:, :, 0].tobytes(), np.repeat(PIXELS[:, :, :1], 3, axis=2)
+    elif pixel_format == "rgb8":
+        body, expected = PIXELS.tobytes(), PIXELS
+    else:
+        body, expected = PIXELS[:, :, ::-1].tobytes(), PIXELS  # blue first on the wire
+    fmt = pixel_format.encode() if kind is not int and kind is not str else pixel_format
+    headers = {"width": kind(width), "height": kind(height), "pixel_format": fmt}
+    check(decode_capture(body, "image/x-raw", headers, LIMITS), expected)
+
+
+def test_raw_channel_order():
+    body = bytes([10, 20, 30])  # one pixel
+    for pixel_format, rgb in [("rgb8", [10, 20, 30]), ("bgr8", [30, 20, 10]), ("mono8", None)]:
+        headers = {"width": 1, "height": 1 if pixel_format != "mono8" else 3, "pixel_format": pixel_format}
+        result = decode_capture(body, "image/x-raw", headers, LIMITS)
+        if rgb is None:
+            assert result.tolist() == [[[10, 10, 10]], [[20, 20, 20]], [[30, 30, 30]]]
+        else:
+            assert result.tolist() == [[rgb]]
+
+
+@pytest.mark.parametrize(
+    ("headers", "missing"),
+    [
+        (None, "width, height, pixel_format"),
+        ({"width": 2, "pixel_format": "rgb8"}, "height"),
+        ({"width": 2, "height": 2, "pixel_format": None}, "pixel_format"),
+    ],
+)
+def test_raw_headers_missing(headers, missing):
+    message = refused("raw_headers_missing", b"\0" * 12, "image/x-raw", headers)
+    assert f"missing: {missing}" in message and "mono8, rgb8, bgr8" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("width", 0), ("width", -1), ("height", "abc"), ("height", True), ("width", 2.0), ("width", "-2"),
+        ("width", "²"), ("height", b"\xff"), ("width", "9" * 5000), ("pixel_format", "rgba8"), ("pixel_format", 3),
+    ],
+)
+def test_raw_headers_invalid(name, value):
+    headers = {"width": 2, "height": 2, "pixel_format": "rgb8", name: value}
+    assert name in refused("raw_headers_invalid", b"\0" * 12, "image/x-raw", headers)
+
+
+def test_raw_too_many_pixels_refused_before_the_size_check():
+    headers = {"width": "100000", "height": b"100000", "pixel_format": "rgb8"}
+    message = refused("image_too_many_pixels", b"\0" * 12, "image/x-raw", headers)
+    assert "100000x100000" in message and str(LIMITS.max_image_pixels) in message
+
+
+def test_raw_size_mismatch():
+    headers = {"width": 2, "height": 2, "pixel_format": "rgb8"}
+    message = refused("raw_size_mismatch", b"\0" * 11, "image/x-raw", headers)
+    assert "12" in message and "11" in message
+
+
+# -- errors of any body ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type", ["image/png", "image/x-raw", "application/json", "text/plain", None])
+def test_empty_body(content_type):
+    refused("empty_body", b"", content_type, {"width": 1, "height": 1, "pixel_format": "mono8"})
+
+
+def test_unsupported_content_type():
+    message = refused("unsupported_content_type", encode(PIXELS, "PNG"), "text/plain; charset=utf-8")
+    assert "text/plain" in message and "image/png" in message and "image/x-raw" in message
+
+
+def test_body_too_large():
+    data = encode(PIXELS, "PNG")
+    message = refused("image_too_large", data, "image/png", limits=DecodeLimits(len(data) - 1, 1_000_000))
+    assert str(len(data)) in message and str(len(data) - 1) in message and "max_image_bytes" in message
+
+
+def truncated(fmt: str) -> bytes:
+    noise = np.random.default_rng(1).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    data = encode(noise, fmt)
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        np.random.default_rng(2).bytes(2000),
+        truncated("JPEG"),
+        truncated("PNG"),
+        encode(PIXELS, "GIF"),  # PIL decodes GIF, but only the five formats are reachable
+        encode(PIXELS, "PPM"),
+        encode(PIXELS, "PNG")[:40],  # cut inside the header
+    ],
+    ids=["random", "truncated-jpeg", "truncated-png", "gif", "ppm", "header-only"],
+)
+def test_undecodable(data):
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # else PIL would pad truncated images with grey
+    assert "the body" in refused("image_undecodable", data, "image/jpeg")
+
+
+def test_too_many_pixels_from_the_header_before_decoding():
+    message = refused("image_too_many_pixels", png_claiming(2000, 2000), "image/png")
+    assert "2000x2000" in message and str(LIMITS.max_image_pixels) in message
+
+
+@pytest.mark.parametrize(
+    ("side", "limit"),
+    [
+        (30000, 1_000_000),  # 2.7 GB of RGB; past twice PIL's own limit, so its DecompressionBombError
+        (10000, 10**12),  # past PIL's own limit: its DecompressionBombWarning, turned into an error
+    ],
+)
+def test_decompression_bomb_refused_quickly(side, limit):
+    data = png_claiming(side, side)
+    assert len(data) < 100
+    started = time.perf_counter()
+    message = refused("image_too_many_pixels", data, None, limits=DecodeLimits(1_000_000, limit))
+    assert time.perf_counter() - started < 1.0
+    assert str(side * side) in message and str(limit) in message
+
+
+# -- application/json ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "fact"),
+    [
+        (b"not json", "not UTF-8 JSON"),
+        (b"[1, 2]", "JSON list"),
+        (b'"image_b64"', "JSON str"),
+        (b"{}", "neither"),
+        (as_json(image_uri="file:///a.png", image_b64="AAAA"), "image_uri and image_b64"),
+        (as_json(image_b64=5), "image_b64 is a JSON int"),
+        (as_json(image_uri=None), "image_uri is a JSON NoneType"),
+        (b'{"image_b64": "\xff\xfe"}', "not UTF-8"),
+        (b"[" * 100_000, "not UTF-8 JSON"),
+    ],
+)
+def test_json_malformed(body, fact):
+    assert fact in refused("json_malformed", body, "application/json; charset=utf-8")
+
+
+def test_image_b64():
+    data = encode(PIXELS, "PNG")
+    text = base64.b64encode(data).decode()
+    check(decode_capture(as_json(image_b64=f"\n {text}\n"), "application/json", None, LIMITS), PIXELS)
+
+
+@pytest.mark.parametrize("text", ["abc$", "abc", "data:image/png;base64,AAAA", "AA AA", "é", ""])
+def test_base64_invalid(text):
+    assert "image_b64" in refused("base64_invalid", as_json(image_b64=text), "application/json")
+
+
+def test_image_b64_too_large():
+    body = as_json(image_b64=base64.b64encode(encode(PIXELS, "PNG")).decode())
+    refused("image_too_large", body, "application/json", limits=DecodeLimits(len(body) - 1, 1_000_000))
+
+
+def test_image_b64_undecodable():
+    body = as_json(image_b64=base64.b64encode(b"not an image").decode())
+    assert "image_b64" in refused("image_undecodable", body, "application/json")
+
+
+# -- image_uri -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    """root/ with an image, a spaced name, a folder, a FIFO and symlinks; siblings outside it."""
+    root, sibling = tmp_path / "good", tmp_path / "good2"
+    (root / "sub").mkdir(parents=True)
+    sibling.mkdir()
+    png = encode(PIXELS, "PNG")
+    for path in (root / "a.png", root / "my image.png", sibling / "b.png", tmp_path / "secret.png"):
+        path.write_bytes(png)
+    (root / "junk.png").write_bytes(b"not an image")
+    (root / "inside.png").symlink_to(root / "a.png")
+    (root / "escape.png").symlink_to(tmp_path / "secret.png")
+    (tmp_path / "root-link").symlink_to(root)
+    os.mkfifo(root / "fifo")
+    return {"tmp": tmp_path, "root": root, "sibling": sibling}
+
+
+def limits_for(root: Path, max_image_bytes: int = 1_000_000) -> DecodeLimits:
+    return DecodeLimits.from_settings(WorkerSettings(allowed_roots=[root], max_image_bytes=max_image_bytes))
+
+
+def from_uri(uri: str, limits: DecodeLimits) -> np.ndarray:
+    return decode_capture(as_json(image_uri=uri), "application/json", None, limits)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["{root}/a.png", "{root}/my%20image.png", "{root}/inside.png", "{root}/sub/../a.png", "localhost{root}/a.png"],
+)
+def test_image_uri(files, uri):
+    check(from_uri("file://" + uri.format(root=files["root"]), limits_for(files["root"])), PIXELS)
+
+
+def test_allowed_root_through_a_symlink_is_resolved(files):
+    limits = limits_for(files["tmp"] / "root-link")
+    assert limits.allowed_roots == (files["root"].resolve(),)
+    check(from_uri((files["tmp"] / "root-link" / "a.png").as_uri(), limits), PIXELS)
+    check(from_uri((files["root"] / "a.png").as_uri(), limits), PIXELS)
+
+
+def test_image_uri_without_allowed_roots(files):
+    uri = (files["root"] / "a.png").as_uri()
+    message = refused("uri_not_allowed", as_json(image_uri=uri), "application/json")
+    assert "worker.allowed_roots" in message and uri in message
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://example.com/a.png",
+        "https://{root}/a.png",
+        "{tmp}/secret.png",  # outside
+        "{root}/../secret.png",  # .. escape
+        "{root}/escape.png",  # symlink inside pointing outside
+        "{sibling}/b.png",  # shares the root's prefix: /good2 is not inside /good
+        "otherhost{root}/a.png",
+        "file:a.png",
+        "{root}/a.png?x=1",
+        "{root}/a%00.png",
+        "file://[::1/a.png",
+        "{root}/\udc80.png",
+    ],
+)
+def test_uri_not_allowed(files, uri):
+    if "://" not in uri and not uri.startswith("file:"):
+        uri = "file://" + uri
+    uri = uri.format(**files)
+    message = refused("uri_not_allowed", as_json(image_uri=uri), "application/json", limits=limits_for(files["root"]))
+    assert repr(uri)[1:-1] in message  # quoted, a lone surrogate escaped
+
+
+def test_uri_outside_names_the_roots(files):
+    uri = f"file://{files['root']}/../secret.png"
+    message = refused("uri_not_allowed", as_json(image_uri=uri), "application/json", limits=limits_for(files["root"]))
+    assert str(files["root"]) in message and "worker.allowed_roots" in message
+
+
+@pytest.mark.parametrize("name", ["missing.png", "sub", "fifo"])
+def test_file_not_found(files, name):
+    uri = (files["root"] / name).as_uri()
+    started = time.perf_counter()
+    message = refused("file_not_found", as_json(image_uri=uri), "application/json", limits=limits_for(files["root"]))
+    assert uri in message and time.perf_counter() - started < 1.0  # a FIFO must not block
+
+
+def test_image_uri_file_too_large(files):
+    size = (files["root"] / "a.png").stat().st_size
+    uri = (files["root"] / "a.png").as_uri()
+    limits = limits_for(files["root"], max_image_bytes=size - 1)
+    message = refused("image_too_large", as_json(image_uri=uri), "application/json", limits=limits)
+    assert uri in message and str(size) in message
+
+
+def test_image_uri_undecodable(files):
+    uri = (files["root"] / "junk.png").as_uri()
+    message = refused("image_undecodable", as_json(image_uri=uri), "application/json", limits=limits_for(files["root"]))
+    assert uri in message
+
+
+def test_messages_quote_capture_values_at_a_bounded_length(files):
+    uri = "file:///" + "x" * 100_000
+    message = refused("uri_not_allowed", as_json(image_uri=uri), "application/json", limits=limits_for(files["root"]))
+    assert len(message) < 1000
+    headers = {"width": "9" * 100_000, "height": 1, "pixel_format": "rgb8"}
+    assert len(refused("raw_headers_invalid", b"\0" * 3, "image/x-raw", headers)) < 1000

@@ -1,0 +1,192 @@
+"""The worker's metrics as Prometheus sees them: a real server, real HTTP requests, the text format parsed."""
+
+import logging
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from inspector.config import MetricsSettings
+from inspector.errors import FRAME_ERROR_CODES, ConfigError
+from inspector.metrics import Metrics
+
+
+@pytest.fixture
+def served():
+    """A Metrics with its server on a free port of 127.0.0.1, and a scrape function for it."""
+    metrics = Metrics(MetricsSettings(host="127.0.0.1", port=0, max_label_values=3))
+    port = metrics.serve()
+    yield metrics, f"http://127.0.0.1:{port}"
+    metrics.close()
+
+
+def request(url, method="GET"):
+    """(status, body, content type) of one request; HTTP errors are answers too."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=5) as response:
+            return response.status, response.read().decode(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(), error.headers["Content-Type"]
+
+
+def scrape(base):
+    """{(sample name, frozenset of labels): value} from /metrics."""
+    status, text, content_type = request(f"{base}/metrics")
+    assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())))
+
+
+def series(samples, name):
+    """Label dicts of every sample called `name`."""
+    return [dict(labels) for sample_name, labels in samples if sample_name == name]
+
+
+def frame(metrics, verdict, probability, latency, wait, *, line="line1", camera="cam1", model="default", again=False):
+    metrics.frame_done(
+        line=line, camera=camera, model=model, verdict=verdict, probability=probability,
+        latency_s=latency, queue_wait_s=wait, redelivered=again,
+    )  # fmt: skip
+
+
+def test_frame_counts_and_histograms_match_what_was_recorded(served):
+    metrics, base = served
+    passes, fails = [0.031, 0.12, 0.4], [0.73, 0.97]
+    latencies = np.array([0.012, 0.03, 0.2, 0.8, 1.7, 0.05])
+    waits = latencies / 2
+    for p, lat, wait in zip(passes + fails, latencies, waits):
+        frame(metrics, "pass" if p < 0.5 else "fail", p, lat, wait, again=p == 0.12)
+    frame(metrics, "error", None, latencies[5], waits[5])  # the worker calls both for an error frame
+    metrics.frame_error("image_undecodable")
+    metrics.dead_lettered("image_undecodable")
+    for size in (8, 8, 3):
+        metrics.batch("default", size)
+    metrics.stage("infer", 0.004)
+
+    s = scrape(base)
+    frames = dict(line="line1", camera="cam1", model="default")
+    assert value(s, "inspector_frames_total", **frames, verdict="pass") == 3
+    assert value(s, "inspector_frames_total", **frames, verdict="fail") == 2
+    assert value(s, "inspector_frames_total", **frames, verdict="error") == 1
+    probability = dict(line="line1", model="default")
+    assert value(s, "inspector_anomaly_probability_count", **probability) == 5  # the error frame has none
+    assert value(s, "inspector_anomaly_probability_sum", **probability) == pytest.approx(sum(passes + fails))
+    assert value(s, "inspector_anomaly_probability_bucket", **probability, le="0.5") == 3
+    assert value(s, "inspector_frame_latency_seconds_count", model="default") == 6
+    assert value(s, "inspector_frame_latency_seconds_sum", model="default") == pytest.approx(latencies.sum())
+    assert value(s, "inspector_frame_latency_seconds_bucket", model="default", le="1.0") == 5
+    assert value(s, "inspector_queue_wait_seconds_sum", model="default") == pytest.approx(waits.sum())
+    assert value(s, "inspector_redelivered_frames_total", model="default") == 1
+    assert value(s, "inspector_errors_total", reason="image_undecodable") == 1
+    assert value(s, "inspector_dead_letters_total", reason="image_undecodable") == 1
+    assert value(s, "inspector_batch_size_count", model="default") == 3
+    assert value(s, "inspector_batch_size_sum", model="default") == 19
+    assert value(s, "inspector_stage_seconds_count", stage="infer") == 1
+    assert value(s, "inspector_stage_seconds_count", stage="decode") == 0
+
+
+def test_error_reasons_and_dead_letters_exist_at_zero_from_the_start(served):
+    metrics, base = served
+    s = scrape(base)
+    for code in FRAME_ERROR_CODES:
+        assert value(s, "inspector_errors_total", reason=code) == 0
+        assert value(s, "inspector_dead_letters_total", reason=code) == 0
+    assert value(s, "inspector_broker_connected") == 0
+    assert value(s, "inspector_broker_reconnects_total") == 0
+    assert value(s, "inspector_inflight_frames") == 0
+    assert len(series(s, "inspector_build_info")) == 1
+
+
+def test_message_labels_are_capped_and_the_rest_is_other(served):
+    metrics, base = served  # max_label_values=3
+    for index in range(5):
+        for _ in range(index + 1):
+            frame(metrics, "pass", 0.1, 0.01, 0.005, camera=f"cam{index}")
+    frame(metrics, "pass", 0.1, 0.01, 0.005, camera="cam0")  # admitted before the cap: still itself
+
+    s = scrape(base)
+    counts = {labels["camera"]: s[("inspector_frames_total", frozenset(labels.items()))]
+              for labels in series(s, "inspector_frames_total")}  # fmt: skip
+    assert counts == {"cam0": 2, "cam1": 2, "cam2": 3, "other": 4 + 5}
+
+
+def test_readyz_follows_broker_and_model(served):
+    metrics, base = served
+    assert request(f"{base}/healthz")[:2] == (200, "ok\n")
+    assert request(f"{base}/readyz")[:2] == (503, "broker disconnected\n")
+    metrics.set_broker_connected(True)
+    assert request(f"{base}/readyz")[:2] == (503, "no model loaded\n")
+    metrics.set_model("default", "dfkde", "v1", 0.5)
+    assert metrics.ready()
+    assert request(f"{base}/readyz")[:2] == (200, "ready\n")
+    metrics.set_broker_connected(False)
+    metrics.broker_reconnected()
+    assert request(f"{base}/readyz")[:2] == (503, "broker disconnected\n")
+    s = scrape(base)
+    assert value(s, "inspector_broker_connected") == 0
+    assert value(s, "inspector_broker_reconnects_total") == 1
+
+
+def test_model_info_shows_only_the_version_in_service(served):
+    metrics, base = served
+    metrics.set_model("default", "dfkde", "v1", 0.5)
+    metrics.set_model("second", "dfkde", "s1", 0.7)
+    metrics.model_reload("default", "failed")
+    metrics.set_model("default", "dfkde", "v2", 0.6)
+    metrics.model_reload("default", "success")
+
+    s = scrape(base)
+    info = sorted(series(s, "inspector_model_info"), key=lambda labels: labels["model"])
+    assert info == [
+        {"model": "default", "plugin": "dfkde", "version": "v2"},
+        {"model": "second", "plugin": "dfkde", "version": "s1"},
+    ]
+    assert value(s, "inspector_model_threshold", model="default") == 0.6
+    assert value(s, "inspector_model_reloads_total", model="default", outcome="success") == 1
+    assert value(s, "inspector_model_reloads_total", model="default", outcome="failed") == 1
+    assert value(s, "inspector_model_reloads_total", model="second", outcome="failed") == 0  # there before a failure
+
+
+def test_head_and_unknown_paths(served):
+    _, base = served
+    assert request(f"{base}/metrics", method="HEAD")[:2] == (200, "")
+    assert request(f"{base}/readyz", method="HEAD")[:2] == (503, "")
+    assert request(f"{base}/nope")[0] == 404
+
+
+def test_a_port_in_use_is_a_config_error_naming_the_key():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        metrics = Metrics(MetricsSettings(host="127.0.0.1", port=port))
+        with pytest.raises(ConfigError, match=rf"metrics\.port.*127\.0\.0\.1:{port}"):
+            metrics.serve()
+
+
+def test_a_failing_metrics_call_is_logged_not_raised(caplog):
+    metrics = Metrics(MetricsSettings(port=0))
+    with caplog.at_level(logging.WARNING, logger="inspector.metrics"):
+        metrics.frame_done(line="l", camera="c", model="m", verdict="maybe", probability=None, latency_s=None,
+                           queue_wait_s=None, redelivered=False)  # fmt: skip
+        metrics.stage("resize", 0.1)
+    assert "frame_done failed" in caplog.text and "stage failed" in caplog.text
+
+
+def test_gpu_memory_has_a_series_per_cuda_device_and_none_without():
+    import torch
+
+    metrics = Metrics(MetricsSettings(port=0))
+    (family,) = [f for f in metrics.registry.collect() if f.name == "inspector_gpu_memory_bytes"]
+    expected = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    assert [sample.labels["device"] for sample in family.samples] == expected

@@ -1,0 +1,144 @@
+"""Shared pieces of the worker tests: a fitted store, per-test broker names, and a camera/collector
+that talk to the real RabbitMQ."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pika
+from PIL import Image
+
+from inspector import config, samples
+from inspector.refit import RefitOptions, run_refit
+
+SIZE = 128  # frames and model input: small, so the tests stay quick on two cores
+
+
+def fit_store(root: Path) -> Path:
+    """A store with one calibrated version of `default`, fitted on the synthetic line."""
+    samples.write_folder(root / "archive", 80, size=SIZE)
+    settings = config.load(_toml(root, {"store": {"path": str(root / "models")}}))
+    run_refit(settings, RefitOptions(data=root / "archive" / "good", model="default", held_out_share=0.3,
+                                     target_false_reject=0.05, announce=False))
+    return root / "models"
+
+
+def _toml(root: Path, extra: dict) -> Path:
+    """A config file: the DFKDE defaults at a small input size on the CPU, plus `extra` tables."""
+    lines = ['device = "cpu"', "[plugins.dfkde]", f"input_size = {SIZE}"]
+    for table, values in extra.items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path = root / f"inspector-{uuid.uuid4().hex[:6]}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def names(prefix: str) -> dict[str, dict]:
+    """Exchange and queue names private to one test, so tests never see each other's messages."""
+    return {
+        "broker.exchanges": {e: f"{prefix}.{e}" for e in ("captures", "results", "control", "dead")},
+        "worker": {"queue": f"{prefix}.q", "dead_letter_queue": f"{prefix}.dead"},
+    }
+
+
+def worker_config(root: Path, store: Path, prefix: str, **worker: object) -> Path:
+    tables = names(prefix)
+    tables["worker"] = {**tables["worker"], "start_timeout_s": 20.0, **worker}
+    tables["store"] = {"path": str(store)}
+    tables["metrics"] = {"port": 0}
+    return _toml(root, tables)
+
+
+def encoded(image: np.ndarray, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+class Line:
+    """A camera and a results reader on the test's exchanges, each with its own connection.
+
+    Results go to a durable queue of the test's own, so none are missed while connections
+    (this one's included) are closed from the broker side.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.exchanges = names(prefix)["broker.exchanges"]
+        self.results_queue = f"{prefix}.collected"
+        with self._channel() as channel:
+            for name in self.exchanges.values():
+                channel.exchange_declare(name, exchange_type="topic", durable=True)
+            channel.queue_declare(self.results_queue, durable=True)
+            channel.queue_bind(self.results_queue, self.exchanges["results"], routing_key="#")
+
+    class _channel:
+        def __enter__(self):
+            self.connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
+            channel = self.connection.channel()
+            channel.confirm_delivery()
+            return channel
+
+        def __exit__(self, *exc):
+            try:
+                self.connection.close()
+            except pika.exceptions.AMQPError:
+                pass
+
+    def publish(self, frames: list[tuple[str, bytes, dict]]) -> None:
+        """frames: (routing key, body, BasicProperties keyword arguments), published with confirms."""
+        with self._channel() as channel:
+            for key, body, props in frames:
+                channel.basic_publish(self.exchanges["captures"], key, body, pika.BasicProperties(**props))
+
+    def announce(self, body: dict) -> None:
+        with self._channel() as channel:
+            channel.basic_publish(self.exchanges["control"], f"model.{body['model']}", json.dumps(body).encode(),
+                                  pika.BasicProperties(content_type="application/json"))
+
+    def collect(self, count: int, timeout: float = 60.0, queue: str | None = None) -> list[tuple]:
+        """(routing key, properties, body) of `count` messages, or all that came by `timeout`; a result's
+        body parsed from JSON, a dead letter's (queue given) as the bytes it holds."""
+        got: list[tuple] = []
+        deadline = time.monotonic() + timeout
+        queue = queue or self.results_queue
+        while len(got) < count and time.monotonic() < deadline:
+            try:
+                with self._channel() as channel:
+                    while len(got) < count and time.monotonic() < deadline:
+                        method, properties, body = channel.basic_get(queue, auto_ack=True)
+                        if method is None:
+                            time.sleep(0.05)
+                            continue
+                        parsed = body if queue != self.results_queue else json.loads(body)
+                        got.append((method.routing_key, properties, parsed))
+            except pika.exceptions.AMQPError:
+                time.sleep(0.2)  # a connection closed from the broker side: open another
+        return got
+
+    def dead_letters(self, count: int, timeout: float = 20.0) -> list[tuple]:
+        return self.collect(count, timeout, queue=f"{self.prefix}.dead")
+
+    def queue_depth(self) -> int:
+        with self._channel() as channel:
+            return channel.queue_declare(f"{self.prefix}.q", passive=True).method.message_count
+
+    def delete(self) -> None:
+        with self._channel() as channel:
+            for queue in (self.results_queue, f"{self.prefix}.q", f"{self.prefix}.dead"):
+                channel.queue_delete(queue)
+            for name in self.exchanges.values():
+                channel.exchange_delete(name)
+
+
+def close_all_connections() -> None:
+    subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "closed by the worker tests"], check=True,
+                   capture_output=True, timeout=60, env={**os.environ})
