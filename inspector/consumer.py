@@ -176,6 +176,7 @@ class Consumer:
     def _on_channel_open(self, channel: Any) -> None:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_cancel_callback(self._on_cancelled)
         channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._declare(channel, self._topology()))
 
     def _topology(self) -> list[Callable[[Any, Callable], None]]:
@@ -341,8 +342,8 @@ class Consumer:
     def _close(self) -> None:
         connection = self._connection
         if connection is not None and connection.is_open:
-            connection.close()
-        elif connection is None or connection.is_closed:
+            connection.close()  # _on_connection_closed stops the loop
+        else:  # not connected, or still opening: nothing to say goodbye to
             self._ioloop.stop()
 
     def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
@@ -356,6 +357,13 @@ class Consumer:
                       reason.reply_text)
         if connection is not None and connection.is_open:
             connection.close()  # one path to recovery: a fresh connection
+
+    def _on_cancelled(self, _frame: Any) -> None:
+        """The broker cancelled the consumer (its queue was deleted): reconnect, which re-declares it."""
+        log.error("RabbitMQ cancelled consuming from %s (was the queue deleted?); reconnecting to re-declare it",
+                  self.settings.worker.queue)
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
         self._connection, self._channel, self._consumer_tag = None, None, None

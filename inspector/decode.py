@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from inspector.errors import FrameError
+from inspector.imagefiles import to_rgb
 
 if TYPE_CHECKING:
     from inspector.config import WorkerSettings
@@ -40,7 +41,6 @@ PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # no other PIL decoder is 
 RAW_CHANNELS = {"mono8": 1, "rgb8": 3, "bgr8": 3}
 RAW_HEADERS = ("width", "height", "pixel_format")
 RAW_USAGE = "image/x-raw needs integer headers width, height and pixel_format (mono8, rgb8, bgr8)"
-SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # scaled by >> 8, not clipped
 
 _shown = reprlib.Repr()  # values from the capture, quoted in messages at a bounded length
 _shown.maxstring = _shown.maxother = 200
@@ -125,12 +125,10 @@ def _decode_image(data: bytes, what: str, limits: DecodeLimits) -> np.ndarray:
 
 
 def _to_rgb(image: Image.Image, what: str) -> np.ndarray:
-    if image.mode in SIXTEEN_BIT_MODES:  # 16-bit grey (industrial cameras): PIL's convert would clip at 255
-        grey = (np.clip(np.asarray(image), 0, 0xFFFF).astype(np.uint16) >> 8).astype(np.uint8)
-        return np.repeat(grey[:, :, np.newaxis], 3, axis=2)
-    if image.mode == "F":
-        raise FrameError("image_undecodable", f"{what} has floating-point pixels (mode F); send 8- or 16-bit images")
-    return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
+    try:
+        return to_rgb(image)
+    except ValueError as exc:
+        raise FrameError("image_undecodable", f"{what} has {exc}") from exc
 
 
 # -- raw pixels ------------------------------------------------------------------------

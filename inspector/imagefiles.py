@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # scaled by >> 8, not clipped
 
 
 class UnreadableImage(Exception):
@@ -29,9 +30,19 @@ def read_image(path: Path, max_pixels: int) -> np.ndarray:
                 if width * height > max_pixels:
                     raise UnreadableImage(f"{width}x{height} pixels is over the limit of {max_pixels}")
                 image.load()
-                rgb = image.convert("RGB")
+                return to_rgb(image)
     except UnreadableImage:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(str(exc) or type(exc).__name__) from exc
-    return np.array(rgb, dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """A loaded PIL image as H x W x 3 uint8 RGB, the same way for refit's archive and the worker's frames
+    (a model must see served pixels as it saw its training pixels). ValueError for float pixels."""
+    if image.mode in SIXTEEN_BIT_MODES:  # 16-bit grey (industrial cameras): PIL's convert would clip at 255
+        grey = (np.clip(np.asarray(image), 0, 0xFFFF).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, np.newaxis], 3, axis=2)
+    if image.mode == "F":
+        raise ValueError("floating-point pixels (mode F); use 8- or 16-bit images")
+    return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy: torch refuses read-only buffers

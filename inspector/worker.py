@@ -81,7 +81,7 @@ class Batcher:
         return self._take(key) if len(group) >= self.batch_size else None
 
     def due(self, now: float) -> list[list]:
-        return [self._take(key) for key, since in list(self._since.items()) if now - since >= self.max_wait_s]
+        return [self._take(key) for key, since in list(self._since.items()) if now >= since + self.max_wait_s]
 
     def next_deadline(self) -> float | None:
         return min(self._since.values()) + self.max_wait_s if self._since else None
@@ -121,14 +121,17 @@ class Worker:
 
     # -- life cycle ----------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, cancel: threading.Event | None = None) -> None:
         """Load every model's current version, start the threads and connect; raises InspectorError when
-        no model can serve or RabbitMQ cannot be reached within worker.start_timeout_s."""
+        no model can serve or RabbitMQ cannot be reached within worker.start_timeout_s. Returns early,
+        unconnected, when `cancel` is set (a signal while waiting for the broker)."""
         self._load_models()
         self._scorer.start()
         self._reloader.start()
         self.consumer.start()
         while not self.consumer.connected.wait(0.1):
+            if cancel is not None and cancel.is_set():
+                return
             if self.consumer.stopped.is_set():
                 self._stop_threads()
                 raise self.consumer.failure or InspectorError("the broker thread stopped before connecting")
@@ -307,6 +310,13 @@ class Worker:
 
     def _score(self, batch: list[_Prepared]) -> None:
         """Score one batch and hand its results to the broker thread; never raises."""
+        generation = self.consumer.generation
+        stale = [p for p in batch if p.delivery.generation != generation]
+        if stale:  # from a lost connection: the broker redelivers them, so scoring them now is wasted
+            self.consumer.submit([Outcome(p.delivery, "", b"", p.capture.frame_id) for p in stale])
+            batch = [p for p in batch if p.delivery.generation == generation]
+            if not batch:
+                return
         model = batch[0].model
         started = time.perf_counter()
         waits = [self._queue_wait(p) for p in batch]
@@ -392,7 +402,7 @@ def run_worker(settings: Settings) -> int:
     try:
         if settings.metrics.enabled:
             metrics.serve()
-        worker.start()
+        worker.start(cancel=stop)
         try:
             worker.wait(stop)
         finally:

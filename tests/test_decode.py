@@ -420,3 +420,14 @@ def test_messages_quote_capture_values_at_a_bounded_length(files):
     assert len(message) < 1000
     headers = {"width": "9" * 100_000, "height": 1, "pixel_format": "rgb8"}
     assert len(refused("raw_headers_invalid", b"\0" * 3, "image/x-raw", headers)) < 1000
+
+
+@pytest.mark.parametrize("image, fmt", [(SIXTEEN_BIT, "PNG"), (SIXTEEN_BIT.astype(np.int32), "TIFF")])
+def test_refit_reads_archive_files_as_the_worker_decodes_frames(tmp_path, image, fmt):
+    """A model must be served the pixels it was fitted on: the archive reader and the frame decoder agree."""
+    from inspector.imagefiles import read_image
+
+    path = tmp_path / f"frame.{fmt.lower()}"
+    Image.fromarray(image).save(path, format=fmt)
+    served = decode_capture(path.read_bytes(), None, None, LIMITS)
+    np.testing.assert_array_equal(read_image(path, max_pixels=1_000_000), served)

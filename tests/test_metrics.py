@@ -190,3 +190,30 @@ def test_gpu_memory_has_a_series_per_cuda_device_and_none_without():
     (family,) = [f for f in metrics.registry.collect() if f.name == "inspector_gpu_memory_bytes"]
     expected = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     assert [sample.labels["device"] for sample in family.samples] == expected
+
+
+CONTRACT = {  # /work/shared/CONTRACT.md, "Metrics and health": family name, type, labels
+    "inspector_frames": ("counter", {"line", "camera", "model", "verdict"}),
+    "inspector_anomaly_probability": ("histogram", {"line", "model"}),
+    "inspector_frame_latency_seconds": ("histogram", {"model"}),
+    "inspector_stage_seconds": ("histogram", {"stage"}),
+    "inspector_batch_size": ("histogram", {"model"}),
+    "inspector_errors": ("counter", {"reason"}),
+    "inspector_model_info": ("gauge", {"model", "plugin", "version"}),
+    "inspector_model_reloads": ("counter", {"model", "outcome"}),
+    "inspector_broker_connected": ("gauge", set()),
+    "inspector_inflight_frames": ("gauge", set()),
+}
+
+
+def test_the_contract_metrics_exist_with_their_types_and_labels():
+    metrics = Metrics(MetricsSettings(port=0))
+    frame(metrics, "pass", 0.1, 0.01, 0.005)
+    metrics.batch("default", 2)
+    metrics.set_model("default", "dfkde", "v1", 0.5)
+    families = {f.name: f for f in metrics.registry.collect()}
+    for name, (kind, labels) in CONTRACT.items():
+        family = families[name]
+        assert family.type == kind, name
+        sample_labels = {key for sample in family.samples for key in sample.labels} - {"le"}
+        assert sample_labels == labels, name

@@ -421,3 +421,48 @@ def test_heartbeats_flow_during_a_batch_longer_than_the_heartbeat(fitted, line, 
     _assert_every_frame_answered(results, 3)
     assert running.consumer.generation == 1
     assert running.metrics.registry.get_sample_value("inspector_broker_reconnects_total") == 0
+
+
+# -- operator mistakes ----------------------------------------------------------------------------
+
+
+def _run(tmp_path, path, env=None, timeout=90):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTOR_")}
+    return subprocess.run([sys.executable, "-m", "inspector.cli", "run", "--config", str(path)], cwd=tmp_path,
+                          env={**environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def test_start_up_failures_exit_with_one_clear_line(fitted, prefix, tmp_path):
+    path = worker_config(tmp_path, fitted, prefix, start_timeout_s=3.0)
+    unreachable = _run(tmp_path, path, {"INSPECTOR_BROKER__URL": "amqp://guest@127.0.0.1:5999/%2F"})
+    assert unreachable.returncode == 1, unreachable.stderr
+    assert "cannot reach RabbitMQ at amqp://127.0.0.1:5999/%2F after 3 s" in unreachable.stderr
+
+    refused = _run(tmp_path, path, {"INSPECTOR_BROKER__PASSWORD": "not-the-password"})
+    assert refused.returncode == 2, refused.stderr
+    assert "refused the login" in refused.stderr and "INSPECTOR_BROKER__PASSWORD" in refused.stderr
+
+    empty = _run(tmp_path, worker_config(tmp_path, tmp_path / "no-store", prefix))
+    assert empty.returncode == 1, empty.stderr
+    assert "no model can serve" in empty.stderr and "inspector refit" in empty.stderr
+    for result in (unreachable, refused, empty):
+        assert "Traceback" not in result.stderr
+
+
+def test_sigterm_while_waiting_for_the_broker_exits_0_promptly(fitted, prefix, tmp_path):
+    path = worker_config(tmp_path, fitted, prefix, start_timeout_s=120.0)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTOR_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "inspector.cli", "run", "--config", str(path)], cwd=tmp_path, text=True,
+        env={**environ, "INSPECTOR_BROKER__URL": "amqp://guest@127.0.0.1:5999/%2F"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        time.sleep(8)  # models loaded, retrying the broker
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, out
+    assert "retrying in" in out and "Traceback" not in out

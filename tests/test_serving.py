@@ -1,0 +1,100 @@
+"""Choosing a model per capture, batching, and refusing a model that does not work: no broker."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from inspector.config import ModelSettings, RouteSettings
+from inspector.errors import FrameError, StateError
+from inspector.plugin import Scores
+from inspector.serving import ModelSet, Reloader, ServedModel, topic_matches, warm_up
+from inspector.worker import Batcher
+
+
+@pytest.mark.parametrize("pattern, key, expected", [
+    ("line2.*", "line2.cam1", True), ("line2.*", "line2.cam1.x", False), ("line2.*", "line2", False),
+    ("line2.#", "line2", True), ("line2.#", "line2.a.b", True), ("#", "anything.at.all", True),
+    ("*.cam1", "line9.cam1", True), ("*.cam1", "line9.cam2", False), ("#.cam1", "a.b.cam1", True),
+    ("line1.cam1", "line1.cam1", True), ("line1.cam1", "line1.cam10", False),
+])
+def test_topic_patterns_match_like_rabbitmq(pattern, key, expected):
+    assert topic_matches(pattern, key) is expected
+
+
+def served(name):
+    return ServedModel(name=name, plugin_name="p", version="v1", threshold=0.5, plugin=None)
+
+
+def capture(key, model=None):
+    return SimpleNamespace(routing_key=key, model=model)
+
+
+def test_header_then_routes_then_default_choose_the_model():
+    models = ModelSet({n: ModelSettings() for n in ("default", "housing", "lid")}, "default",
+                      [RouteSettings(match="line2.*", model="housing"), RouteSettings(match="line2.cam9", model="lid")])
+    for name in ("default", "housing", "lid"):
+        models.put(served(name))
+    assert models.choose(capture("line1.cam1")).name == "default"
+    assert models.choose(capture("line2.cam9")).name == "housing"  # first match wins
+    assert models.choose(capture("line2.cam9", model="lid")).name == "lid"
+    with pytest.raises(FrameError) as unknown:
+        models.choose(capture("line1.cam1", model="ghost"))
+    assert unknown.value.code == "model_unknown" and "ghost" in str(unknown.value)
+
+
+def test_a_configured_model_without_a_version_is_unavailable():
+    models = ModelSet({"default": ModelSettings(), "new": ModelSettings()}, "default", [])
+    models.put(served("default"))
+    with pytest.raises(FrameError) as unavailable:
+        models.choose(capture("a.b", model="new"))
+    assert unavailable.value.code == "model_unavailable" and "inspector refit --model new" in str(unavailable.value)
+
+
+def test_batches_fill_or_time_out_per_model_version():
+    batcher = Batcher(batch_size=3, max_wait_s=0.010)
+    assert batcher.add(1, "a1", now=0.000) is None
+    assert batcher.add(2, "b1", now=0.001) is None
+    assert batcher.add(1, "a2", now=0.002) is None
+    assert batcher.add(1, "a3", now=0.003) == ["a1", "a2", "a3"]  # full: goes at once
+    assert batcher.next_deadline() == pytest.approx(0.011)
+    assert batcher.due(now=0.0105) == []
+    assert batcher.due(now=0.011) == [["b1"]]  # a lone frame waits max_wait_s at most
+    assert batcher.next_deadline() is None and len(batcher) == 0
+
+
+class FakePlugin:
+    def __init__(self, probability):
+        self.probability = probability
+
+    def prepare(self, image):
+        return torch.from_numpy(image).permute(2, 0, 1)
+
+    def score(self, batch):
+        p = np.full(len(batch), self.probability)
+        return Scores(probability=p, raw=p)
+
+
+def test_warm_up_refuses_a_model_that_scores_nonsense():
+    warm_up(FakePlugin(0.2))
+    for bad in (float("nan"), 1.5, -0.1):
+        with pytest.raises(StateError):
+            warm_up(FakePlugin(bad))
+
+
+def test_a_refused_version_is_counted_once_and_the_old_one_stays(monkeypatch):
+    models = ModelSet({"default": ModelSettings()}, "default", [])
+    models.put(served("default"))
+    store = SimpleNamespace(current=lambda name: "v2")
+    outcomes = []
+
+    def broken(*args, **kwargs):
+        raise StateError("checksum mismatch")
+
+    monkeypatch.setattr("inspector.serving.load_version", broken)
+    reloader = Reloader(store, models, torch.device("cpu"), 0, on_loaded=lambda s: None,
+                        on_outcome=lambda n, o: outcomes.append((n, o)))
+    assert reloader.reload("default") is None
+    assert reloader.reload("default") is None
+    assert outcomes == [("default", "failed")] and models.get("default").version == "v1"
