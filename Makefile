@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup run demo test test-slow bench clean
+SAMPLE := sample-line
+
+.PHONY: setup run sample-model demo test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -17,9 +19,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Until the broker worker lands, `run` fits the shipped offline backbone on a synthetic
-# part and scores good and defective frames of it.
-run: demo
+# The worker, in the foreground. On a fresh clone the store is empty, so a first model is
+# fitted from a generated sample line (the shipped offline backbone, no download).
+run: setup
+	@test -n "$$(ls models 2>/dev/null)" || $(MAKE) --no-print-directory sample-model
+	$(BIN)/inspector run
+
+sample-model: setup
+	$(BIN)/python -c "import pathlib, inspector.samples as s; s.write_folder(pathlib.Path('$(SAMPLE)/train'), 200)"
+	$(BIN)/inspector refit --data $(SAMPLE)/train/good --no-announce
 
 demo: setup
 	$(BIN)/inspector demo
@@ -35,4 +43,4 @@ bench: setup
 	$(BIN)/python bench/refit_throughput.py --images 256
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(SAMPLE)

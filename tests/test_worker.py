@@ -466,3 +466,20 @@ def test_sigterm_while_waiting_for_the_broker_exits_0_promptly(fitted, prefix, t
             process.kill()
     assert process.returncode == 0, out
     assert "retrying in" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_a_broker_restart_mid_stream_loses_nothing(fitted, line, start):
+    """RabbitMQ itself stops and starts again (the queue is durable): the worker waits, reconnects,
+    re-declares, and every capture gets its result."""
+    running = start(fitted, prefetch=32, reconnect_max_s=2.0)
+    line.publish(_frames(300))
+    first = line.collect(60)
+    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, capture_output=True, timeout=120)
+    try:
+        time.sleep(5)  # the worker retries against a broker that is down
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, capture_output=True, timeout=120)
+    results = first + line.collect(300 - len(first), timeout=180) + line.collect(10_000, timeout=3.0)
+    _assert_every_frame_answered(results, 300)
+    assert running.consumer.generation >= 2
