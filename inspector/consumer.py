@@ -371,13 +371,13 @@ class Consumer:
         held = len(self._unacked)
         self._reset_generation_state()
         self.connected.clear()
+        self.on_connection(False)
         if self._stopping:
             log.info("connection closed")
             self._ioloop.stop()
             return
         log.warning("lost the connection to RabbitMQ (%s); %d held captures will be redelivered",
                     self._last_error, held)
-        self.on_connection(False)
         self._schedule_reconnect()
 
     def _schedule_reconnect(self) -> None:

@@ -13,6 +13,7 @@ import logging
 import math
 import platform
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -44,6 +45,22 @@ _FAILURE_LOG_EVERY_S = 60.0
 _T = TypeVar("_T")
 
 
+class _Throttle:
+    """A warning at most once a minute per key: a broken metric at 100 frames/s must not flood the log."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, key: str, message: str, *args: Any, exc_info: bool = True) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -math.inf) < _FAILURE_LOG_EVERY_S:
+                return
+            self._last[key] = now
+        log.warning(message, *args, exc_info=exc_info)
+
+
 class LabelCap:
     """At most `limit` distinct values per label name; later new ones become "other".
 
@@ -55,6 +72,7 @@ class LabelCap:
         self._limit = limit
         self._admitted: dict[str, set[str]] = {}
         self._lock = threading.Lock()
+        self._throttle = _Throttle()
 
     def __call__(self, label: str, value: str) -> str:
         value = value or "unknown"
@@ -66,31 +84,11 @@ class LabelCap:
                 admitted.add(value)
                 return value
         if value != OTHER:
-            _log_rate_limited(
-                f"cap:{label}",
-                "label %r has reached metrics.max_label_values (%d): %r and any further new value "
-                "are counted as %r",
-                label,
-                self._limit,
-                value,
-                OTHER,
-                exc_info=False,
-            )
+            self._throttle.warning(
+                label, "label %r has reached metrics.max_label_values (%d): %r and further new values count as %r",
+                label, self._limit, value, OTHER, exc_info=False,
+            )  # fmt: skip
         return OTHER
-
-
-_last_logged: dict[str, float] = {}
-_last_logged_lock = threading.Lock()
-
-
-def _log_rate_limited(key: str, message: str, *args: Any, exc_info: bool = True) -> None:
-    """A warning at most once a minute per key: a broken metric at 100 frames/s must not flood the log."""
-    now = time.monotonic()
-    with _last_logged_lock:
-        if now - _last_logged.get(key, -math.inf) < _FAILURE_LOG_EVERY_S:
-            return
-        _last_logged[key] = now
-    log.warning(message, *args, exc_info=exc_info)
 
 
 def _guarded(default: Any = None) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
@@ -98,11 +96,11 @@ def _guarded(default: Any = None) -> Callable[[Callable[..., _T]], Callable[...,
 
     def decorate(method: Callable[..., _T]) -> Callable[..., _T]:
         @functools.wraps(method)
-        def wrapper(*args: Any, **kwargs: Any) -> _T:
+        def wrapper(self: Metrics, *args: Any, **kwargs: Any) -> _T:
             try:
-                return method(*args, **kwargs)
+                return method(self, *args, **kwargs)
             except Exception:
-                _log_rate_limited(f"call:{method.__name__}", "metrics: %s failed", method.__name__)
+                self.throttle.warning(f"call:{method.__name__}", "metrics: %s failed", method.__name__)
                 return default
 
         return wrapper
@@ -125,6 +123,9 @@ class GpuMemoryCollector:
     NAME = "inspector_gpu_memory_bytes"
     HELP = "Bytes of GPU memory held by tensors (torch.cuda.memory_allocated), per CUDA device."
 
+    def __init__(self, throttle: _Throttle) -> None:
+        self._throttle = throttle
+
     def describe(self) -> Iterable[Metric]:
         return [GaugeMetricFamily(self.NAME, self.HELP, labels=["device"])]
 
@@ -137,7 +138,7 @@ class GpuMemoryCollector:
                 for index in range(torch.cuda.device_count()):
                     family.add_metric([f"cuda:{index}"], float(torch.cuda.memory_allocated(index)))
         except Exception:
-            _log_rate_limited("collect:gpu", "metrics: reading GPU memory failed")
+            self._throttle.warning("gpu", "metrics: reading GPU memory failed")
         return [family]
 
 
@@ -158,6 +159,7 @@ class Metrics:
         # prometheus_client's process-wide switch: the worker owns its process.
         disable_created_metrics()
         self.settings = settings
+        self.throttle = _Throttle()
         self.registry = CollectorRegistry()
         self._cap = LabelCap(settings.max_label_values)
         self._lock = threading.Lock()
@@ -220,7 +222,7 @@ class Metrics:
         self.build_info = Gauge(
             "inspector_build_info", "Versions of this worker (always 1).", ["version", "python", "torch"], registry=r
         )
-        r.register(GpuMemoryCollector())
+        r.register(GpuMemoryCollector(self.throttle))
 
         labels = default_build() | dict(build or {})
         self.build_info.labels(version=labels["version"], python=labels["python"], torch=labels["torch"]).set(1)
@@ -235,7 +237,13 @@ class Metrics:
     # -- HTTP ---------------------------------------------------------------------------------
 
     def serve(self) -> int:
-        """Start /metrics, /healthz, /readyz in a daemon thread; the bound port (settings.port 0: any free one)."""
+        """Start /metrics, /healthz, /readyz in a daemon thread; the bound port (settings.port 0: any free one).
+
+        With metrics.enabled false nothing is served and the answer is 0; the metrics are still kept.
+        """
+        if not self.settings.enabled:
+            log.info("metrics.enabled is false: no /metrics, /healthz or /readyz")
+            return 0
         if self._server is not None:
             return self._server.server_address[1]
         host, port = self.settings.host, self.settings.port
@@ -275,6 +283,14 @@ class Metrics:
     @_guarded()
     def broker_reconnected(self) -> None:
         self.broker_reconnects.inc()
+
+    @_guarded()
+    def expect_model(self, model: str) -> None:
+        """A configured model, loaded or not: its reload counters exist at 0 from the start, so even a
+        first load that fails shows as an increase."""
+        model = self._cap("model", model)
+        for outcome in RELOAD_OUTCOMES:
+            self.model_reloads.labels(model=model, outcome=outcome)
 
     @_guarded()
     def set_model(self, model: str, plugin: str, version: str, threshold: float) -> None:
@@ -373,6 +389,15 @@ class _Server(ThreadingHTTPServer):
         self.metrics = metrics
         super().__init__(address, handler)
 
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's reverse DNS lookup of the address, which can hang start-up."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scraper that hangs up mid-answer is not worth a traceback on stderr."""
+        log.debug("metrics: request from %s failed", client_address, exc_info=True)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
@@ -401,7 +426,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 status, content_type, body = 404, "text/plain; charset=utf-8", b"not found; try /metrics\n"
         except Exception:
-            _log_rate_limited("http", "metrics: answering %s failed", path)
+            metrics.throttle.warning("http", "metrics: answering %s failed", path)
             status, content_type, body = 500, "text/plain; charset=utf-8", b"internal error\n"
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -410,5 +435,5 @@ class _Handler(BaseHTTPRequestHandler):
         if send_body:
             self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         """Silent: a scrape every 15 s would otherwise fill stderr."""

@@ -115,6 +115,8 @@ class Worker:
                                   on_loaded=self._model_in_service, on_outcome=self.metrics.model_reload)
         self.consumer = Consumer(settings, self._on_delivery, self._on_settled, self._on_control,
                                  self._on_connection)
+        for name in settings.models:
+            self.metrics.expect_model(name)
         self._inflight = 0
         self._inflight_lock = threading.Lock()
         self.scored = 0
@@ -248,6 +250,7 @@ class Worker:
     def _decode(self, delivery: Delivery) -> None:
         started = time.perf_counter()
         capture = parse_capture(delivery.routing_key, delivery.properties, delivery.body, delivery.redelivered)
+        model = None
         try:
             model = self.models.choose(capture)
             image = decode_capture(capture.body, capture.content_type, capture.headers, self.limits)
@@ -256,11 +259,11 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - a plugin's failure on one frame is that frame's error
                 raise FrameError("scoring_failed", f"{model.plugin_name} could not prepare the image: {exc}") from exc
         except FrameError as exc:
-            self._answer_error(delivery, capture, exc.code, str(exc))
+            self._answer_error(delivery, capture, exc.code, str(exc), model)
             return
         except Exception as exc:  # noqa: BLE001 - never lose a frame to a bug: answer it and log loudly
             log.exception("frame %s: unexpected failure while decoding", capture.frame_id)
-            self._answer_error(delivery, capture, "image_undecodable", f"unexpected failure: {exc!r}")
+            self._answer_error(delivery, capture, "image_undecodable", f"unexpected failure: {exc!r}", model)
             return
         self.metrics.stage("decode", time.perf_counter() - started)
         self._prepared.put(_Prepared(delivery, capture, model, tensor, time.monotonic()))
@@ -274,7 +277,7 @@ class Worker:
         self.consumer.submit([Outcome(
             delivery=delivery, routing_key=result_routing_key("error", capture.line_id, capture.camera_id),
             result=encode(body), frame_id=capture.frame_id, dead_letter=(code, message),
-            record=self._record(delivery, capture, model.name if model else capture.model or "none", "error",
+            record=self._record(delivery, capture, model.name if model else "none", "error",
                                 None, code, None),
         )])
 

@@ -33,7 +33,7 @@ needs_promtool = pytest.mark.skipif(
 
 def metric_names(expr: str) -> set[str]:
     """Metric names a PromQL expression reads: not functions, keywords, label names, durations or numbers."""
-    label_values = re.fullmatch(r"\s*label_values\((.*),\s*\w+\s*\)\s*", expr, re.S)
+    label_values = re.fullmatch(r"\s*label_values\((.*),\s*\w+\s*\)\s*", expr, re.DOTALL)
     if label_values:  # a Grafana variable query: only its first argument is PromQL
         expr = label_values.group(1)
     expr = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)  # strings (label values, regexes)
@@ -91,8 +91,9 @@ def rules() -> list[dict]:
 
 def test_metric_names_are_found_in_promql():
     expr = (
-        'histogram_quantile(0.95, sum by (le, stage) (rate(inspector_stage_seconds_bucket{stage=~"$x"}[$__rate_interval])))'
-        ' / on (job) group_left (model) max(a_metric offset 5m) > 1e-9 and bool line:x:rate5m'
+        "histogram_quantile(0.95, sum by (le, stage) "
+        '(rate(inspector_stage_seconds_bucket{stage=~"$x"}[$__rate_interval])))'
+        " / on (job) group_left (model) max(a_metric offset 5m) > 1e-9 and bool line:x:rate5m"
     )
     assert metric_names(expr) == {"inspector_stage_seconds_bucket", "a_metric", "line:x:rate5m"}
     assert metric_names('label_values(inspector_frames_total{line=~"$line"}, camera)') == {"inspector_frames_total"}
@@ -149,9 +150,10 @@ def test_every_alert_tells_the_operator_what_to_do():
 
 @needs_promtool
 def test_promtool_accepts_the_rules_and_their_tests_pass():
-    for command in (["check", "rules", str(RULES)], ["test", "rules", str(RULE_TESTS)], ["check", "config", str(SCRAPE_CONFIG)]):
-        result = subprocess.run([PROMTOOL, *command], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, f"promtool {' '.join(command)}:\n{result.stdout}\n{result.stderr}"
+    commands = (["check", "rules", RULES], ["test", "rules", RULE_TESTS], ["check", "config", SCRAPE_CONFIG])
+    for command in commands:
+        result = subprocess.run([PROMTOOL, *map(str, command)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"promtool {' '.join(map(str, command))}:\n{result.stdout}\n{result.stderr}"
 
 
 @needs_promtool
@@ -160,7 +162,7 @@ def test_promtool_parses_every_dashboard_query(tmp_path):
     grafana_vars = {"$__rate_interval": "5m", "$line": ".*", "$camera": ".*", "$model": ".*"}
     checks = []
     for index, (where, expr) in enumerate(dashboard_queries()):
-        label_values = re.fullmatch(r"\s*label_values\((.*),\s*\w+\s*\)\s*", expr, re.S)
+        label_values = re.fullmatch(r"\s*label_values\((.*),\s*\w+\s*\)\s*", expr, re.DOTALL)
         expr = label_values.group(1) if label_values else expr
         for variable, value in grafana_vars.items():
             expr = expr.replace(variable, value)

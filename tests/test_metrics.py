@@ -74,11 +74,11 @@ def test_frame_counts_and_histograms_match_what_was_recorded(served):
     metrics.stage("infer", 0.004)
 
     s = scrape(base)
-    frames = dict(line="line1", camera="cam1", model="default")
+    frames = {"line": "line1", "camera": "cam1", "model": "default"}
     assert value(s, "inspector_frames_total", **frames, verdict="pass") == 3
     assert value(s, "inspector_frames_total", **frames, verdict="fail") == 2
     assert value(s, "inspector_frames_total", **frames, verdict="error") == 1
-    probability = dict(line="line1", model="default")
+    probability = {"line": "line1", "model": "default"}
     assert value(s, "inspector_anomaly_probability_count", **probability) == 5  # the error frame has none
     assert value(s, "inspector_anomaly_probability_sum", **probability) == pytest.approx(sum(passes + fails))
     assert value(s, "inspector_anomaly_probability_bucket", **probability, le="0.5") == 3
@@ -96,7 +96,7 @@ def test_frame_counts_and_histograms_match_what_was_recorded(served):
 
 
 def test_error_reasons_and_dead_letters_exist_at_zero_from_the_start(served):
-    metrics, base = served
+    _, base = served
     s = scrape(base)
     for code in FRAME_ERROR_CODES:
         assert value(s, "inspector_errors_total", reason=code) == 0
@@ -217,3 +217,31 @@ def test_the_contract_metrics_exist_with_their_types_and_labels():
         assert family.type == kind, name
         sample_labels = {key for sample in family.samples for key in sample.labels} - {"le"}
         assert sample_labels == labels, name
+
+
+def test_disabled_metrics_serve_nothing_but_still_count():
+    metrics = Metrics(MetricsSettings(enabled=False, port=0))
+    assert metrics.serve() == 0
+    frame(metrics, "pass", 0.1, 0.01, 0.005)
+    metrics.close()
+    assert metrics.frames.labels(line="line1", camera="cam1", model="default", verdict="pass")._value.get() == 1
+
+
+def test_concurrent_calls_lose_no_count():
+    import threading
+
+    metrics = Metrics(MetricsSettings(port=0, max_label_values=4))
+    cameras = [f"cam{i}" for i in range(8)]
+
+    def work(camera):
+        for _ in range(500):
+            frame(metrics, "pass", 0.2, 0.05, 0.01, camera=camera)
+
+    threads = [threading.Thread(target=work, args=(camera,)) for camera in cameras]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    family = next(f for f in metrics.registry.collect() if f.name == "inspector_frames")
+    counts = {s.labels["camera"]: s.value for s in family.samples if s.name == "inspector_frames_total"}
+    assert sum(counts.values()) == 8 * 500 and len(counts) == 5 and counts["other"] == 4 * 500

@@ -483,3 +483,76 @@ def test_a_broker_restart_mid_stream_loses_nothing(fitted, line, start):
     results = first + line.collect(300 - len(first), timeout=180) + line.collect(10_000, timeout=3.0)
     _assert_every_frame_answered(results, 300)
     assert running.consumer.generation >= 2
+
+
+# -- what Prometheus sees -------------------------------------------------------------------------
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _status(port: int, path: str) -> int:
+    from urllib.error import HTTPError
+    from urllib.request import urlopen
+
+    try:
+        return urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).status
+    except HTTPError as exc:
+        return exc.code
+
+
+def test_a_scrape_after_real_traffic_counts_what_was_sent(fitted, line, prefix, tmp_path):
+    from inspector.metrics import Metrics
+
+    settings = config.load(worker_config(tmp_path, fitted, prefix))
+    metrics = Metrics(settings.metrics)
+    port = metrics.serve()
+    running = Worker(settings, metrics)
+    assert _status(port, "/healthz") == 200 and _status(port, "/readyz") == 503  # nothing loaded yet
+    running.start()
+    try:
+        assert _status(port, "/readyz") == 200
+        png = encoded(samples.make_images(1, seed=2, size=SIZE)[0], "PNG")
+        frames = [(f"line1.cam{i % 2 + 1}", png, {"content_type": "image/png", "message_id": f"g{i}"}) for i in range(12)]
+        frames += [("line2.cam7", b"", {"content_type": "image/png", "message_id": f"e{i}"}) for i in range(2)]
+        frames += [("line2.cam7", b"x", {"content_type": "text/plain", "message_id": "t0"})]
+        line.publish(frames)
+        results = by_id(line.collect(len(frames)))
+        assert len(results) == 15
+        time.sleep(0.5)  # metrics are recorded as the confirms arrive
+        m = _scrape(port)
+    finally:
+        running.stop(grace_s=5)
+        assert _status(port, "/readyz") == 503  # disconnected
+        metrics.close()
+
+    version = ModelStore(fitted).current("default")
+    verdicts = Counter((f"line1.cam{int(k[1:]) % 2 + 1}", results[k][2]["verdict"]) for k in results if k[0] == "g")
+    for (cam, verdict), count in verdicts.items():
+        labels = (("camera", cam.split(".")[1]), ("line", "line1"), ("model", "default"), ("verdict", verdict))
+        assert m[("inspector_frames_total", labels)] == count
+    error_labels = (("camera", "cam7"), ("line", "line2"), ("model", "default"), ("verdict", "error"))
+    assert m[("inspector_frames_total", error_labels)] == 3
+    assert m[("inspector_errors_total", (("reason", "empty_body"),))] == 2
+    assert m[("inspector_errors_total", (("reason", "unsupported_content_type"),))] == 1
+    assert m[("inspector_errors_total", (("reason", "scoring_failed"),))] == 0
+    assert m[("inspector_dead_letters_total", (("reason", "empty_body"),))] == 2
+    assert m[("inspector_anomaly_probability_count", (("line", "line1"), ("model", "default")))] == 12
+    probabilities = sum(results[k][2]["anomaly_probability"] for k in results if k[0] == "g")
+    assert m[("inspector_anomaly_probability_sum", (("line", "line1"), ("model", "default")))] == pytest.approx(probabilities)
+    assert m[("inspector_frame_latency_seconds_count", (("model", "default"),))] == 15
+    assert m[("inspector_batch_size_sum", (("model", "default"),))] == 12
+    assert m[("inspector_stage_seconds_count", (("stage", "infer"),))] >= 1
+    assert m[("inspector_stage_seconds_count", (("stage", "publish"),))] == 15
+    assert m[("inspector_model_info", (("model", "default"), ("plugin", "dfkde"), ("version", version)))] == 1
+    assert m[("inspector_model_threshold", (("model", "default"),))] == 0.5
+    assert m[("inspector_model_reloads_total", (("model", "default"), ("outcome", "failed")))] == 0
+    assert m[("inspector_broker_connected", ())] == 1
+    assert m[("inspector_inflight_frames", ())] == 0
