@@ -60,11 +60,11 @@ def line(prefix):
 
 @pytest.fixture
 def start(tmp_path, prefix):
-    """start(store, **worker settings) -> a running in-process Worker, stopped at teardown."""
+    """start(store, text="", **worker settings) -> a running in-process Worker, stopped at teardown."""
     started = []
 
-    def _start(store: Path, **worker) -> Worker:
-        settings = config.load(worker_config(tmp_path, store, prefix, **worker))
+    def _start(store: Path, text: str = "", **worker) -> Worker:
+        settings = config.load(worker_config(tmp_path, store, prefix, text, **worker))
         running = Worker(settings)
         running.start()
         started.append(running)
@@ -319,8 +319,8 @@ def test_sigterm_mid_stream_exits_0_and_loses_nothing(fitted, line, prefix, tmp_
 # -- models -------------------------------------------------------------------------------------
 
 
-def _new_version(store: Path, offset_shift: float, corrupt: bool = False) -> str:
-    """A new current version of `default`: the fitted one with its logistic moved, so its scores differ."""
+def _new_version(store: Path, offset_shift: float, corrupt: bool = False, name: str = "default") -> str:
+    """A new current version of `name`: the fitted `default` with its logistic moved, so its scores differ."""
     model_store = ModelStore(store)
     info = model_store.load_path("default")
     plugin = DfkdePlugin.load(info.path, torch.device("cpu"))
@@ -328,7 +328,7 @@ def _new_version(store: Path, offset_shift: float, corrupt: bool = False) -> str
     manifest = {k: v for k, v in info.manifest.items()
                 if k not in ("schema", "name", "version", "created_at", "files", "checksum")}
     time.sleep(1.1)  # version ids have one-second resolution
-    new = model_store.write("default", plugin.save, manifest)
+    new = model_store.write(name, plugin.save, manifest)
     if corrupt:
         state = next(p for p in new.path.iterdir() if p.suffix == ".safetensors")
         data = bytearray(state.read_bytes())
@@ -403,6 +403,31 @@ def test_a_corrupt_version_is_refused_and_the_old_one_keeps_scoring(store, line,
     line.announce(announcement("default", bad, "dfkde", "refit"))  # asked again: not retried
     time.sleep(1)
     assert failed() == 1 and running.models.get("default").version == old
+
+
+def test_each_capture_is_scored_by_the_model_its_header_or_route_names(store, line, start):
+    housing = _new_version(store, offset_shift=30.0, name="housing")
+    default = ModelStore(store).current("default")
+    start(store, text='[models.default]\n[models.housing]\nthreshold = 0.9\n[models.spare]\n',
+          routes=[{"match": "line2.*", "model": "housing"}])
+    png = encoded(samples.make_images(1, seed=4, size=SIZE)[0], "PNG")
+    frames = {  # frame id: (routing key, headers, model expected)
+        "plain": ("line1.cam1", {}, ("default", default)),
+        "routed": ("line2.cam1", {}, ("housing", housing)),
+        "named": ("line1.cam1", {"model": "housing"}, ("housing", housing)),
+        "named-over-route": ("line2.cam1", {"model": "default"}, ("default", default)),
+    }
+    line.publish([(key, png, {"content_type": "image/png", "message_id": frame_id, "headers": headers})
+                  for frame_id, (key, headers, _) in frames.items()]
+                 + [("line1.cam1", png, {"content_type": "image/png", "message_id": "spare",
+                                         "headers": {"model": "spare"}})])
+    results = by_id(line.collect(len(frames) + 1))
+    for frame_id, (_, _, (name, version)) in frames.items():
+        body = results[frame_id][2]
+        assert (body["model"]["name"], body["model"]["version"]) == (name, version), frame_id
+        assert body["threshold"] == (0.9 if name == "housing" else 0.5)
+    assert results["plain"][2]["anomaly_probability"] != results["routed"][2]["anomaly_probability"]
+    assert results["spare"][2]["error"]["code"] == "model_unavailable"  # configured, never fitted
 
 
 def test_heartbeats_flow_during_a_batch_longer_than_the_heartbeat(fitted, line, start, tmp_path, monkeypatch):

@@ -30,15 +30,23 @@ def fit_store(root: Path) -> Path:
     return root / "models"
 
 
-def _toml(root: Path, extra: dict) -> Path:
-    """A config file: the DFKDE defaults at a small input size on the CPU, plus `extra` tables."""
-    lines = ['device = "cpu"', "[plugins.dfkde]", f"input_size = {SIZE}"]
+def _toml(root: Path, extra: dict, text: str = "") -> Path:
+    """A config file: the DFKDE defaults at a small input size on the CPU, plus `extra` tables and `text`."""
+    lines = ['device = "cpu"', "[plugins.dfkde]", f"input_size = {SIZE}", text]
     for table, values in extra.items():
         lines.append(f"[{table}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
     path = root / f"inspector-{uuid.uuid4().hex[:6]}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # strings, numbers and booleans are written alike
 
 
 def names(prefix: str) -> dict[str, dict]:
@@ -49,12 +57,13 @@ def names(prefix: str) -> dict[str, dict]:
     }
 
 
-def worker_config(root: Path, store: Path, prefix: str, **worker: object) -> Path:
+def worker_config(root: Path, store: Path, prefix: str, text: str = "", **worker: object) -> Path:
+    """A worker's config on the test's own exchanges and queues; `text`: more TOML (e.g. [models.*])."""
     tables = names(prefix)
     tables["worker"] = {**tables["worker"], "start_timeout_s": 20.0, **worker}
     tables["store"] = {"path": str(store)}
     tables["metrics"] = {"port": 0}
-    return _toml(root, tables)
+    return _toml(root, tables, text)
 
 
 def encoded(image: np.ndarray, fmt: str, **save) -> bytes:
