@@ -26,7 +26,7 @@ run: setup
 	$(BIN)/inspector run
 
 sample-model: setup
-	$(BIN)/python -c "import pathlib, inspector.samples as s; s.write_folder(pathlib.Path('$(SAMPLE)/train'), 200)"
+	$(BIN)/inspector samples --out $(SAMPLE)
 	$(BIN)/inspector refit --data $(SAMPLE)/train/good --no-announce
 
 demo: setup

@@ -45,6 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(run)
     run.set_defaults(func=_cmd_run)
 
+    sample = commands.add_parser(
+        "samples",
+        help="write a sample line: synthetic good and defective images in MVTec AD's folder layout",
+        description="Write DIR/train/good, DIR/test/good and DIR/test/<defect kind> with synthetic images of "
+        "one machined part, deterministic by seed: a training archive for refit and a test set to publish "
+        "or evaluate, for trying inspector without a camera.",
+    )
+    _add_config(sample)
+    sample.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write (created)")
+    sample.add_argument("--train", type=int, default=200, help="good training images (default 200)")
+    sample.add_argument("--test", type=int, default=40, help="good test images (default 40)")
+    sample.add_argument("--defective", type=int, default=10, help="test images per defect kind (default 10)")
+    sample.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    sample.add_argument("--format", default="png", choices=["png", "jpg", "bmp", "tiff", "webp"])
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=_cmd_samples)
+
     demo = commands.add_parser(
         "demo",
         help="fit the configured model on a synthetic part and score good and defective frames",
@@ -104,6 +121,23 @@ def _cmd_run(settings, args) -> int:
     from inspector.worker import run_worker
 
     return run_worker(settings)
+
+
+def _cmd_samples(settings, args) -> int:
+    from inspector import samples
+
+    for name in ("train", "test", "defective", "size"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    try:
+        counts = samples.write_line(args.out, train=args.train, test=args.test, defective_per_kind=args.defective,
+                                    seed=args.seed, size=args.size, fmt=args.format)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for part, folders in counts.items():
+        listing = ", ".join(f"{folder} {n}" for folder, n in folders.items())
+        print(f"{args.out / part}: {listing}")
+    return 0
 
 
 def _cmd_demo(settings, args) -> int:

@@ -571,3 +571,24 @@ def write_folder(
             frames = (defective_part(rng, size, kind) for _ in range(n_defective_per_kind))
             counts[kind] = save(kind, frames, n_defective_per_kind)
     return counts
+
+
+def write_line(
+    root: pathlib.Path,
+    *,
+    train: int = 200,
+    test: int = 40,
+    defective_per_kind: int = 10,
+    seed: int = 0,
+    size: int = 256,
+    fmt: str = "png",
+) -> dict[str, dict[str, int]]:
+    """A sample line in MVTec AD's layout: root/train/good, root/test/good and root/test/<kind>.
+
+    Training and test frames come from different seeds, so no test frame was seen in the fit.
+    """
+    root = pathlib.Path(root)
+    return {
+        "train": write_folder(root / "train", train, seed=seed, size=size, fmt=fmt),
+        "test": write_folder(root / "test", test, defective_per_kind, seed=seed + 1_000_003, size=size, fmt=fmt),
+    }
