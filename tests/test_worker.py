@@ -375,7 +375,7 @@ def test_a_version_announced_mid_stream_serves_within_seconds_and_nothing_is_los
                 if body["model"]["version"] == new:
                     served_at = time.monotonic()
         time.sleep(1)
-    assert served_at is not None and served_at - announced < 10, "the new version did not come into service"
+    assert served_at is not None and served_at - announced < 15, "the new version did not come into service"
     results = line.collect(stream.sent, timeout=60)
     versions = Counter(body["model"]["version"] for _, _, body in results)
     assert set(versions) <= {old, new}
@@ -482,15 +482,23 @@ def test_sigterm_while_waiting_for_the_broker_exits_0_promptly(fitted, prefix, t
         env={**environ, "INSPECTOR_BROKER__URL": "amqp://guest@127.0.0.1:5999/%2F"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
     try:
-        time.sleep(8)  # models loaded, retrying the broker
+        deadline = time.monotonic() + 120
+        while not any("retrying in" in text for text in output):  # models loaded, retrying the broker
+            assert time.monotonic() < deadline and process.poll() is None, "".join(output)
+            time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
-        out, _ = process.communicate(timeout=15)
+        process.wait(timeout=15)
     finally:
         if process.poll() is None:
             process.kill()
+    reader.join(timeout=5)
+    out = "".join(output)
     assert process.returncode == 0, out
-    assert "retrying in" in out and "Traceback" not in out
+    assert "SIGTERM received" in out and "Traceback" not in out
 
 
 @pytest.mark.slow
