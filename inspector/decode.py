@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from inspector.errors import FrameError
-from inspector.imagefiles import to_rgb
+from inspector.imagefiles import reduce_while_decoding, to_rgb
 
 if TYPE_CHECKING:
     from inspector.config import WorkerSettings
@@ -61,20 +61,27 @@ class DecodeLimits:
 
 
 def decode_capture(
-    body: bytes, content_type: str | None, headers: Mapping[str, Any] | None, limits: DecodeLimits
+    body: bytes,
+    content_type: str | None,
+    headers: Mapping[str, Any] | None,
+    limits: DecodeLimits,
+    min_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """The capture's pixels as a C-contiguous, writable H x W x 3 uint8 RGB copy, or a FrameError."""
+    """The capture's pixels as a C-contiguous, writable H x W x 3 uint8 RGB copy, or a FrameError.
+
+    `min_size` (width, height): what the model needs at least; a JPEG may then decode at reduced scale.
+    """
     if not body:
         raise FrameError("empty_body", "the capture's body is empty")
     if len(body) > limits.max_image_bytes:
         raise _too_large("the body", len(body), limits)
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     if kind in ENCODED_TYPES or kind in SNIFFED_TYPES:
-        return _decode_image(body, "the body", limits)
+        return _decode_image(body, "the body", limits, min_size)
     if kind == "image/x-raw":
         return _decode_raw(body, headers or {}, limits)
     if kind == "application/json":
-        return _decode_json(body, limits)
+        return _decode_json(body, limits, min_size)
     message = f"content type {content_type!r} is not decoded; send {SUPPORTED_TYPES}"
     raise FrameError("unsupported_content_type", message)
 
@@ -97,7 +104,7 @@ def _check_pixels(what: str, width: int, height: int, limits: DecodeLimits) -> N
 # -- encoded images --------------------------------------------------------------------
 
 
-def _decode_image(data: bytes, what: str, limits: DecodeLimits) -> np.ndarray:
+def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode JPEG/PNG/BMP/TIFF/WebP bytes (whatever the content type said) fully, first frame only."""
     try:
         with warnings.catch_warnings():
@@ -108,6 +115,7 @@ def _decode_image(data: bytes, what: str, limits: DecodeLimits) -> np.ndarray:
                 _check_pixels(what, width, height, limits)  # from the header, before anything is decoded
                 if width < 1 or height < 1:
                     raise FrameError("image_undecodable", f"{what} is an image of {width}x{height}: no pixels")
+                reduce_while_decoding(image, min_size)
                 image.load()  # truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES is False)
                 return _to_rgb(image, what)
     except FrameError:
@@ -187,7 +195,7 @@ def _positive_int(headers: Mapping[str, Any], name: str) -> int:
 # -- application/json references -------------------------------------------------------
 
 
-def _decode_json(body: bytes, limits: DecodeLimits) -> np.ndarray:
+def _decode_json(body: bytes, limits: DecodeLimits, min_size: tuple[int, int] | None) -> np.ndarray:
     usage = 'application/json needs an object with exactly one of "image_uri" or "image_b64", a string'
     try:
         document = json.loads(str(body, "utf-8"))
@@ -202,8 +210,8 @@ def _decode_json(body: bytes, limits: DecodeLimits) -> np.ndarray:
     if not isinstance(value, str):
         raise FrameError("json_malformed", f"{usage}; {key} is a JSON {type(value).__name__}")
     if key == "image_b64":
-        return _decode_image(_from_base64(value), "image_b64", limits)
-    return _decode_image(_read_uri(value, limits), f"image_uri {_shown.repr(value)}", limits)
+        return _decode_image(_from_base64(value), "image_b64", limits, min_size)
+    return _decode_image(_read_uri(value, limits), f"image_uri {_shown.repr(value)}", limits, min_size)
 
 
 def _from_base64(text: str) -> bytes:

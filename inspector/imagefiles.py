@@ -20,8 +20,9 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def read_image(path: Path, max_pixels: int) -> np.ndarray:
-    """Decode `path` fully (a truncated file is an error, not a grey half image) to RGB uint8."""
+def read_image(path: Path, max_pixels: int, min_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode `path` fully (a truncated file is an error, not a grey half image) to RGB uint8;
+    a JPEG at reduced scale when `min_size` allows (see reduce_while_decoding)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -29,12 +30,22 @@ def read_image(path: Path, max_pixels: int) -> np.ndarray:
                 width, height = image.size
                 if width * height > max_pixels:
                     raise UnreadableImage(f"{width}x{height} pixels is over the limit of {max_pixels}")
+                reduce_while_decoding(image, min_size)
                 image.load()
                 return to_rgb(image)
     except UnreadableImage:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(str(exc) or type(exc).__name__) from exc
+
+
+def reduce_while_decoding(image: Image.Image, min_size: tuple[int, int] | None) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg scales in the DCT, for a fraction of the
+    cost), the smallest that still gives at least `min_size` (width, height): a 1024 x 1024 frame for a
+    256-pixel model decodes in a quarter of the time and needs no further resize. Refit and the worker
+    both decode this way, so a model is served the pixels it was fitted on. Other formats: no change."""
+    if min_size is not None and image.format == "JPEG":
+        image.draft(image.mode, min_size)
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

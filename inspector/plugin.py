@@ -84,6 +84,16 @@ class Plugin(Protocol):
         """Write the fitted state into `folder`; returns the names of the files written."""
 
 
+def decode_size(plugin: Any) -> tuple[int, int] | None:
+    """The optional `decode_size` of a plugin: the smallest (width, height) it needs from a decoder, so
+    that a JPEG may be decoded at reduced scale. None (the default) means full size."""
+    size = getattr(plugin, "decode_size", None)
+    if size is None:
+        return None
+    width, height = (int(v) for v in size)
+    return (width, height) if width > 0 and height > 0 else None
+
+
 def score_all(plugin: Plugin, batches: Iterable[torch.Tensor]) -> Scores:
     """Score a stream of prepared batches into one Scores (empty when there are none)."""
     probability, raw = [], []

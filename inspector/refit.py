@@ -31,7 +31,7 @@ from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import BrokerError, ConfigError, FitError
 from inspector.imagefiles import UnreadableImage, is_image_file, read_image
-from inspector.plugin import get_plugin, score_all
+from inspector.plugin import decode_size, get_plugin, score_all
 from inspector.progress import Progress
 from inspector.store import ModelStore
 
@@ -107,8 +107,9 @@ class ImageStream:
     """Decode and prepare images on a thread pool, in order, with at most `window` in flight."""
 
     def __init__(self, prepare: Callable[[np.ndarray], torch.Tensor], workers: int, max_pixels: int,
-                 progress: Progress) -> None:
+                 progress: Progress, min_size: tuple[int, int] | None = None) -> None:
         self.prepare = prepare
+        self.min_size = min_size
         self.workers = workers
         self.max_pixels = max_pixels
         self.progress = progress
@@ -116,7 +117,7 @@ class ImageStream:
         self.used = 0
 
     def _load(self, path: Path) -> torch.Tensor:
-        return self.prepare(read_image(path, self.max_pixels))
+        return self.prepare(read_image(path, self.max_pixels, self.min_size))
 
     def images(self, paths: Iterable[Path]) -> Iterator[torch.Tensor]:
         window = self.workers * 4
@@ -196,7 +197,7 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
 
     workers = refit.decode_workers or max(1, os.cpu_count() or 1)
     with Progress(len(paths), "refit") as progress:
-        fit_stream = ImageStream(plugin.prepare, workers, refit.max_image_pixels, progress)
+        fit_stream = ImageStream(plugin.prepare, workers, refit.max_image_pixels, progress, decode_size(plugin))
         try:
             report = plugin.fit(fit_stream.batches(fit_paths, refit.batch_size))
         except FitError as exc:
@@ -207,7 +208,7 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
                 f"{fit_stream.used} usable of {len(fit_paths)} image files under {options.data} "
                 f"({len(fit_stream.skipped)} unreadable)"
             ) from exc
-        held_stream = ImageStream(plugin.prepare, workers, refit.max_image_pixels, progress)
+        held_stream = ImageStream(plugin.prepare, workers, refit.max_image_pixels, progress, decode_size(plugin))
         held_scores = score_all(plugin, held_stream.batches(held_paths, refit.batch_size))
     skipped = fit_stream.skipped + held_stream.skipped
     calibration = None

@@ -33,6 +33,7 @@ from inspector.errors import FrameError, InspectorError, StateError
 from inspector.config import Settings
 from inspector.messages import Capture, encode, parse_capture, result_body, result_routing_key, rfc3339
 from inspector.metrics import Metrics
+from inspector.plugin import decode_size
 from inspector.serving import ModelSet, Reloader, ServedModel, load_version
 from inspector.store import ModelStore
 
@@ -253,7 +254,8 @@ class Worker:
         model = None
         try:
             model = self.models.choose(capture)
-            image = decode_capture(capture.body, capture.content_type, capture.headers, self.limits)
+            image = decode_capture(capture.body, capture.content_type, capture.headers, self.limits,
+                                   decode_size(model.plugin))
             try:
                 tensor = model.plugin.prepare(image)
             except Exception as exc:  # noqa: BLE001 - a plugin's failure on one frame is that frame's error

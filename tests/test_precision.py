@@ -66,3 +66,50 @@ def test_bf16_is_outside_tolerance_so_auto_keeps_fp32_on_the_cpu(fitted_fp32):
     assert dp > PROBABILITY_TOLERANCE or dl > LOG_DENSITY_SHARE_OF_SPREAD, (dp, dl)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+
+
+def test_reduced_jpeg_decoding_is_fixed_at_fit_time_and_followed_when_serving(tmp_path):
+    """Decoding a large JPEG at 1/4 scale instead of in full and resizing moves the scores by far more
+    than the tolerance above (so it must never change under a fitted model): a model keeps the decode
+    it was fitted with, and a state saved before the choice existed decodes in full."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from inspector.decode import DecodeLimits, decode_capture
+    from inspector.plugin import decode_size
+    from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
+
+    def jpeg(image):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+        return buffer.getvalue()
+
+    limits = DecodeLimits(max_image_bytes=1 << 26, max_image_pixels=1 << 26)
+    settings = DfkdeSettings(input_size=64, backbone="resnet18", weights="none", layers=["layer2"], n_comps=4)
+    train = [jpeg(image) for image in samples.make_images(12, seed=1, size=256)]
+    test = [jpeg(image) for image in samples.make_images(4, seed=2, size=256)]
+
+    def fitted(reduced):
+        plugin = DfkdePlugin.create(settings.model_copy(update={"jpeg_reduced_decode": reduced}), torch.device("cpu"))
+        plugin.fit([torch.stack([plugin.prepare(decode_capture(b, None, None, limits, decode_size(plugin)))
+                                 for b in train])])
+        return plugin
+
+    def scores(plugin, min_size):
+        return plugin.score(torch.stack([plugin.prepare(decode_capture(b, None, None, limits, min_size))
+                                         for b in test])).raw
+
+    reduced = fitted(True)
+    assert decode_capture(test[0], None, None, limits, decode_size(reduced)).shape == (64, 64, 3)  # 1/4 scale
+    reduced.save(tmp_path)
+    again = DfkdePlugin.load(tmp_path, torch.device("cpu"))
+    assert decode_size(again) == (64, 64)
+    assert scores(again, decode_size(again)) == pytest.approx(scores(reduced, (64, 64)), abs=1e-4)
+    assert fitted(False).describe()["jpeg_reduced_decode"] is False
+
+    meta = json.loads((tmp_path / "settings.json").read_text())
+    del meta["plugin"]  # as written before the choice existed
+    (tmp_path / "settings.json").write_text(json.dumps(meta))
+    assert decode_size(DfkdePlugin.load(tmp_path, torch.device("cpu"))) is None

@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 from inspector.errors import ConfigError, FitError
 from inspector.plugin import FitReport, Scores
 from plugins.dfkde.model import DfkdeModel
-from plugins.dfkde.state import load_state, model_settings, save_state
+from plugins.dfkde.state import load_state, model_settings, read_settings, save_state
 
 
 class DfkdeSettings(BaseModel):
@@ -37,6 +37,9 @@ class DfkdeSettings(BaseModel):
     input_size: int = Field(256, ge=32, le=1024)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
+    jpeg_reduced_decode: bool = Field(
+        True, description="decode JPEGs at 1/2, 1/4 or 1/8 scale down to input_size; fixed at fit time"
+    )
 
     @field_validator("layers")
     @classmethod
@@ -59,9 +62,10 @@ class DfkdePlugin:
     name: ClassVar[str] = "dfkde"
     Settings: ClassVar[type[BaseModel]] = DfkdeSettings
 
-    def __init__(self, model: DfkdeModel, device: torch.device) -> None:
+    def __init__(self, model: DfkdeModel, device: torch.device, jpeg_reduced_decode: bool = False) -> None:
         self.model = model.to(device).eval()
         self.device = device
+        self.jpeg_reduced_decode = jpeg_reduced_decode
 
     @classmethod
     def create(cls, settings: BaseModel, device: torch.device) -> "DfkdePlugin":
@@ -79,18 +83,32 @@ class DfkdePlugin:
             precision=resolve_precision(s.precision, device),
             seed=s.seed,
         )
-        return cls(model, device)
+        return cls(model, device, s.jpeg_reduced_decode)
 
     @classmethod
     def load(cls, folder: Path, device: torch.device) -> "DfkdePlugin":
-        return cls(load_state(folder, device), device)
+        # A state saved before this choice existed was fitted on fully decoded images.
+        reduced = bool(read_settings(folder).get("plugin", {}).get("jpeg_reduced_decode", False))
+        return cls(load_state(folder, device), device, reduced)
 
     @property
     def min_images(self) -> int:
         return self.model.min_embeddings
 
     def describe(self) -> dict[str, Any]:
-        return model_settings(self.model)
+        return model_settings(self.model) | {"jpeg_reduced_decode": self.jpeg_reduced_decode}
+
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        """With jpeg_reduced_decode, a JPEG may decode at reduced scale down to the backbone's input size.
+
+        The scores are sensitive to that choice (DCT scaling is sharper than an antialiased resize: a
+        model fitted one way and served the other moved by several times the spread of good parts), so
+        it is fixed when the model is fitted and saved with it; refit and the worker both follow it.
+        """
+        if not self.jpeg_reduced_decode:
+            return None
+        return (self.model.input_size, self.model.input_size)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """H x W (mono) or H x W x 3 uint8 -> 3 x S x S uint8, resized with antialiasing on the CPU."""
@@ -155,7 +173,7 @@ class DfkdePlugin:
         }
 
     def save(self, folder: Path) -> list[str]:
-        return save_state(self.model, folder)
+        return save_state(self.model, folder, plugin={"jpeg_reduced_decode": self.jpeg_reduced_decode})
 
 
 class _Reservoir:

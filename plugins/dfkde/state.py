@@ -61,15 +61,17 @@ def model_settings(model: DfkdeModel) -> dict[str, Any]:
     }
 
 
-def save_state(model: DfkdeModel, folder: Path) -> list[str]:
-    """Write the fitted state into `folder` (which must exist); returns the file names."""
+def save_state(model: DfkdeModel, folder: Path, plugin: dict[str, Any] | None = None) -> list[str]:
+    """Write the fitted state into `folder` (which must exist); returns the file names. `plugin`: the
+    adapter's own choices fixed at fit time (JSON data), read back with read_settings."""
     if not model.fitted:
         raise StateError("cannot save an unfitted DFKDE model")
     tensors = {"max_length": model.max_length.reshape(1)}
     for key, (part, attr) in _TENSORS.items():
         tensors[key] = getattr(getattr(model, part), attr)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(folder / STATE_FILE))
-    meta = {"format": FORMAT, "settings": model_settings(model), "backbone_digest": backbone_digest(model)}
+    meta = {"format": FORMAT, "settings": model_settings(model), "backbone_digest": backbone_digest(model),
+            "plugin": dict(plugin or {})}
     (folder / SETTINGS_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return [STATE_FILE, SETTINGS_FILE]
 

@@ -1,0 +1,550 @@
+"""`inspector evaluate`: how well the current version of a model sorts a labelled test set.
+
+DIR is laid out as MVTec AD's `test/` folder: DIR/good/ holds images of good parts and
+every other folder beside it is one kind of defect (DIR/scratch/, DIR/hole/, ...);
+images are found recursively by suffix, as refit finds them.
+
+Every image goes the worker's way: the file's bytes -> decode_capture with the worker's
+limits -> plugin.prepare, on a thread pool that keeps a bounded window of images in
+flight, overlapping with the scoring thread -> batches of worker.batch_size ->
+plugin.score. A frame fails when its anomaly probability is at or over the model's
+threshold, as in the worker. A file that does not decode, or that the plugin cannot
+score, is named in a warning, counted and left out.
+
+The figures come from the pure functions in the first section (numpy only): image
+AUROC, average precision, the confusion at a threshold with the precision, recall,
+F1 and false-reject rate derived from it, and the threshold that would maximise F1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from inspector.config import Settings
+from inspector.decode import DecodeLimits, decode_capture
+from inspector.plugin import decode_size
+from inspector.devices import describe_device, resolve_device
+from inspector.errors import ConfigError, FrameError, InspectorError, StateError
+from inspector.imagefiles import is_image_file
+from inspector.progress import Progress
+from inspector.refit import find_images
+from inspector.serving import ServedModel, load_version
+from inspector.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+GOOD = "good"
+LAYOUT = (
+    "expected MVTec AD's test/ layout: DIR/good/ with images of good parts and one folder per defect kind "
+    "beside it (DIR/scratch/, DIR/hole/, ...), images found recursively"
+)
+
+
+# -- the figures: pure functions of labels (True = defective) and anomaly scores -------------
+
+
+def _checked(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels, dtype=bool)
+    s = np.asarray(scores, dtype=float)
+    if y.ndim != 1 or y.shape != s.shape:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} must be two 1-d arrays of one length")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite numbers")
+    return y, s
+
+
+def _both_classes(y: np.ndarray, what: str) -> tuple[int, int]:
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"{what} needs at least one defective and one good image")
+    return n_pos, n_neg
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of `values` in ascending order, tied values sharing the mean of their ranks."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="mergesort")
+    _, first, counts = np.unique(values[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(values))
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return ranks
+
+
+def auroc(labels, scores) -> float:
+    """Area under the ROC curve: the Mann-Whitney U of the defective scores over n_pos * n_neg, ties
+    counting half (the chance that a random defective image outscores a random good one)."""
+    y, s = _checked(labels, scores)
+    n_pos, n_neg = _both_classes(y, "AUROC")
+    u = average_ranks(s)[y].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _sweep(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each distinct score as a threshold, highest first, with the true and false positives of
+    calling every image at or over it defective."""
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last image of each group of equal scores
+    tp = np.cumsum(y)[last]
+    fp = last + 1 - tp
+    return s[last], tp, fp
+
+
+def average_precision(labels, scores) -> float:
+    """Sum over the distinct thresholds, highest first, of (R_n - R_{n-1}) * P_n: precision weighted
+    by the gain in recall, without interpolation (scikit-learn's definition)."""
+    y, s = _checked(labels, scores)
+    n_pos, _ = _both_classes(y, "average precision")
+    _, tp, fp = _sweep(y, s)
+    precision = tp / (tp + fp)
+    recall = tp / n_pos
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """Verdicts at one threshold: a frame fails when its score is at or over it."""
+
+    good_passed: int
+    good_failed: int
+    defective_passed: int
+    defective_failed: int
+
+    @property
+    def precision(self) -> float:
+        """Share of failed frames that are defective; NaN when none failed."""
+        failed = self.good_failed + self.defective_failed
+        return self.defective_failed / failed if failed else math.nan
+
+    @property
+    def recall(self) -> float:
+        """Share of defective frames that failed; NaN without defective frames."""
+        defective = self.defective_passed + self.defective_failed
+        return self.defective_failed / defective if defective else math.nan
+
+    @property
+    def f1(self) -> float:
+        """2 TP / (2 TP + FP + FN); 0 when nothing defective failed, NaN with no defective and no failed frame."""
+        denominator = 2 * self.defective_failed + self.good_failed + self.defective_passed
+        return 2 * self.defective_failed / denominator if denominator else math.nan
+
+    @property
+    def false_reject_rate(self) -> float:
+        """Share of good frames that failed; NaN without good frames."""
+        good = self.good_passed + self.good_failed
+        return self.good_failed / good if good else math.nan
+
+    def as_dict(self) -> dict[str, int]:
+        return {"good_passed": self.good_passed, "good_failed": self.good_failed,
+                "defective_passed": self.defective_passed, "defective_failed": self.defective_failed}
+
+
+def confusion(labels, scores, threshold: float) -> Confusion:
+    y, s = _checked(labels, scores)
+    failed = s >= threshold
+    return Confusion(good_passed=int((~y & ~failed).sum()), good_failed=int((~y & failed).sum()),
+                     defective_passed=int((y & ~failed).sum()), defective_failed=int((y & failed).sum()))
+
+
+@dataclass(frozen=True)
+class BestF1:
+    """The threshold (frames at or over it fail) with the highest F1; the highest such threshold when
+    several tie. Any threshold above `next_below` (the next lower distinct score; None: none) and at
+    most `threshold` gives the same verdicts."""
+
+    threshold: float
+    next_below: float | None
+    f1: float
+    precision: float
+    recall: float
+
+
+def best_f1_threshold(labels, scores) -> BestF1:
+    y, s = _checked(labels, scores)
+    n_pos, _ = _both_classes(y, "the F1-best threshold")
+    thresholds, tp, fp = _sweep(y, s)
+    f1 = 2 * tp / (tp + fp + n_pos)  # 2 TP / (2 TP + FP + FN), as FN = n_pos - TP
+    best = int(np.argmax(f1))  # the first maximum: the highest threshold among equals
+    return BestF1(
+        threshold=float(thresholds[best]),
+        next_below=float(thresholds[best + 1]) if best + 1 < len(thresholds) else None,
+        f1=float(f1[best]),
+        precision=float(tp[best] / (tp[best] + fp[best])),
+        recall=float(tp[best] / n_pos),
+    )
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Every figure of an evaluation, from the probabilities of each class."""
+
+    threshold: float
+    good: int
+    defective: int
+    auroc: float
+    average_precision: float
+    confusion: Confusion
+    kinds: dict[str, dict[str, float]]  # kind -> images, recall, auroc (that kind against good)
+    best_f1: BestF1
+
+
+def figures(good: np.ndarray, kinds: dict[str, np.ndarray], threshold: float) -> Figures:
+    """The figures from the scores of the good images and of each defect kind (kinds may be empty arrays)."""
+    good = np.asarray(good, dtype=float)
+    kinds = {kind: np.asarray(scores, dtype=float) for kind, scores in kinds.items()}
+    defective = np.concatenate([good[:0], *kinds.values()])
+    labels = np.r_[np.zeros(len(good), bool), np.ones(len(defective), bool)]
+    scores = np.r_[good, defective]
+    per_kind = {
+        kind: {"images": len(kind_scores),
+               "recall": float(np.mean(kind_scores >= threshold)) if len(kind_scores) else math.nan,
+               "auroc": auroc(np.r_[np.zeros(len(good), bool), np.ones(len(kind_scores), bool)],
+                              np.r_[good, kind_scores]) if len(kind_scores) else math.nan}
+        for kind, kind_scores in sorted(kinds.items())
+    }
+    return Figures(threshold=threshold, good=len(good), defective=len(defective), auroc=auroc(labels, scores),
+                   average_precision=average_precision(labels, scores),
+                   confusion=confusion(labels, scores, threshold), kinds=per_kind,
+                   best_f1=best_f1_threshold(labels, scores))
+
+
+# -- the test set on disk -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """The image files of a labelled folder: good ones and those of each defect kind, sorted."""
+
+    root: Path
+    good: list[Path]
+    kinds: dict[str, list[Path]]
+
+    def labelled(self) -> list[tuple[str, Path]]:
+        """(class, path) for every file; the class is `good` or the defect kind."""
+        return [(GOOD, p) for p in self.good] + [(kind, p) for kind, paths in self.kinds.items() for p in paths]
+
+
+def scan_test_set(data: Path) -> LabelledSet:
+    """The files under `data` by class; ConfigError naming `data` and the layout when it does not fit."""
+    if not data.exists():
+        raise ConfigError(f"--data {data}: no such folder; {LAYOUT}")
+    if not data.is_dir():
+        raise ConfigError(f"--data {data}: not a folder; {LAYOUT}")
+    entries = [e for e in os.scandir(data) if not e.name.startswith(".")]
+    folders = sorted(e.name for e in entries if e.is_dir(follow_symlinks=True))
+    if GOOD not in folders:
+        hint = ""
+        if (data / "test" / GOOD).is_dir():
+            hint = f"; {data / 'test'} has that layout: pass --data {data / 'test'}"
+        raise ConfigError(f"--data {data}: no good/ folder; {LAYOUT}{hint}")
+    kinds = [name for name in folders if name != GOOD]
+    if not kinds:
+        raise ConfigError(f"--data {data}: no defect folder beside good/; {LAYOUT}")
+    good = find_images(data / GOOD)
+    if not good:
+        raise ConfigError(f"--data {data}: no images in good/; {LAYOUT}")
+    found = {kind: find_images(data / kind) for kind in kinds}
+    if not any(found.values()):
+        raise ConfigError(f"--data {data}: no images in any defect folder ({', '.join(kinds)}); {LAYOUT}")
+    for kind, paths in found.items():
+        if not paths:
+            log.warning("--data %s: defect folder %s/ holds no images; it is left out", data, kind)
+    loose = [e.name for e in entries if e.is_file() and is_image_file(Path(e.name))]
+    if loose:
+        log.warning("--data %s: %d image files lie directly in it, in no class folder (e.g. %s); they are left "
+                    "out", data, len(loose), min(loose))
+    return LabelledSet(root=data, good=good, kinds={kind: paths for kind, paths in found.items() if paths})
+
+
+# -- scoring the worker's way ---------------------------------------------------------------
+
+
+class FrameStream:
+    """Read, decode (decode_capture, the worker's limits) and prepare files on a thread pool, in order,
+    with at most `workers * 4` in flight; yields (index, tensor) and records the files left out."""
+
+    def __init__(self, prepare: Callable[[np.ndarray], torch.Tensor], limits: DecodeLimits, workers: int,
+                 progress: Progress, min_size: tuple[int, int] | None = None) -> None:
+        self.prepare = prepare
+        self.min_size = min_size
+        self.limits = limits
+        self.workers = workers
+        self.progress = progress
+        self.unreadable: list[tuple[Path, str]] = []
+
+    def _load(self, path: Path) -> torch.Tensor:
+        with open(path, "rb") as file:
+            body = file.read(self.limits.max_image_bytes + 1)  # decode_capture refuses what is over
+        image = decode_capture(body, None, None, self.limits, self.min_size)
+        try:
+            return self.prepare(image)
+        except Exception as exc:  # noqa: BLE001 - as the worker: the plugin's failure on one frame
+            raise FrameError("scoring_failed", f"the plugin could not prepare the image: {exc}") from exc
+
+    def frames(self, paths: Sequence[Path]) -> Iterator[tuple[int, torch.Tensor]]:
+        window = self.workers * 4
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+            pending: deque[tuple[int, Future]] = deque()
+            try:
+                for index, path in enumerate(paths):
+                    pending.append((index, pool.submit(self._load, path)))
+                    if len(pending) >= window:
+                        yield from self._take(paths, *pending.popleft())
+                while pending:
+                    yield from self._take(paths, *pending.popleft())
+            finally:
+                for _, future in pending:
+                    future.cancel()
+
+    def _take(self, paths: Sequence[Path], index: int, future: Future) -> Iterator[tuple[int, torch.Tensor]]:
+        try:
+            tensor = future.result()
+        except FrameError as exc:
+            self._skip(paths[index], f"{exc.code}: {exc}")
+        except OSError as exc:
+            self._skip(paths[index], f"cannot be read: {exc.strerror or exc}")
+        except Exception as exc:  # noqa: BLE001 - one odd file must not end the evaluation
+            self._skip(paths[index], f"{type(exc).__name__}: {exc}")
+        else:
+            yield index, tensor
+        self.progress.advance()
+
+    def _skip(self, path: Path, reason: str) -> None:
+        log.warning("skipping %s: %s", path, reason)
+        self.unreadable.append((path, reason))
+
+
+def _batches(frames: Iterable[tuple[int, torch.Tensor]], size: int) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    indices: list[int] = []
+    tensors: list[torch.Tensor] = []
+    for index, tensor in frames:
+        indices.append(index)
+        tensors.append(tensor)
+        if len(tensors) == size:
+            yield indices, tensors
+            indices, tensors = [], []
+    if tensors:
+        yield indices, tensors
+
+
+def _run_plugin(served: ServedModel, tensors: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    scores = served.plugin.score(torch.stack(tensors))
+    probability, raw = np.asarray(scores.probability, float), np.asarray(scores.raw, float)
+    if probability.shape != (len(tensors),) or raw.shape != (len(tensors),):
+        raise StateError(f"a batch of {len(tensors)} gave {probability.shape} probabilities, {raw.shape} scores")
+    return probability, raw
+
+
+def score_batch(served: ServedModel, tensors: list[torch.Tensor]) -> tuple[np.ndarray, list[str | None]]:
+    """Probabilities of one batch, as the worker scores it: a batch that fails is scored frame by frame;
+    a frame the plugin fails on, or gives a score that is not finite or a probability outside [0, 1],
+    gets NaN and the reason."""
+    try:
+        probability, raw = _run_plugin(served, tensors)
+        failures: list[str | None] = [None] * len(tensors)
+    except Exception as exc:  # noqa: BLE001 - isolate the frame(s) at fault, one at a time
+        log.warning("model %s failed on a batch of %d (%r); scoring its frames one by one", served.name,
+                    len(tensors), exc)
+        probability, raw, failures = np.full(len(tensors), np.nan), np.full(len(tensors), np.nan), []
+        for i, tensor in enumerate(tensors):
+            try:
+                p, r = _run_plugin(served, [tensor])
+                probability[i], raw[i] = p[0], r[0]
+                failures.append(None)
+            except Exception as one:  # noqa: BLE001 - this frame is counted and named
+                failures.append(f"{served.plugin_name} failed on this frame: {one!r}")
+    for i, (p, r) in enumerate(zip(probability, raw)):
+        if failures[i] is None and not (np.isfinite(p) and np.isfinite(r) and 0.0 <= p <= 1.0):
+            failures[i] = f"{served.plugin_name} gave probability {p} and score {r}"
+        if failures[i] is not None:
+            probability[i] = np.nan
+    return probability, failures
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluateOptions:
+    data: Path
+    model: str
+    batch_size: int
+
+
+@dataclass
+class Evaluation:
+    model: dict[str, str]
+    device: str
+    data: Path
+    found: int
+    unreadable: list[tuple[Path, str]]
+    unscored: list[tuple[Path, str]]
+    seconds: float
+    figures: Figures
+
+    @property
+    def scored(self) -> int:
+        return self.figures.good + self.figures.defective
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures and counts as plain JSON data (NaN as null)."""
+        f = self.figures
+        c = f.confusion
+        best = f.best_f1
+        data = {
+            "model": self.model,
+            "device": self.device,
+            "data": str(self.data.resolve()),
+            "threshold": f.threshold,
+            "images": {"found": self.found, "scored": self.scored, "good": f.good, "defective": f.defective,
+                       "unreadable": len(self.unreadable), "unscored": len(self.unscored)},
+            "auroc": f.auroc,
+            "average_precision": f.average_precision,
+            "at_threshold": {"precision": c.precision, "recall": c.recall, "f1": c.f1,
+                             "false_reject_rate": c.false_reject_rate},
+            "confusion": c.as_dict(),
+            "kinds": f.kinds,
+            "best_f1": {"threshold": best.threshold, "next_below": best.next_below, "f1": best.f1,
+                        "precision": best.precision, "recall": best.recall, "applied": False},
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.found / self.seconds, 2) if self.seconds > 0 else None,
+        }
+        return _json_clean(data)
+
+    def table(self) -> str:
+        """The figures as an operator reads them."""
+        f, c, best = self.figures, self.figures.confusion, self.figures.best_f1
+        m = self.model
+        left_out = len(self.unreadable) + len(self.unscored)
+        rate = f"{self.found / self.seconds:.1f} images/s" if self.seconds > 0 else ""
+        lines = [
+            f"model {m['name']!r}: {m['plugin']} version {m['version']} on {self.device}",
+            (f"data {self.data}: {self.scored} images scored ({f.good} good, {f.defective} defective in "
+             f"{len(f.kinds)} kinds), {left_out} left out ({len(self.unreadable)} unreadable, "
+             f"{len(self.unscored)} not scored); {self.seconds:.1f} s, {rate}"),
+            "",
+            f"  {'image AUROC':<24}{_fixed(f.auroc)}",
+            f"  {'average precision':<24}{_fixed(f.average_precision)}",
+            f"  at the model's threshold {f.threshold:g} (a frame fails at or over it):",
+            f"    {'precision':<22}{_fixed(c.precision)}",
+            f"    {'recall':<22}{_fixed(c.recall)}",
+            f"    {'F1':<22}{_fixed(c.f1)}",
+            f"    {'false-reject rate':<22}{_percent(c.false_reject_rate)}  ({c.good_failed} of {f.good} good)",
+            "",
+            f"  {'defect kind':<20}{'images':>7}{'recall':>9}{'AUROC':>8}",
+        ]
+        for kind, k in f.kinds.items():
+            lines.append(f"  {kind:<20}{k['images']:>7}{_percent(k['recall']):>9}{_fixed(k['auroc']):>8}")
+        lines.append(f"  {'all defective':<20}{f.defective:>7}{_percent(c.recall):>9}{_fixed(f.auroc):>8}")
+        lines += [
+            "",
+            f"  {'confusion':<20}{'passed':>7}{'failed':>9}",
+            f"  {'good':<20}{c.good_passed:>7}{c.good_failed:>9}",
+            f"  {'defective':<20}{c.defective_passed:>7}{c.defective_failed:>9}",
+            "",
+            (f"  F1-best threshold {best.threshold:.6g}: F1 {_fixed(best.f1)} "
+             f"(precision {_fixed(best.precision)}, recall {_fixed(best.recall)})"),
+            f"    for information only, not applied: the model keeps its threshold {f.threshold:g}.",
+            "    Any threshold " + (f"above {best.next_below:.6g} and " if best.next_below is not None else "")
+            + f"up to {best.threshold:.6g} gives the same verdicts on this set"
+            + ("; the model's threshold is one of them." if self._threshold_is_best() else "."),
+        ]
+        return "\n".join(lines)
+
+    def _threshold_is_best(self) -> bool:
+        best, threshold = self.figures.best_f1, self.figures.threshold
+        return (best.next_below is None or threshold > best.next_below) and threshold <= best.threshold
+
+
+def _fixed(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def _percent(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.1%}"
+
+
+def _json_clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {key: _json_clean(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_clean(item) for item in value]
+    return value
+
+
+def _load_current(settings: Settings, name: str, device: torch.device) -> ServedModel:
+    """The current version of `name`, verified and warmed up; StateError (exit 1) when none is stored."""
+    store = ModelStore(settings.store.path)
+    if store.current(name) is None:
+        try:
+            stored = [info.version for info in store.versions(name)]
+        except ConfigError:  # no folder for the model at all
+            stored = []
+        extra = (f", or make one of the stored versions ({', '.join(stored)}) current with "
+                 f"`inspector models rollback {name} VERSION`") if stored else ""
+        raise StateError(f"model {name!r} has no current version in the store {settings.store.path}; run "
+                         f"`inspector refit --model {name} --data DIR` to fit one{extra}")
+    return load_version(store, name, settings.models[name], device)
+
+
+def run_evaluate(settings: Settings, options: EvaluateOptions) -> Evaluation:
+    """Score every image of the labelled folder with the model's current version and compute the figures."""
+    if options.model not in settings.models:
+        raise ConfigError(f"--model {options.model!r} is not a configured model; configured: "
+                          f"{', '.join(sorted(settings.models))}")
+    if options.batch_size < 1:
+        raise ConfigError(f"--batch-size {options.batch_size}: must be 1 or more")
+    test_set = scan_test_set(options.data)
+    labelled = test_set.labelled()
+    device = resolve_device(settings.device)
+    served = _load_current(settings, options.model, device)
+    log.info("evaluate model %s version %s on %s: %d images under %s (%d good, %d defective in %d kinds)",
+             served.name, served.version, describe_device(device), len(labelled), options.data,
+             len(test_set.good), len(labelled) - len(test_set.good), len(test_set.kinds))
+
+    started = time.perf_counter()
+    paths = [path for _, path in labelled]
+    probability = np.full(len(paths), np.nan)
+    unscored: list[tuple[Path, str]] = []
+    workers = settings.worker.decode_threads or max(1, os.cpu_count() or 1)
+    with Progress(len(paths), "evaluate") as progress:
+        stream = FrameStream(served.plugin.prepare, DecodeLimits.from_settings(settings.worker), workers, progress,
+                             decode_size(served.plugin))
+        for indices, tensors in _batches(stream.frames(paths), options.batch_size):
+            scores, failures = score_batch(served, tensors)
+            probability[indices] = scores
+            for index, failure in zip(indices, failures):
+                if failure is not None:
+                    log.warning("skipping %s: scoring_failed: %s", paths[index], failure)
+                    unscored.append((paths[index], failure))
+    seconds = time.perf_counter() - started
+
+    classes = np.array([label for label, _ in labelled])
+    scored = ~np.isnan(probability)
+    good = probability[(classes == GOOD) & scored]
+    kinds = {kind: probability[(classes == kind) & scored] for kind in test_set.kinds}
+    left_out = len(stream.unreadable) + len(unscored)
+    if len(good) == 0 or not any(len(k) for k in kinds.values()):
+        empty = "good/" if len(good) == 0 else "any defect folder"
+        raise InspectorError(f"--data {options.data}: no image in {empty} could be scored ({left_out} files left "
+                             "out, each named in a warning above); no figures to give")
+    return Evaluation(
+        model=served.identity(), device=str(device), data=options.data, found=len(paths),
+        unreadable=stream.unreadable, unscored=unscored, seconds=seconds,
+        figures=figures(good, kinds, served.threshold),
+    )
