@@ -22,7 +22,9 @@ $(STAMP): pyproject.toml
 # The worker, in the foreground. On a fresh clone the store is empty, so a first model is
 # fitted from a generated sample line (the shipped offline backbone, no download).
 run: setup
-	@test -n "$$(ls models 2>/dev/null)" || $(MAKE) --no-print-directory sample-model
+	@scripts/local-rabbitmq
+	@$(BIN)/python -c "import sys, inspector.config as c, inspector.store as s; sys.exit(not s.ModelStore(c.load().store.path).names())" \
+		|| $(MAKE) --no-print-directory sample-model
 	$(BIN)/inspector run
 
 sample-model: setup
