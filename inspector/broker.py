@@ -16,7 +16,7 @@ import pika
 import pika.exceptions
 
 from inspector.config import BrokerSettings
-from inspector.errors import BrokerError
+from inspector.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,7 @@ def announcement(model: str, version: str, plugin: str, reason: str) -> dict[str
 def announce(broker: BrokerSettings, body: dict[str, Any]) -> None:
     """Publish a model announcement, persistent and confirmed; BrokerError if it cannot be."""
     routing_key = f"model.{body['model']}"
-    try:
-        connection = pika.BlockingConnection(connection_parameters(broker))
-    except pika.exceptions.AMQPError as exc:
-        raise BrokerError(f"cannot connect to RabbitMQ at {_safe_url(broker.url)}: {exc!r}") from exc
-    except OSError as exc:
-        raise BrokerError(f"cannot connect to RabbitMQ at {_safe_url(broker.url)}: {exc}") from exc
+    connection = blocking_connection(broker)
     try:
         channel = connection.channel()
         channel.confirm_delivery()
@@ -92,3 +87,39 @@ def _safe_url(url: str) -> str:
     """The URL without credentials, for messages and logs."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+
+
+def blocking_connection(broker: BrokerSettings) -> pika.BlockingConnection:
+    """A BlockingConnection for a command-line tool; one clear InspectorError when there is none.
+
+    pika logs a failed attempt at ERROR with a traceback; the error raised here says it all, so
+    pika is kept quiet meanwhile.
+    """
+    url = _safe_url(broker.url)
+    pika_log = logging.getLogger("pika")
+    level = pika_log.level
+    pika_log.setLevel(logging.CRITICAL)
+    try:
+        return pika.BlockingConnection(connection_parameters(broker))
+    except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
+        raise ConfigError(f"RabbitMQ at {url} refused the login ({_reason(exc)}); check the user in broker.url, "
+                          "the vhost, and INSPECTOR_BROKER__PASSWORD") from None
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerError(f"cannot connect to RabbitMQ at {url}: {_reason(exc)}; check broker.url and that "
+                          "RabbitMQ runs") from None
+    finally:
+        pika_log.setLevel(level)
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a pika connection error ("Connection refused", "timed out", ...)."""
+    while True:
+        inner = getattr(exc, "exception", None)
+        if inner is None and exc.args and isinstance(exc.args[0], BaseException):
+            inner = exc.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

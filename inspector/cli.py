@@ -111,6 +111,95 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--no-announce", action="store_true", help="switch without telling the workers")
     rollback.set_defaults(func=_cmd_models_rollback)
 
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a labelled folder (good/ plus one folder per defect kind): AUROC, F1, confusion",
+        description="Score every image of a folder laid out as MVTec AD's test/ (DIR/good/ and one folder per "
+        "defect kind) with the current version of a model, the way the worker does, and print image AUROC, "
+        "average precision, precision, recall, F1 and the confusion at the model's threshold, recall per "
+        "defect kind, and for information the threshold that would maximise F1. Needs no broker.",
+    )
+    _add_config(evaluate)
+    evaluate.add_argument("--data", type=Path, required=True, metavar="DIR",
+                          help="DIR/good/ and one folder per defect kind, images found recursively")
+    evaluate.add_argument("--model", metavar="NAME", help="the model to evaluate (default: default_model)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    evaluate.add_argument("--batch-size", type=int, metavar="N", help="images per batch (default: worker.batch_size)")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    publish = commands.add_parser(
+        "publish",
+        help="send image files to the captures exchange as a camera does (demos, replays, load tests)",
+        description="Publish image files as captures, with publisher confirms, to the captures exchange, routing "
+        "key <line>.<camera>. Each frame gets a unique message_id, a captured_at header and a source header (the "
+        "file's name relative to the --images argument it came from), which results carry back in meta. Prints "
+        "frames, bytes, seconds and frames/s at the end, also on Ctrl-C (exit 130). Exit 1 when no queue is bound "
+        "to the exchange (start `inspector run` once) or RabbitMQ is unreachable; 2 when no image file is found.",
+    )
+    _add_config(publish)
+    publish.add_argument("--images", nargs="+", required=True, metavar="PATH",
+                         help="image files, folders (recursive, sorted) or glob patterns (quoted; ** recurses)")
+    publish.add_argument("--camera", default="cam1", metavar="ID", help="camera id (default cam1)")
+    publish.add_argument("--line", default="line1", metavar="ID", help="line id (default line1)")
+    publish.add_argument("--model", metavar="NAME", help="model header: the model that scores the frames")
+    as_what = publish.add_mutually_exclusive_group()
+    as_what.add_argument("--raw", action="store_true",
+                         help="decode each file and send raw pixels (image/x-raw with width, height, pixel_format)")
+    as_what.add_argument("--by-reference", action="store_true",
+                         help='send {"image_uri": "file:///..."} (the absolute path) instead of the bytes; the '
+                         "worker must list a folder holding the files in worker.allowed_roots")
+    publish.add_argument("--pixel-format", choices=["mono8", "rgb8", "bgr8"],
+                         help="with --raw: the pixel format to send (default rgb8)")
+    publish.add_argument("--rate", type=float, default=0.0, metavar="HZ",
+                         help="frames per second (default 0: as fast as the broker confirms)")
+    publish.add_argument("--loop", action="store_true", help="repeat the files until Ctrl-C or --count")
+    publish.add_argument("--count", type=int, metavar="N", help="stop after N frames in all")
+    publish.set_defaults(func=_cmd_publish, check_plugins=False)  # a broker tool: no torch to load
+
+    watch = commands.add_parser(
+        "watch",
+        help="print verdicts from the results exchange as they come",
+        description="Bind a temporary queue (exclusive, auto-delete) to the results exchange and print one line "
+        "per result: time, line, camera, verdict, probability (or error code), model version, frame id, source. "
+        "Prints 'watching EXCHANGE FILTERS' on stderr once bound, and the count of pass, fail and error on stderr "
+        "at the end (Ctrl-C: exit 130; --count or --timeout: exit 0).",
+    )
+    _add_config(watch)
+    watch.add_argument("--filter", action="append", metavar="KEY",
+                       help="binding key on <verdict>.<line>.<camera>, repeatable (default '#'; e.g. 'fail.#', "
+                       "'*.line1.*')")
+    watch.add_argument("--json", action="store_true", help="print each result body as one JSON line (for jq)")
+    watch.add_argument("--count", type=int, metavar="N", help="exit after N results")
+    watch.add_argument("--timeout", type=float, metavar="S", help="exit 0 after S seconds without a message")
+    watch.set_defaults(func=_cmd_watch, check_plugins=False)
+
+    bench = commands.add_parser(
+        "bench",
+        help="measured throughput and latency: the raw model and the whole path through the broker",
+        description="Fit a throwaway model (the default model's plugin and settings) on generated frames in a "
+        "temporary store, then measure on generated frames of one resolution: (1) the raw plugin on prepared "
+        "tensors at the worker's batch size and device; (2) decode + prepare on the worker's decode threads, per "
+        "encoding; (3) the whole path through RabbitMQ with a worker in this process, per encoding: (a) the "
+        "throughput draining a backlog of frames, and its ratio to (1), (b) latency p50/p95/p99 from publication "
+        "to result at half that rate. Uses exchanges and queues of its own (bench-<random>.*), deleted at the "
+        "end; never touches the model store. Prints a table, or one JSON object with --json. Exit 1 when a "
+        "frame was lost, duplicated or answered with an error; the targets are reported, not enforced.",
+    )
+    _add_config(bench)
+    bench.add_argument("--resolution", type=int, default=1024, metavar="PX",
+                       help="side of the square generated frames (default 1024)")
+    bench.add_argument("--encoding", default="jpeg,png", metavar="LIST",
+                       help="comma list of jpeg, png, bmp, tiff, webp (default jpeg,png)")
+    bench.add_argument("--frames", type=int, metavar="N",
+                       help="frames in the saturation backlog (default: about 8 s of work at the rates measured)")
+    bench.add_argument("--half-load-s", type=float, default=15.0, metavar="S",
+                       help="seconds of publishing at half the saturation rate (default 15)")
+    bench.add_argument("--batch-size", type=int, metavar="N", help="frames per batch (default: worker.batch_size)")
+    bench.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: the configured device)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    bench.add_argument("--skip-broker", action="store_true", help="stages 1 and 2 only; needs no RabbitMQ")
+    bench.set_defaults(func=_cmd_bench)
+
     config = commands.add_parser("config", help="check the configuration and print it as JSON")
     _add_config(config)
     config.set_defaults(func=_cmd_config)
@@ -232,6 +321,68 @@ def _cmd_models_rollback(settings, args) -> int:
     return 0
 
 
+def _cmd_evaluate(settings, args) -> int:
+    from inspector.evaluate import EvaluateOptions, run_evaluate
+
+    batch_size = args.batch_size if args.batch_size is not None else settings.worker.batch_size
+    options = EvaluateOptions(data=args.data.expanduser(), model=args.model or settings.default_model,
+                              batch_size=batch_size)
+    result = run_evaluate(settings, options)
+    print(json.dumps(result.as_dict(), indent=2, allow_nan=False) if args.json else result.table())
+    return 0
+
+
+def _cmd_publish(settings, args) -> int:
+    from inspector.publish import PublishOptions, Summary, publish
+
+    if args.pixel_format and not args.raw:
+        raise ConfigError("--pixel-format goes with --raw")
+    options = PublishOptions(
+        images=args.images, camera=args.camera, line=args.line, model=args.model,
+        mode="raw" if args.raw else "reference" if args.by_reference else "encoded",
+        pixel_format=args.pixel_format or "rgb8", rate=args.rate, loop=args.loop, count=args.count,
+    )
+    summary = Summary()
+    try:
+        publish(settings, options, summary)
+    except KeyboardInterrupt:
+        print(summary.line())
+        return 130
+    print(summary.line())
+    return 0
+
+
+def _cmd_watch(settings, args) -> int:
+    from inspector.watch import Tally, WatchOptions, watch
+
+    tally = Tally()
+    options = WatchOptions(filters=args.filter or ["#"], json=args.json, count=args.count, timeout=args.timeout)
+    try:
+        watch(settings, options, tally)
+    except KeyboardInterrupt:
+        print(tally.line(), file=sys.stderr)
+        return 130
+    print(tally.line(), file=sys.stderr)
+    return 0
+
+
+def _cmd_bench(settings, args) -> int:
+    from inspector.bench import BenchOptions, run_bench
+
+    options = BenchOptions(
+        resolution=args.resolution, encodings=[e.strip().lower() for e in args.encoding.split(",") if e.strip()],
+        frames=args.frames, half_load_s=args.half_load_s, batch_size=args.batch_size, device=args.device,
+        skip_broker=args.skip_broker,
+    )
+    report = run_bench(settings, options)
+    print(json.dumps(report.as_dict(), indent=2, allow_nan=False) if args.json else report.table())
+    if report.frames_lost:
+        print(f"inspector: error: {report.frames_lost} frames were missing, duplicated or answered with an error",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_config(settings, args) -> int:
     data = settings.model_dump(mode="json")
     data["plugins"] = {
@@ -248,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from inspector import config
 
-        settings = config.load(args.config)
+        settings = config.load(args.config, check_plugins=getattr(args, "check_plugins", True))
         logging.getLogger().setLevel(settings.log_level)
         logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))
         return args.func(settings, args)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from inspector.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str) -> "torch.device":
     """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N" -> torch.device; clear error if absent."""
+    import torch  # here, not at import: the broker tools load the configuration without torch
+
     if not DEVICE_PATTERN.match(spec):
         raise ConfigError(f"device: {spec!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
     if spec == "auto":
@@ -28,8 +32,10 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def describe_device(device: torch.device) -> str:
+def describe_device(device: "torch.device") -> str:
     """A line for the start-up log: the device and, on CUDA, the card's name."""
+    import torch
+
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)

@@ -74,7 +74,7 @@ def test_refit_summary_and_manifest(refitted):
     work, result = refitted
     assert result.returncode == 0, result.stderr
     for name in ("empty.png", "garbage.jpg", "truncated.png"):
-        assert f"skipping archive/" in result.stderr and name in result.stderr
+        assert "skipping archive/" in result.stderr and name in result.stderr
     assert "notes.txt" not in result.stderr
     found, corrupt = GOOD + 3, 3
     held_out = round(found * 0.3)

@@ -21,10 +21,12 @@ from inspector.refit import RefitOptions, run_refit
 SIZE = 128  # frames and model input: small, so the tests stay quick on two cores
 
 
-def fit_store(root: Path) -> Path:
-    """A store with one calibrated version of `default`, fitted on the synthetic line."""
+def fit_store(root: Path, plugin: dict | None = None) -> Path:
+    """A store with one calibrated version of `default`, fitted on the synthetic line; `plugin`: more
+    [plugins.dfkde] settings (e.g. a random-weight backbone)."""
     samples.write_folder(root / "archive", 80, size=SIZE)
-    settings = config.load(_toml(root, {"store": {"path": str(root / "models")}}))
+    text = "\n".join(f"{key} = {_toml_value(value)}" for key, value in (plugin or {}).items())
+    settings = config.load(_toml(root, {"store": {"path": str(root / "models")}}, text))
     run_refit(settings, RefitOptions(data=root / "archive" / "good", model="default", held_out_share=0.3,
                                      target_false_reject=0.05, announce=False))
     return root / "models"
