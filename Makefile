@@ -29,7 +29,7 @@ run: setup
 
 sample-model: setup
 	$(BIN)/inspector samples --out $(SAMPLE)
-	$(BIN)/inspector refit --data $(SAMPLE)/train/good --no-announce
+	$(BIN)/inspector refit --data $(SAMPLE)/train/good --held-out 0.25 --target-false-reject 0.02 --no-announce
 
 demo: setup
 	$(BIN)/inspector demo
