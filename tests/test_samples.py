@@ -220,3 +220,17 @@ def test_module_needs_no_torch(tmp_path):
         "samples.write_folder(__import__('pathlib').Path(sys.argv[1]), 1, 1, size=48)\n"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
+
+
+def test_a_sample_line_is_mvtec_shaped_deterministic_and_keeps_test_frames_out_of_training(tmp_path):
+    first = samples.write_line(tmp_path / "a", train=6, test=3, defective_per_kind=2, seed=4, size=64)
+    samples.write_line(tmp_path / "b", train=6, test=3, defective_per_kind=2, seed=4, size=64)
+    assert first == {"train": {"good": 6},
+                     "test": {"good": 3, **{kind: 2 for kind in samples.DEFECT_KINDS}}}
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert len(files) == 6 + 3 + 2 * len(samples.DEFECT_KINDS)
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    train = {(tmp_path / "a" / "train" / "good" / f"{i:03d}.png").read_bytes() for i in range(6)}
+    test = {(tmp_path / "a" / "test" / "good" / f"{i:03d}.png").read_bytes() for i in range(3)}
+    assert not train & test
