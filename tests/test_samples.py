@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from inspector import samples
 from inspector.samples import DEFECT_KINDS, defective_part, good_part, make_images, write_folder
 
 
