@@ -2,8 +2,9 @@
 
 One run, on generated frames of one resolution in one or more encodings:
 
-1. raw: the plugin's `score` on prepared tensors, in batches of worker.batch_size on the worker's device
-   (the ceiling: nothing but the model);
+1. raw: the plugin's `score` on prepared tensors, in batches of worker.batch_size on the worker's device,
+   from a thread of its own as the worker's scoring thread (the ceiling: nothing but the model); measured
+   again right before and right after every saturation run, whose ratio is taken to the mean of those two;
 2. decode: `decode_capture` + `plugin.prepare` on a pool of worker.decode_threads threads, per encoding;
 3. the whole path, per encoding: the real `Worker` in this process, on exchanges and queues of the run's own
    (`bench-<random>.*`, deleted at the end), a publisher and a collector with a connection each:
@@ -11,6 +12,7 @@ One run, on generated frames of one resolution in one or more encodings:
        consuming the backlog to the last result, and its ratio to (1);
    (b) half load: frames published at half the saturation rate for a fixed time, evenly paced; latency
        from publication (the frame's capture time) to the result reaching the collector: p50, p95, p99.
+   A fresh worker serves each run; one more, first, declares the run's exchanges and queues.
 
 The model is a throwaway: the configured default model's plugin fitted on generated good frames into a
 temporary store. The user's store is never read or written. Every frame must come back exactly once;
@@ -44,14 +46,13 @@ import torch
 from PIL import Image
 
 from inspector import __version__, samples
-from inspector.broker import _safe_url, connection_parameters
+from inspector.broker import blocking_connection
 from inspector.config import ExchangeSettings, Settings, StoreSettings
 from inspector.decode import DecodeLimits, decode_capture
 from inspector.devices import resolve_device
 from inspector.errors import BrokerError, ConfigError
 from inspector.messages import rfc3339
-from inspector.metrics import Metrics
-from inspector.plugin import Plugin, get_plugin
+from inspector.plugin import Plugin, decode_size, get_plugin
 from inspector.refit import RefitOptions, run_refit
 from inspector.serving import load_version
 from inspector.store import ModelStore
@@ -60,8 +61,8 @@ from inspector.worker import Worker
 log = logging.getLogger(__name__)
 
 SCHEMA = "inspector.bench/1"
-# name -> (PIL format, content type, encoder options). JPEG at quality 90; PNG at zlib level 1, OpenCV's
-# default (camera capture services mostly encode with it), which decodes as fast as PIL's level 6.
+# name -> (PIL format, content type, encoder options). JPEG at quality 90; PNG at zlib level 1, the default
+# of OpenCV's imwrite (PIL's own level 6 takes six times as long to write; it decodes about 10% faster).
 ENCODINGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "jpeg": ("JPEG", "image/jpeg", {"quality": 90}),
     "png": ("PNG", "image/png", {"compress_level": 1}),
@@ -202,13 +203,16 @@ class BenchReport:
                               lost=_lost(sat)))
             ratio = ("" if sat["ratio_to_raw"] is None else
                      f"; {sat['ratio_to_raw']:.1%} of the raw plugin's {sat['raw_images_per_second']:.2f} "
-                     "measured just before and after")
+                     f"measured just before and after; model and decoding alone predict "
+                     f"{sat['expected_frames_per_second']:.2f}")
             notes.append(f"  3a {encoding}: {sat['frames']} frames queued, drained in {_seconds(sat['seconds'])}"
                          f"{ratio}; {_batches(sat)}{_losses(sat)}")
             lat = half["latency_ms"]
             lines.append(_row("3b whole path, half load", encoding, half["frames_per_second"], "frames/s",
                               latency=(lat["p50"], lat["p95"], lat["p99"]), lost=_lost(half)))
             spread = "" if half["p99_over_p50"] is None else f"; p99 {half['p99_over_p50']:.2f}x p50"
+            if half["published_hz"] and half["published_hz"] < 0.95 * half["rate_hz"]:
+                spread += f" (the publisher kept only {half['published_hz']:.2f} Hz)"
             notes.append(f"  3b {encoding}: {half['frames']} frames at {half['rate_hz']:.2f} Hz for "
                          f"{half['seconds']:.1f} s{spread}; {_batches(half)}{_losses(half)}")
         if self.broker is None:
@@ -296,7 +300,8 @@ def run_bench(settings: Settings, options: BenchOptions) -> BenchReport:
             log.info("stage 2: decode + prepare of %s frames on %d threads, %g s", f.encoding, threads,
                      DECODE_WINDOW_S)
             decode[f.encoding] = _decode(served.plugin, f, limits, threads)
-        decoded = [decode_capture(b, frames[0].content_type, {}, limits) for b in frames[0].bodies]
+        decoded = [decode_capture(b, frames[0].content_type, {}, limits, decode_size(served.plugin))
+                   for b in frames[0].bodies]
         raw = RawMeter(served.plugin, decoded, worker.batch_size, device)
         log.info("stage 1: the raw plugin on prepared tensors, batches of %d on %s, %g s",
                  worker.batch_size, device, RAW_WINDOW_S)
@@ -353,10 +358,10 @@ def _cpu_model() -> str:
 def _check_broker(settings: Settings) -> None:
     """Fail in a second, not after the model is fitted, when stage 3 cannot run."""
     try:
-        pika.BlockingConnection(connection_parameters(settings.broker)).close()
-    except pika.exceptions.AMQPError as exc:
-        raise BrokerError(f"RabbitMQ at {_safe_url(settings.broker.url)} cannot be reached ({exc!r}); stage 3 "
-                          "needs it: start it, or pass --skip-broker to measure stages 1 and 2 only") from None
+        blocking_connection(settings.broker).close()
+    except BrokerError as exc:
+        raise BrokerError(f"{exc}; stage 3 needs it: start it, or pass --skip-broker to measure stages 1 and 2 "
+                          "only") from None
 
 
 def _fit(settings: Settings, root: Path) -> int:
@@ -366,8 +371,8 @@ def _fit(settings: Settings, root: Path) -> int:
     minimum = get_plugin(model.plugin).create(plugin_settings, torch.device("cpu")).min_images
     count = max(FIT_IMAGES, minimum + 2)
     size = max(samples._MIN_SIZE, int(getattr(plugin_settings, "input_size", 256)))
-    log.info("fitting a throwaway %s model on %d generated %dx%d frames (the store at %s is not touched)",
-             model.plugin, count, size, size, "<temporary>")
+    log.info("fitting a throwaway %s model on %d generated %dx%d frames into a temporary store (the configured "
+             "store is not touched)", model.plugin, count, size, size)
     samples.write_folder(root / "fit", count, size=size)
     result = run_refit(settings, RefitOptions(data=root / "fit" / "good", model=settings.default_model,
                                               calibrate=False, held_out_share=0.0, announce=False))
@@ -413,7 +418,7 @@ class RawMeter:
         self.batch_size = batch_size
         prepared = [plugin.prepare(image) for image in decoded]
         self.batches = [torch.stack([prepared[(b * batch_size + i) % len(prepared)] for i in range(batch_size)])
-                        for b in range(len(prepared))]
+                        for b in range(2)]  # two distinct batches, alternating
         self.measurements: list[float] = []
 
     def measure(self) -> float:
@@ -452,14 +457,14 @@ def _decode(plugin: Plugin, frames: Frames, limits: DecodeLimits, threads: int) 
     decode_s, prepare_s = [], []
     for body in frames.bodies:
         t0 = time.perf_counter()
-        image = decode_capture(body, frames.content_type, {}, limits)
+        image = decode_capture(body, frames.content_type, {}, limits, decode_size(plugin))
         t1 = time.perf_counter()
         plugin.prepare(image)
         decode_s.append(t1 - t0)
         prepare_s.append(time.perf_counter() - t1)
 
     def work(i: int) -> None:
-        plugin.prepare(decode_capture(frames.body(i), frames.content_type, {}, limits))
+        plugin.prepare(decode_capture(frames.body(i), frames.content_type, {}, limits, decode_size(plugin)))
 
     done, submitted = 0, 0
     pending: list[Future] = []
@@ -526,9 +531,7 @@ class Collector:
     def _run(self) -> None:
         connection = None
         try:
-            params = connection_parameters(self.settings.broker)
-            params.client_properties = {"connection_name": "inspector bench collector"}
-            connection = pika.BlockingConnection(params)
+            connection = blocking_connection(self.settings.broker)
             channel = connection.channel()
             results = self.settings.broker.exchanges.results
             channel.exchange_declare(results, exchange_type="topic", durable=True)
@@ -586,14 +589,13 @@ class Publisher:
         self.published: dict[str, float] = {}
 
     def __enter__(self) -> Self:
-        params = connection_parameters(self.settings.broker)
-        params.client_properties = {"connection_name": "inspector bench publisher"}
+        self.connection = blocking_connection(self.settings.broker)
         try:
-            self.connection = pika.BlockingConnection(params)
             self.channel = self.connection.channel()
             self.channel.confirm_delivery()
         except pika.exceptions.AMQPError as exc:
-            raise BrokerError(f"the bench publisher could not connect: {exc!r}") from None
+            self.connection.close()
+            raise BrokerError(f"the bench publisher could not open a channel: {exc!r}") from None
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -639,10 +641,7 @@ def _broker_stage(settings: Settings, frames: list[Frames], options: BenchOption
         collector = Collector(settings)
         collector.start()
         for index, f in enumerate(frames):
-            model_rate, decode_rate = raw.measurements[0], decode[f.encoding]["frames_per_second"]
-            # on the CPU, decoding and the model share the cores; on a GPU they overlap
-            expected = (1 / (1 / model_rate + 1 / decode_rate) if device.type == "cpu"
-                        else min(model_rate, decode_rate))
+            expected = _expected(raw.measurements[0], decode[f.encoding]["frames_per_second"], device)
             count = options.frames or _backlog(expected, f.mean_bytes, settings.worker.batch_size)
             if index:
                 log.info("stage 1 again, before stage 3a: the raw plugin, %g s", RAW_WINDOW_S)
@@ -654,6 +653,8 @@ def _broker_stage(settings: Settings, frames: list[Frames], options: BenchOption
             rate = saturation["frames_per_second"]
             saturation["raw_images_per_second"] = round(reference, 3)
             saturation["ratio_to_raw"] = round(rate / reference, 4) if rate else None
+            saturation["expected_frames_per_second"] = round(
+                _expected(reference, decode[f.encoding]["frames_per_second"], device), 3)
             half = _half_load(settings, collector, f, rate, options.half_load_s)
             out[f.encoding] = {"saturation": saturation, "half_load": half}
     finally:
@@ -663,6 +664,14 @@ def _broker_stage(settings: Settings, frames: list[Frames], options: BenchOption
     return out
 
 
+def _expected(model_rate: float, decode_rate: float, device: torch.device) -> float:
+    """What the model and the decoding alone predict for the whole path: on the CPU they share the cores, so
+    their times add up; on a GPU they overlap, so the slower one sets the pace."""
+    if device.type == "cpu":
+        return 1 / (1 / model_rate + 1 / decode_rate)
+    return min(model_rate, decode_rate)
+
+
 def _backlog(expected_rate: float, frame_bytes: int, batch_size: int) -> int:
     """About SATURATION_S of work at `expected_rate`, at least four batches, within MAX_FRAMES and BACKLOG_BYTES."""
     count = max(4 * batch_size, math.ceil(expected_rate * SATURATION_S))
@@ -670,10 +679,11 @@ def _backlog(expected_rate: float, frame_bytes: int, batch_size: int) -> int:
 
 
 def _with_worker(settings: Settings, body: Callable[[Worker], Any]) -> Any:
-    """Start a worker in this process (it runs its own threads), run `body(worker)`, stop it."""
-    worker = Worker(settings, Metrics(settings.metrics))
+    """Start a worker in this process (it runs its own threads), run `body(worker)`, stop it. A worker that
+    fails to start has stopped its threads itself and raises."""
+    worker = Worker(settings)
+    worker.start()
     try:
-        worker.start()
         return body(worker)
     finally:
         worker.stop(grace_s=10.0)
@@ -747,6 +757,7 @@ def _half_load(settings: Settings, collector: Collector, frames: Frames, saturat
         spread = None
     seconds = (max(times.values()) - started) if times else None
     return {"rate_hz": round(rate, 3), "seconds": round(published_s, 3), "frames": count,
+            "published_hz": round((count - 1) / published_s, 3) if count > 1 and published_s > 0 else None,
             "frames_per_second": round(len(times) / seconds, 3) if seconds else None,
             "latency_ms": latency, "p99_over_p50": spread, **batching, **counts}
 
@@ -755,9 +766,10 @@ def _delete_topology(settings: Settings) -> None:
     """The run's queues (quorum queues outlive every connection) and exchanges."""
     worker, exchanges = settings.worker, settings.broker.exchanges
     try:
-        connection = pika.BlockingConnection(connection_parameters(settings.broker))
-    except pika.exceptions.AMQPError as exc:
-        log.warning("could not delete the bench's queues and exchanges (%s.*): %r", worker.queue, exc)
+        connection = blocking_connection(settings.broker)
+    except BrokerError as exc:
+        log.warning("could not delete the bench's queues and exchanges (%s, %s, %s.*): %s", worker.queue,
+                    worker.dead_letter_queue, exchanges.captures.rsplit(".", 1)[0], exc)
         return
     try:
         channel = connection.channel()
@@ -766,7 +778,8 @@ def _delete_topology(settings: Settings) -> None:
         for name in (exchanges.captures, exchanges.results, exchanges.control, exchanges.dead):
             channel.exchange_delete(name)
     except pika.exceptions.AMQPError as exc:
-        log.warning("could not delete the bench's queues and exchanges (%s.*): %r", worker.queue, exc)
+        log.warning("could not delete the bench's queues and exchanges (%s, %s, %s.*): %r", worker.queue,
+                    worker.dead_letter_queue, exchanges.captures.rsplit(".", 1)[0], exc)
     finally:
         try:
             connection.close()

@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--encoding", default="jpeg,png", metavar="LIST",
                        help="comma list of jpeg, png, bmp, tiff, webp (default jpeg,png)")
     bench.add_argument("--frames", type=int, metavar="N",
-                       help="frames in the saturation backlog (default: about 8 s of work at the rates measured)")
+                       help="frames in the saturation backlog (default: about 6 s of work at the rates measured)")
     bench.add_argument("--half-load-s", type=float, default=15.0, metavar="S",
                        help="seconds of publishing at half the saturation rate (default 15)")
     bench.add_argument("--batch-size", type=int, metavar="N", help="frames per batch (default: worker.batch_size)")

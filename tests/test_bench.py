@@ -1,0 +1,104 @@
+"""`inspector bench` as an operator runs it: the real CLI in a subprocess, against the real RabbitMQ, on small
+frames and a small model input so it stays quick on two cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inspector.bench import BenchOptions
+from inspector.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(tmp_path: Path, *args: str, broker_url: str | None = None, timeout: float = 180):
+    lines = ['device = "cpu"', "[plugins.dfkde]", "input_size = 64"]
+    if broker_url:
+        lines += ["[broker]", f'url = "{broker_url}"']
+    config = tmp_path / "inspector.toml"
+    config.write_text("\n".join(lines) + "\n")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTOR_")}
+    return subprocess.run([sys.executable, "-m", "inspector.cli", "bench", "--config", str(config), *args],
+                          cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def bench_queues() -> set[str]:
+    """Names of the bench's queues still on the broker (a bench deletes its own at the end)."""
+    listing = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True,
+                             timeout=60, check=False)
+    return {line.strip() for line in listing.stdout.splitlines() if line.strip().startswith("bench-")}
+
+
+def test_bench_through_the_broker_reports_every_stage_and_loses_no_frame(tmp_path: Path) -> None:
+    before = bench_queues()
+    result = bench(tmp_path, "--resolution", "128", "--encoding", "jpeg", "--frames", "30", "--half-load-s", "3",
+                   "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+
+    assert report["schema"] == "inspector.bench/1"
+    assert set(report) >= {"machine", "settings", "frames", "raw", "decode", "broker", "targets", "seconds"}
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["cpu"] and machine["torch"] and machine["device"] == "cpu"
+    settings = report["settings"]
+    assert settings["input_size"] == 64 and settings["backbone"] == "tf_efficientnet_lite0"
+    assert settings["batch_size"] == 8 and settings["precision"] == "fp32"
+    assert report["frames"]["resolution"] == 128 and report["frames"]["encodings"] == ["jpeg"]
+
+    assert report["raw"]["images_per_second"] > 0 and len(report["raw"]["measurements"]) == 2
+    assert report["decode"]["jpeg"]["frames_per_second"] > 0
+    saturation, half = report["broker"]["jpeg"]["saturation"], report["broker"]["jpeg"]["half_load"]
+    for phase in (saturation, half):
+        assert (phase["missing"], phase["duplicates"], phase["errors"], phase["unexpected"]) == (0, 0, 0, 0)
+        assert phase["frames_per_second"] > 0 and phase["batches"] >= 1
+    assert saturation["frames"] == 30
+    assert saturation["ratio_to_raw"] > 0
+    assert half["frames"] >= 1 and half["rate_hz"] > 0
+    latency = half["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"]
+    assert abs(half["p99_over_p50"] - latency["p99"] / latency["p50"]) < 0.01
+
+    targets = {t["target"]: t for t in report["targets"]}
+    assert set(targets) == {"throughput", "latency"}
+    assert targets["throughput"]["pass"] == (saturation["ratio_to_raw"] >= 0.85)
+    assert targets["latency"]["pass"] == (half["p99_over_p50"] <= 3.0)
+    assert bench_queues() == before  # its quorum queues are deleted
+
+
+def test_bench_without_the_broker_prints_stages_1_and_2(tmp_path: Path) -> None:
+    # a broker URL nobody listens on: --skip-broker must not need one
+    result = bench(tmp_path, "--resolution", "96", "--encoding", "jpeg,png", "--skip-broker",
+                   broker_url="amqp://guest@127.0.0.1:1/%2F")
+    assert result.returncode == 0, result.stderr
+    table = result.stdout
+    assert "1  raw plugin" in table and "images/s" in table
+    assert table.count("2  decode + prepare") == 2
+    assert "skipped (--skip-broker)" in table and "targets" not in table
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_without_a_broker_says_so_in_one_line(tmp_path: Path) -> None:
+    result = bench(tmp_path, "--resolution", "64", broker_url="amqp://guest@127.0.0.1:1/%2F")
+    assert result.returncode == 1
+    assert "--skip-broker" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"encodings": ["gif"]}, "--encoding 'gif'"),
+    ({"encodings": ["jpeg", "jpeg"]}, "named twice"),
+    ({"resolution": 16}, "--resolution 16"),
+    ({"frames": 0}, "--frames 0"),
+    ({"half_load_s": 0}, "--half-load-s 0"),
+    ({"batch_size": 0}, "--batch-size 0"),
+])
+def test_bad_options_are_usage_errors(options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        BenchOptions(**options).check()
+    assert caught.value.exit_code == 2
