@@ -64,6 +64,16 @@ def test_batches_fill_or_time_out_per_model_version():
     assert batcher.next_deadline() is None and len(batcher) == 0
 
 
+def test_a_batch_waits_longer_for_frames_still_being_decoded():
+    batcher = Batcher(batch_size=4, max_wait_s=0.010, hold_s=0.200)
+    batcher.add(1, "a1", now=0.0)
+    assert batcher.next_deadline(decoding=True) == pytest.approx(0.210)
+    assert batcher.due(now=0.050, decoding=True) == []  # more are coming: keep filling
+    assert batcher.due(now=0.050, decoding=False) == [["a1"]]  # nothing more on its way: go
+    batcher.add(1, "b1", now=0.3)
+    assert batcher.due(now=0.511, decoding=True) == [["b1"]]  # never longer than the hold
+
+
 class FakePlugin:
     def __init__(self, probability):
         self.probability = probability
