@@ -381,9 +381,8 @@ class Worker:
         if outcomes:
             self.consumer.submit(outcomes)
 
-    @staticmethod
-    def _run_plugin(model: ServedModel, batch: list[_Prepared]) -> tuple[list, list]:
-        scores = model.plugin.score(torch.stack([p.tensor for p in batch]))
+    def _run_plugin(self, model: ServedModel, batch: list[_Prepared]) -> tuple[list, list]:
+        scores = model.plugin.score(stack_for(self.device, [p.tensor for p in batch]))
         probability, raw = np.asarray(scores.probability, float), np.asarray(scores.raw, float)
         if probability.shape != (len(batch),) or raw.shape != (len(batch),):
             raise StateError(f"a batch of {len(batch)} gave {probability.shape} probabilities")
@@ -408,6 +407,15 @@ class Worker:
         if captured is None:
             return None
         return max(0.0, time.time() - captured.timestamp())
+
+
+def stack_for(device: torch.device, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One batch tensor; for CUDA in page-locked memory, so the plugin's `.to(device, non_blocking=True)`
+    is a real asynchronous copy instead of a staged, synchronous one."""
+    if device.type != "cuda":
+        return torch.stack(tensors)
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
+    return torch.stack(tensors, out=out)
 
 
 def run_worker(settings: Settings) -> int:

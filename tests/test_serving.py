@@ -108,3 +108,21 @@ def test_a_refused_version_is_counted_once_and_the_old_one_stays(monkeypatch):
     assert reloader.reload("default") is None
     assert reloader.reload("default") is None
     assert outcomes == [("default", "failed")] and models.get("default").version == "v1"
+
+
+def test_a_batch_for_the_cpu_is_a_plain_stack():
+    from inspector.worker import stack_for
+
+    tensors = [torch.full((3, 4, 4), i, dtype=torch.uint8) for i in range(3)]
+    batch = stack_for(torch.device("cpu"), tensors)
+    assert torch.equal(batch, torch.stack(tensors)) and not batch.is_pinned()
+
+
+@pytest.mark.cuda
+def test_a_batch_for_cuda_is_pinned_for_an_asynchronous_copy():
+    from inspector.worker import stack_for
+
+    tensors = [torch.full((3, 4, 4), i, dtype=torch.uint8) for i in range(3)]
+    batch = stack_for(torch.device("cuda"), tensors)
+    assert batch.is_pinned() and torch.equal(batch, torch.stack(tensors))
+    assert torch.equal(batch.to("cuda", non_blocking=True).cpu(), torch.stack(tensors))
