@@ -86,7 +86,7 @@ class WorkerSettings(_Section):
     queue: str = Field("inspector.captures", min_length=1, description="durable quorum queue the worker consumes")
     binding_keys: list[str] = Field(default_factory=lambda: ["#"], min_length=1)
     prefetch: int = Field(64, ge=1, le=65535, description="unacknowledged captures held at most")
-    batch_size: int = Field(8, ge=1, le=4096, description="frames scored together at most")
+    batch_size: int = Field(4, ge=1, le=4096, description="frames scored together at most")
     max_batch_wait_ms: float = Field(10.0, ge=0, description="longest a frame waits for its batch to fill")
     max_batch_hold_ms: float = Field(200.0, ge=0, description="longer still while frames are being decoded")
     decode_threads: int = Field(0, ge=0, description="threads decoding captures; 0 = one per CPU core")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from inspector import config
 from inspector.bench import BenchOptions
 from inspector.errors import ConfigError
 
@@ -49,7 +50,7 @@ def test_bench_through_the_broker_reports_every_stage_and_loses_no_frame(tmp_pat
     assert machine["cores"] >= 1 and machine["cpu"] and machine["torch"] and machine["device"] == "cpu"
     settings = report["settings"]
     assert settings["input_size"] == 64 and settings["backbone"] == "tf_efficientnet_lite0"
-    assert settings["batch_size"] == 8 and settings["precision"] == "fp32"
+    assert settings["batch_size"] == config.WorkerSettings().batch_size and settings["precision"] == "fp32"
     assert report["frames"]["resolution"] == 128 and report["frames"]["encodings"] == ["jpeg"]
 
     assert report["raw"]["images_per_second"] > 0 and len(report["raw"]["measurements"]) == 2
