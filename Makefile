@@ -41,6 +41,8 @@ test-slow: setup
 	$(BIN)/python -m pytest -m slow || [ $$? -eq 5 ]  # 5: none selected yet
 
 bench: setup
+	@scripts/local-rabbitmq
+	$(BIN)/inspector bench
 	$(BIN)/python bench/kde_scoring.py --repeats 21
 	$(BIN)/python bench/refit_throughput.py --images 256
 
