@@ -76,10 +76,7 @@ def announce(broker: BrokerSettings, body: dict[str, Any]) -> None:
     except pika.exceptions.AMQPError as exc:
         raise BrokerError(f"announcing {routing_key} failed: {exc!r}") from exc
     finally:
-        try:
-            connection.close()
-        except pika.exceptions.AMQPError:
-            pass
+        close_quietly(connection)
     log.info("announced %s version %s on %s", routing_key, body["version"], broker.exchanges.control)
 
 
@@ -123,3 +120,12 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def close_quietly(connection: pika.BlockingConnection) -> None:
+    """Close a connection that may already be gone; there is nothing to tell anyone if it was."""
+    try:
+        if connection.is_open:
+            connection.close()
+    except (pika.exceptions.AMQPError, OSError):
+        pass

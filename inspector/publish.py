@@ -26,7 +26,7 @@ import pika
 import pika.exceptions
 from PIL import Image
 
-from inspector.broker import _safe_url, blocking_connection
+from inspector.broker import _safe_url, blocking_connection, close_quietly
 from inspector.config import Settings
 from inspector.errors import BrokerError, ConfigError, InspectorError
 from inspector.imagefiles import (
@@ -215,7 +215,7 @@ def publish(settings: Settings, options: PublishOptions, summary: Summary | None
         raise BrokerError(f"publishing to RabbitMQ at {_safe_url(settings.broker.url)} failed after "
                           f"{summary.sent} frames: {exc!r}") from exc
     finally:
-        _close(connection)
+        close_quietly(connection)
     return summary
 
 
@@ -288,11 +288,3 @@ def _check_exchange(channel, exchange: str) -> None:
             raise BrokerError(f"the exchange {exchange} does not exist: start `inspector run` once so it declares "
                               "its exchanges and queue") from None
         raise
-
-
-def _close(connection: pika.BlockingConnection) -> None:
-    try:
-        if connection.is_open:
-            connection.close()
-    except (pika.exceptions.AMQPError, OSError):
-        pass

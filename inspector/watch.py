@@ -21,11 +21,10 @@ from typing import Any, TextIO
 import pika
 import pika.exceptions
 
-from inspector.broker import _safe_url
+from inspector.broker import _safe_url, blocking_connection, close_quietly
 from inspector.config import Settings
 from inspector.errors import BrokerError, ConfigError
 from inspector.messages import VERDICTS
-from inspector.broker import blocking_connection
 
 COLOURS = {"pass": "\033[32m", "fail": "\033[31m", "error": "\033[33m"}
 RESET = "\033[0m"
@@ -161,7 +160,7 @@ def watch(settings: Settings, options: WatchOptions, tally: Tally | None = None,
         raise BrokerError(f"watching {exchange} at {_safe_url(settings.broker.url)} failed ({tally.line()}): "
                           f"{exc!r}") from exc
     finally:
-        _close(connection)
+        close_quietly(connection)
     return tally
 
 
@@ -177,12 +176,4 @@ def _silence(out: TextIO) -> None:
     try:
         os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
     except (OSError, ValueError, AttributeError):
-        pass
-
-
-def _close(connection: pika.BlockingConnection) -> None:
-    try:
-        if connection.is_open:
-            connection.close()
-    except (pika.exceptions.AMQPError, OSError):
         pass
