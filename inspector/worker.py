@@ -31,14 +31,7 @@ from inspector.consumer import Consumer, Delivery, Outcome
 from inspector.decode import DecodeLimits, decode_capture
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import FrameError, InspectorError, StateError
-from inspector.messages import (
-    Capture,
-    encode,
-    parse_capture,
-    result_body,
-    result_routing_key,
-    rfc3339,
-)
+from inspector.messages import Capture, encode, parse_capture, result_body, result_routing_key, rfc3339
 from inspector.metrics import Metrics
 from inspector.plugin import decode_size
 from inspector.serving import ModelSet, Reloader, ServedModel, load_version

@@ -17,13 +17,7 @@ from PIL import Image
 from scipy import ndimage
 
 from inspector import samples
-from inspector.samples import (
-    DEFECT_KINDS,
-    defective_part,
-    good_part,
-    make_images,
-    write_folder,
-)
+from inspector.samples import DEFECT_KINDS, defective_part, good_part, make_images, write_folder
 
 
 def rng(seed: int) -> np.random.Generator:

@@ -30,14 +30,7 @@ from inspector.broker import announcement
 from inspector.store import ModelStore
 from inspector.worker import Worker
 from plugins.dfkde.plugin import DfkdePlugin
-from tests.workerkit import (
-    SIZE,
-    Line,
-    close_all_connections,
-    encoded,
-    fit_store,
-    worker_config,
-)
+from tests.workerkit import SIZE, Line, close_all_connections, encoded, fit_store, worker_config
 
 CAPTURED_AT = "2026-11-28T10:15:01.120Z"
 
