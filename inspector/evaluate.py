@@ -34,10 +34,10 @@ import torch
 
 from inspector.config import Settings
 from inspector.decode import DecodeLimits, decode_capture
-from inspector.plugin import decode_size
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import ConfigError, FrameError, InspectorError, StateError
 from inspector.imagefiles import is_image_file
+from inspector.plugin import decode_size
 from inspector.progress import Progress
 from inspector.refit import find_images
 from inspector.serving import ServedModel, load_version
