@@ -273,7 +273,14 @@ class Worker:
 
     def _decode_one(self, delivery: Delivery) -> None:
         started = time.perf_counter()
-        capture = parse_capture(delivery.routing_key, delivery.properties, delivery.body, delivery.redelivered)
+        try:
+            capture = parse_capture(delivery.routing_key, delivery.properties, delivery.body, delivery.redelivered)
+        except Exception:  # noqa: BLE001 - a bug here must not leave the frame unanswered
+            log.exception("parsing a capture on %s failed", delivery.routing_key)
+            capture = Capture(frame_id=str(getattr(delivery.properties, "message_id", None) or "unknown"),
+                              line_id="unknown", camera_id="unknown", model=None, routing_key=delivery.routing_key,
+                              content_type=None, headers={}, body=delivery.body, captured_at=None,
+                              redelivered=delivery.redelivered)
         model = None
         try:
             model = self.models.choose(capture)
@@ -327,7 +334,7 @@ class Worker:
                 item = False
             if item is None:
                 for batch in batcher.drain():
-                    self._score(batch)
+                    self._score_safely(batch)
                 return
             batches = batcher.due(time.monotonic(), self._decoding > 0)
             if item:
@@ -335,7 +342,18 @@ class Worker:
                 if full:
                     batches.append(full)
             for batch in batches:
-                self._score(batch)
+                self._score_safely(batch)
+
+    def _score_safely(self, batch: list[_Prepared]) -> None:
+        """The scoring thread must outlive any bug: a batch that fails outside the plugin is answered
+        with errors (and dead letters, to replay), never left unanswered."""
+        try:
+            self._score(batch)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("scoring a batch of %d failed outside the plugin", len(batch))
+            for prepared in batch:
+                self._answer_error(prepared.delivery, prepared.capture, "scoring_failed",
+                                   f"unexpected failure: {exc!r}", prepared.model)
 
     def _score(self, batch: list[_Prepared]) -> None:
         """Score one batch and hand its results to the broker thread; never raises."""

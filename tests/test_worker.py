@@ -589,3 +589,24 @@ def test_a_scrape_after_real_traffic_counts_what_was_sent(fitted, line, prefix, 
     assert m[("inspector_model_reloads_total", (("model", "default"), ("outcome", "failed")))] == 0
     assert m[("inspector_broker_connected", ())] == 1
     assert m[("inspector_inflight_frames", ())] == 0
+
+
+def test_a_bug_in_scoring_answers_the_batch_with_errors_and_the_worker_goes_on(fitted, line, start, monkeypatch):
+    running = start(fitted)
+    calls = []
+    real = running._score
+
+    def broken_once(batch):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("a bug outside the plugin")
+        return real(batch)
+
+    monkeypatch.setattr(running, "_score", broken_once)
+    line.publish(_frames(1))
+    first = line.collect(1)
+    assert first[0][2]["error"]["code"] == "scoring_failed" and "a bug outside the plugin" in first[0][2]["error"]["message"]
+    line.publish(_frames(3)[1:])
+    rest = line.collect(2)
+    assert {body["verdict"] for _, _, body in rest} <= {"pass", "fail"} and len(rest) == 2
+    assert len(line.dead_letters(1)) == 1
