@@ -44,6 +44,7 @@ bench: setup
 	@scripts/local-rabbitmq
 	$(BIN)/inspector bench
 	$(BIN)/python bench/kde_scoring.py --repeats 21
+	$(BIN)/python bench/backbone_precision.py --rounds 15
 	$(BIN)/python bench/refit_throughput.py --images 256
 
 clean:
