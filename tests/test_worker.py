@@ -610,3 +610,41 @@ def test_a_bug_in_scoring_answers_the_batch_with_errors_and_the_worker_goes_on(f
     rest = line.collect(2)
     assert {body["verdict"] for _, _, body in rest} <= {"pass", "fail"} and len(rest) == 2
     assert len(line.dead_letters(1)) == 1
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.slow
+def test_soak_a_steady_stream_with_bad_frames_answers_everything_and_memory_stays_flat(fitted, line, start):
+    """Two minutes of a steady line (good frames and one bad frame in ten) through one worker: every
+    frame answered exactly once, and the process does not grow once warm."""
+    start(fitted, prefetch=32)
+    good = _frames(8)
+    frames, sent, rss = [], 0, []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        batch = []
+        for _ in range(10):
+            frame_id = f"s-{sent:06d}"
+            if sent % 10 == 9:
+                batch.append(("line1.cam1", b"", {"content_type": "image/png", "message_id": frame_id}))
+            else:
+                key, body, props = good[sent % 8]
+                batch.append((key, body, {**props, "message_id": frame_id}))
+            sent += 1
+        line.publish(batch)
+        frames += batch
+        time.sleep(0.4)  # about 25 frames a second
+        if sent % 500 == 0:
+            rss.append(_rss_bytes())
+    results = line.collect(sent, timeout=120)
+    counts = Counter(body["frame_id"] for _, _, body in results)
+    assert len(counts) == sent and set(counts.values()) == {1}
+    errors = [body for _, _, body in results if body["verdict"] == "error"]
+    assert len(errors) == sent // 10 and {e["error"]["code"] for e in errors} == {"empty_body"}
+    assert len(line.dead_letters(sent // 10, timeout=30)) == sent // 10
+    warm = rss[len(rss) // 3 :]  # after the first third: allocator pools and caches are filled
+    assert max(warm) - min(warm) < 64 * 1024 * 1024, [r // (1 << 20) for r in rss]
