@@ -18,14 +18,8 @@ from scipy.stats import mannwhitneyu
 
 from inspector import config, samples
 from inspector.errors import ConfigError
-from inspector.evaluate import (
-    auroc,
-    average_precision,
-    best_f1_threshold,
-    confusion,
-    figures,
-    scan_test_set,
-)
+from inspector.evaluate import scan_test_set
+from inspector.figures import auroc, average_precision, best_f1_threshold, confusion, figures
 from inspector.refit import RefitOptions, run_refit
 from inspector.store import ModelStore
 from plugins.dfkde.plugin import DfkdePlugin
