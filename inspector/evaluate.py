@@ -39,7 +39,7 @@ from inspector.imagefiles import is_image_file
 from inspector.plugin import decode_size
 from inspector.progress import Progress
 from inspector.refit import find_images
-from inspector.serving import ServedModel, load_version
+from inspector.serving import ServedModel, load_version, score_batch
 from inspector.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -168,40 +168,6 @@ def _batches(frames: Iterable[tuple[int, torch.Tensor]], size: int) -> Iterator[
             indices, tensors = [], []
     if tensors:
         yield indices, tensors
-
-
-def _run_plugin(served: ServedModel, tensors: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    scores = served.plugin.score(torch.stack(tensors))
-    probability, raw = np.asarray(scores.probability, float), np.asarray(scores.raw, float)
-    if probability.shape != (len(tensors),) or raw.shape != (len(tensors),):
-        raise StateError(f"a batch of {len(tensors)} gave {probability.shape} probabilities, {raw.shape} scores")
-    return probability, raw
-
-
-def score_batch(served: ServedModel, tensors: list[torch.Tensor]) -> tuple[np.ndarray, list[str | None]]:
-    """Probabilities of one batch, as the worker scores it: a batch that fails is scored frame by frame;
-    a frame the plugin fails on, or gives a score that is not finite or a probability outside [0, 1],
-    gets NaN and the reason."""
-    try:
-        probability, raw = _run_plugin(served, tensors)
-        failures: list[str | None] = [None] * len(tensors)
-    except Exception as exc:  # noqa: BLE001 - isolate the frame(s) at fault, one at a time
-        log.warning("model %s failed on a batch of %d (%r); scoring its frames one by one", served.name,
-                    len(tensors), exc)
-        probability, raw, failures = np.full(len(tensors), np.nan), np.full(len(tensors), np.nan), []
-        for i, tensor in enumerate(tensors):
-            try:
-                p, r = _run_plugin(served, [tensor])
-                probability[i], raw[i] = p[0], r[0]
-                failures.append(None)
-            except Exception as one:  # noqa: BLE001 - this frame is counted and named
-                failures.append(f"{served.plugin_name} failed on this frame: {one!r}")
-    for i, (p, r) in enumerate(zip(probability, raw)):
-        if failures[i] is None and not (np.isfinite(p) and np.isfinite(r) and 0.0 <= p <= 1.0):
-            failures[i] = f"{served.plugin_name} gave probability {p} and score {r}"
-        if failures[i] is not None:
-            probability[i] = np.nan
-    return probability, failures
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -356,7 +322,7 @@ def run_evaluate(settings: Settings, options: EvaluateOptions) -> Evaluation:
         stream = FrameStream(served.plugin.prepare, DecodeLimits.from_settings(settings.worker), workers, progress,
                              decode_size(served.plugin))
         for indices, tensors in _batches(stream.frames(paths), options.batch_size):
-            scores, failures = score_batch(served, tensors)
+            scores, _, failures = score_batch(served, tensors)
             probability[indices] = scores
             for index, failure in zip(indices, failures):
                 if failure is not None:

@@ -64,6 +64,45 @@ def load_version(
                        plugin=plugin)
 
 
+def score_batch(
+    model: ServedModel, tensors: list[torch.Tensor], stack: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack
+) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """Probabilities, raw scores and, per frame, why it could not be scored (None when it was).
+
+    A batch the plugin fails on is scored again frame by frame, to find the frame at fault; a frame
+    the plugin fails on, or whose score is not finite or whose probability is outside [0, 1], gets NaN
+    and the reason. The worker and `inspector evaluate` both score this way.
+    """
+    try:
+        probability, raw = _score(model, stack(tensors), len(tensors))
+        failures: list[str | None] = [None] * len(tensors)
+    except Exception as exc:  # noqa: BLE001 - isolate the frame(s) at fault, one at a time
+        log.warning("model %s version %s failed on a batch of %d (%r); scoring its frames one by one",
+                    model.name, model.version, len(tensors), exc)
+        probability, raw, failures = np.full(len(tensors), np.nan), np.full(len(tensors), np.nan), []
+        for i, tensor in enumerate(tensors):
+            try:
+                p, r = _score(model, stack([tensor]), 1)
+                probability[i], raw[i] = p[0], r[0]
+                failures.append(None)
+            except Exception as one:  # noqa: BLE001 - this frame's answer says why
+                failures.append(f"{model.plugin_name} failed on this frame: {one!r}")
+    for i, (p, r) in enumerate(zip(probability, raw)):
+        if failures[i] is None and not (np.isfinite(p) and np.isfinite(r) and 0.0 <= p <= 1.0):
+            failures[i] = f"{model.plugin_name} gave probability {p} and score {r}"
+        if failures[i] is not None:
+            probability[i] = raw[i] = np.nan
+    return probability, raw, failures
+
+
+def _score(model: ServedModel, batch: torch.Tensor, size: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = model.plugin.score(batch)
+    probability, raw = np.array(scores.probability, float), np.array(scores.raw, float)
+    if probability.shape != (size,) or raw.shape != (size,):
+        raise StateError(f"a batch of {size} gave {probability.shape} probabilities and {raw.shape} scores")
+    return probability, raw
+
+
 def warm_up(plugin: Plugin) -> None:
     """Score a small batch end to end (allocations, kernels, autotuning); StateError unless it gives one
     finite probability in [0, 1] and one finite raw score per image."""

@@ -11,6 +11,7 @@ raises into a thread's loop: a bad frame or a failing batch becomes error result
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import numpy as np
 import torch
 
 from inspector import __version__
@@ -34,7 +34,7 @@ from inspector.errors import FrameError, InspectorError, StateError
 from inspector.messages import Capture, encode, parse_capture, result_body, result_routing_key, rfc3339
 from inspector.metrics import Metrics
 from inspector.plugin import decode_size
-from inspector.serving import ModelSet, Reloader, ServedModel, load_version
+from inspector.serving import ModelSet, Reloader, ServedModel, load_version, score_batch
 from inspector.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -367,25 +367,16 @@ class Worker:
         model = batch[0].model
         started = time.perf_counter()
         waits = [self._queue_wait(p) for p in batch]
-        try:
-            probability, raw = self._run_plugin(model, batch)
-        except Exception as exc:  # noqa: BLE001 - isolate the frame(s) at fault, one at a time
-            log.warning("model %s version %s failed on a batch of %d (%r); scoring its frames one by one",
-                        model.name, model.version, len(batch), exc)
-            probability, raw = self._score_one_by_one(model, batch)
+        probability, raw, failures = score_batch(model, [p.tensor for p in batch],
+                                                 functools.partial(stack_for, self.device))
         self.metrics.stage("infer", time.perf_counter() - started)
         self.metrics.batch(model.name, len(batch))
         inspected_at = _now()
         outcomes = []
-        for prepared, p, r, wait in zip(batch, probability, raw, waits):
+        for prepared, p, r, failure, wait in zip(batch, probability, raw, failures, waits):
             capture = prepared.capture
-            if p is None:
-                self._answer_error(prepared.delivery, capture, "scoring_failed",
-                                   f"{model.plugin_name} failed on this frame: {r}", model)
-                continue
-            if not (np.isfinite(p) and np.isfinite(r) and 0.0 <= p <= 1.0):
-                self._answer_error(prepared.delivery, capture, "scoring_failed",
-                                   f"{model.plugin_name} gave probability {p} and score {r}", model)
+            if failure is not None:
+                self._answer_error(prepared.delivery, capture, "scoring_failed", failure, model)
                 continue
             verdict = "fail" if p >= model.threshold else "pass"
             body = result_body(capture, verdict=verdict, probability=float(p), score=float(r),
@@ -398,26 +389,6 @@ class Worker:
         self.scored += len(outcomes)
         if outcomes:
             self.consumer.submit(outcomes)
-
-    def _run_plugin(self, model: ServedModel, batch: list[_Prepared]) -> tuple[list, list]:
-        scores = model.plugin.score(stack_for(self.device, [p.tensor for p in batch]))
-        probability, raw = np.asarray(scores.probability, float), np.asarray(scores.raw, float)
-        if probability.shape != (len(batch),) or raw.shape != (len(batch),):
-            raise StateError(f"a batch of {len(batch)} gave {probability.shape} probabilities")
-        return list(probability), list(raw)
-
-    def _score_one_by_one(self, model: ServedModel, batch: list[_Prepared]) -> tuple[list, list]:
-        probability, raw = [], []
-        for prepared in batch:
-            try:
-                p, r = self._run_plugin(model, [prepared])
-                probability.append(p[0])
-                raw.append(r[0])
-            except Exception as exc:  # noqa: BLE001 - this frame's error result says why
-                log.error("model %s failed on frame %s: %r", model.name, prepared.capture.frame_id, exc)
-                probability.append(None)
-                raw.append(repr(exc))
-        return probability, raw
 
     @staticmethod
     def _queue_wait(prepared: _Prepared) -> float | None:

@@ -126,3 +126,22 @@ def test_a_batch_for_cuda_is_pinned_for_an_asynchronous_copy():
     batch = stack_for(torch.device("cuda"), tensors)
     assert batch.is_pinned() and torch.equal(batch, torch.stack(tensors))
     assert torch.equal(batch.to("cuda", non_blocking=True).cpu(), torch.stack(tensors))
+
+
+def test_a_failing_batch_is_rescored_frame_by_frame_to_find_the_frame_at_fault():
+    from inspector.serving import score_batch
+
+    class Picky:
+        def score(self, batch):  # fails on any batch holding a frame of 9s; gives NaN for a frame of 7s
+            if (batch == 9).any():
+                raise RuntimeError("out of memory")
+            p = np.where(batch.flatten(1)[:, 0].numpy() == 7, np.nan, 0.25)
+            return Scores(probability=p, raw=p * 4)
+
+    model = ServedModel(name="m", plugin_name="picky", version="v", threshold=0.5, plugin=Picky())
+    frames = [torch.full((1, 2, 2), v, dtype=torch.uint8) for v in (1, 9, 7, 2)]
+    probability, raw, failures = score_batch(model, frames)
+    assert probability[0] == 0.25 and raw[3] == 1.0
+    assert np.isnan(probability[1]) and "out of memory" in failures[1]
+    assert np.isnan(probability[2]) and "gave probability nan" in failures[2]
+    assert failures[0] is None and failures[3] is None
