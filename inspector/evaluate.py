@@ -16,13 +16,12 @@ The figures come from the pure functions of inspector.figures.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,12 @@ import torch
 from inspector.config import Settings
 from inspector.decode import DecodeLimits, decode_capture
 from inspector.devices import describe_device, resolve_device
-from inspector.errors import ConfigError, FrameError, InspectorError, StateError
+from inspector.errors import ConfigError, InspectorError, StateError
 from inspector.figures import Figures, figures
 from inspector.imagefiles import is_image_file
 from inspector.plugin import decode_size
 from inspector.progress import Progress
-from inspector.refit import find_images
+from inspector.refit import ImageStream, find_images
 from inspector.serving import ServedModel, load_version, score_batch
 from inspector.store import ModelStore
 
@@ -102,59 +101,11 @@ def scan_test_set(data: Path) -> LabelledSet:
 # -- scoring the worker's way ---------------------------------------------------------------
 
 
-class FrameStream:
-    """Read, decode (decode_capture, the worker's limits) and prepare files on a thread pool, in order,
-    with at most `workers * 4` in flight; yields (index, tensor) and records the files left out."""
-
-    def __init__(self, prepare: Callable[[np.ndarray], torch.Tensor], limits: DecodeLimits, workers: int,
-                 progress: Progress, min_size: tuple[int, int] | None = None) -> None:
-        self.prepare = prepare
-        self.min_size = min_size
-        self.limits = limits
-        self.workers = workers
-        self.progress = progress
-        self.unreadable: list[tuple[Path, str]] = []
-
-    def _load(self, path: Path) -> torch.Tensor:
-        with open(path, "rb") as file:
-            body = file.read(self.limits.max_image_bytes + 1)  # decode_capture refuses what is over
-        image = decode_capture(body, None, None, self.limits, self.min_size)
-        try:
-            return self.prepare(image)
-        except Exception as exc:  # noqa: BLE001 - as the worker: the plugin's failure on one frame
-            raise FrameError("scoring_failed", f"the plugin could not prepare the image: {exc}") from exc
-
-    def frames(self, paths: Sequence[Path]) -> Iterator[tuple[int, torch.Tensor]]:
-        window = self.workers * 4
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
-            pending: deque[tuple[int, Future]] = deque()
-            try:
-                for index, path in enumerate(paths):
-                    pending.append((index, pool.submit(self._load, path)))
-                    if len(pending) >= window:
-                        yield from self._take(paths, *pending.popleft())
-                while pending:
-                    yield from self._take(paths, *pending.popleft())
-            finally:
-                for _, future in pending:
-                    future.cancel()
-
-    def _take(self, paths: Sequence[Path], index: int, future: Future) -> Iterator[tuple[int, torch.Tensor]]:
-        try:
-            tensor = future.result()
-        except FrameError as exc:
-            self._skip(paths[index], f"{exc.code}: {exc}")
-        except OSError as exc:
-            self._skip(paths[index], f"cannot be read: {exc.strerror or exc}")
-        except Exception as exc:  # noqa: BLE001 - one odd file must not end the evaluation
-            self._skip(paths[index], f"{type(exc).__name__}: {exc}")
-        else:
-            yield index, tensor
-        self.progress.advance()
-
-    def _skip(self, path: Path, reason: str) -> None:
-        log.warning("skipping %s: %s", path, reason)
-        self.unreadable.append((path, reason))
+def read_like_a_capture(path: Path, limits: DecodeLimits, min_size: tuple[int, int] | None) -> np.ndarray:
+    """A file's pixels as the worker would decode it arriving as a capture (limits, formats, JPEG scale)."""
+    with open(path, "rb") as file:
+        body = file.read(limits.max_image_bytes + 1)  # decode_capture refuses what is over
+    return decode_capture(body, None, None, limits, min_size)
 
 
 def _batches(frames: Iterable[tuple[int, torch.Tensor]], size: int) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
@@ -319,9 +270,11 @@ def run_evaluate(settings: Settings, options: EvaluateOptions) -> Evaluation:
     unscored: list[tuple[Path, str]] = []
     workers = settings.worker.decode_threads or max(1, os.cpu_count() or 1)
     with Progress(len(paths), "evaluate") as progress:
-        stream = FrameStream(served.plugin.prepare, DecodeLimits.from_settings(settings.worker), workers, progress,
-                             decode_size(served.plugin))
-        for indices, tensors in _batches(stream.frames(paths), options.batch_size):
+        limits = DecodeLimits.from_settings(settings.worker)
+        stream = ImageStream(served.plugin.prepare, workers, limits.max_image_pixels, progress,
+                             read=functools.partial(read_like_a_capture, limits=limits,
+                                                    min_size=decode_size(served.plugin)))
+        for indices, tensors in _batches(stream.indexed(paths), options.batch_size):
             scores, _, failures = score_batch(served, tensors)
             probability[indices] = scores
             for index, failure in zip(indices, failures):
@@ -334,13 +287,13 @@ def run_evaluate(settings: Settings, options: EvaluateOptions) -> Evaluation:
     scored = ~np.isnan(probability)
     good = probability[(classes == GOOD) & scored]
     kinds = {kind: probability[(classes == kind) & scored] for kind in test_set.kinds}
-    left_out = len(stream.unreadable) + len(unscored)
+    left_out = len(stream.skipped) + len(unscored)
     if len(good) == 0 or not any(len(k) for k in kinds.values()):
         empty = "good/" if len(good) == 0 else "any defect folder"
         raise InspectorError(f"--data {options.data}: no image in {empty} could be scored ({left_out} files left "
                              "out, each named in a warning above); no figures to give")
     return Evaluation(
         model=served.identity(), device=str(device), data=options.data, found=len(paths),
-        unreadable=stream.unreadable, unscored=unscored, seconds=seconds,
+        unreadable=stream.skipped, unscored=unscored, seconds=seconds,
         figures=figures(good, kinds, served.threshold),
     )

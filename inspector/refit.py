@@ -29,7 +29,7 @@ from inspector import __version__
 from inspector.broker import announce, announcement
 from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
-from inspector.errors import BrokerError, ConfigError, FitError
+from inspector.errors import BrokerError, ConfigError, FitError, FrameError
 from inspector.imagefiles import UnreadableImage, is_image_file, read_image
 from inspector.plugin import decode_size, get_plugin, score_all
 from inspector.progress import Progress
@@ -104,51 +104,57 @@ def split_held_out(paths: Sequence[Path], share: float, seed: int) -> tuple[list
 
 
 class ImageStream:
-    """Decode and prepare images on a thread pool, in order, with at most `window` in flight."""
+    """Read and prepare images on a thread pool, in order, with at most `workers * 4` in flight; a file
+    that fails (unreadable, truncated, refused by a limit, or by the plugin's prepare) is skipped with a
+    warning that names it. `read` turns a path into pixels: by default an archive file as refit reads
+    it; `inspector evaluate` passes the worker's capture decoding."""
 
     def __init__(self, prepare: Callable[[np.ndarray], torch.Tensor], workers: int, max_pixels: int,
-                 progress: Progress, min_size: tuple[int, int] | None = None) -> None:
+                 progress: Progress, min_size: tuple[int, int] | None = None,
+                 read: Callable[[Path], np.ndarray] | None = None) -> None:
         self.prepare = prepare
-        self.min_size = min_size
+        self.read = read or (lambda path: read_image(path, max_pixels, min_size))
         self.workers = workers
-        self.max_pixels = max_pixels
         self.progress = progress
         self.skipped: list[tuple[Path, str]] = []
         self.used = 0
 
     def _load(self, path: Path) -> torch.Tensor:
-        return self.prepare(read_image(path, self.max_pixels, self.min_size))
+        return self.prepare(self.read(path))
 
     def images(self, paths: Iterable[Path]) -> Iterator[torch.Tensor]:
+        for _, tensor in self.indexed(paths):
+            yield tensor
+
+    def indexed(self, paths: Iterable[Path]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(position in `paths`, prepared tensor) for every file that could be used, in order."""
         window = self.workers * 4
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
-            pending: deque[tuple[Path, Future]] = deque()
-            iterator = iter(paths)
+            pending: deque[tuple[int, Path, Future]] = deque()
             try:
-                for path in iterator:
-                    pending.append((path, pool.submit(self._load, path)))
+                for index, path in enumerate(paths):
+                    pending.append((index, path, pool.submit(self._load, path)))
                     if len(pending) >= window:
-                        yield from self._take(pending.popleft())
+                        yield from self._take(*pending.popleft())
                 while pending:
-                    yield from self._take(pending.popleft())
+                    yield from self._take(*pending.popleft())
             finally:
-                for _, future in pending:
+                for _, _, future in pending:
                     future.cancel()
 
-    def _take(self, item: tuple[Path, Future]) -> Iterator[torch.Tensor]:
-        path, future = item
+    def _take(self, index: int, path: Path, future: Future) -> Iterator[tuple[int, torch.Tensor]]:
         try:
             tensor = future.result()
-        except UnreadableImage as exc:
-            log.warning("skipping %s: %s", path, exc)
-            self.skipped.append((path, str(exc)))
-        except Exception as exc:  # noqa: BLE001 - one odd file (mode, size, decoder bug) must not end a refit
-            log.warning("skipping %s: %s: %s", path, type(exc).__name__, exc)
-            self.skipped.append((path, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one odd file (mode, size, decoder bug) must not end the run
+            self._skip(path, _reason(exc))
         else:
             self.used += 1
-            yield tensor
+            yield index, tensor
         self.progress.advance()
+
+    def _skip(self, path: Path, reason: str) -> None:
+        log.warning("skipping %s: %s", path, reason)
+        self.skipped.append((path, reason))
 
     def batches(self, paths: Iterable[Path], size: int) -> Iterator[torch.Tensor]:
         batch: list[torch.Tensor] = []
@@ -159,6 +165,17 @@ class ImageStream:
                 batch = []
         if batch:
             yield torch.stack(batch)
+
+
+def _reason(exc: Exception) -> str:
+    """Why a file was skipped, in one line: the frame error's code, the OS's words, or the exception."""
+    if isinstance(exc, FrameError):
+        return f"{exc.code}: {exc}"
+    if isinstance(exc, UnreadableImage):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"cannot be read: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
