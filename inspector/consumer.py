@@ -118,13 +118,6 @@ class Consumer:
     def close_now(self) -> None:
         self._ioloop.add_callback_threadsafe(functools.partial(self._begin_stop, 0.0))
 
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
-
-    @property
-    def unsettled(self) -> int:
-        return len(self._unacked)
-
     # -- the broker thread ------------------------------------------------------------------
 
     def _run(self) -> None:

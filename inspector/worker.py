@@ -61,7 +61,6 @@ class _Prepared:
     capture: Capture
     model: ServedModel
     tensor: torch.Tensor
-    ready_at: float  # time.monotonic()
 
 
 class Batcher:
@@ -298,7 +297,7 @@ class Worker:
             self._answer_error(delivery, capture, "image_undecodable", f"unexpected failure: {exc!r}", model)
             return
         self.metrics.stage("decode", time.perf_counter() - started)
-        self._prepared.put(_Prepared(delivery, capture, model, tensor, time.monotonic()))
+        self._prepared.put(_Prepared(delivery, capture, model, tensor))
 
     def _answer_error(self, delivery: Delivery, capture: Capture, code: str, message: str,
                       model: ServedModel | None = None) -> None:
