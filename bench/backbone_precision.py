@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from inspector import samples
+from inspector.tools import samples
 from plugins.dfkde.backbones import create_backbone
 from plugins.dfkde.model import DfkdeModel
 

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from inspector import samples
-from inspector.progress import Progress
-from inspector.refit import ImageStream, find_images
+from inspector.imagefiles import find_images
+from inspector.tools import samples
+from inspector.tools.imagestream import ImageStream
+from inspector.tools.progress import Progress
 from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 

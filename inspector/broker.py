@@ -1,14 +1,16 @@
-"""RabbitMQ through pika: connection parameters, the exchanges, publishing with confirms.
+"""What every RabbitMQ client of the project shares: connection parameters built from the settings, the
+URL as it may be printed, the command-line tools' blocking connection, and model announcements.
 
-Only this module talks pika. pika's own exceptions are turned into BrokerError so
-callers deal with one kind of failure.
+The worker's own long-lived connection is `inspector.worker.consumer` (a SelectConnection on one
+thread); `publish`, `watch` and `bench` drive the blocking connection made here. Connecting turns
+pika's exceptions into ConfigError (a refused login) or BrokerError (no broker), so a command says
+one clear sentence instead of a pika traceback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -17,6 +19,7 @@ import pika.exceptions
 
 from inspector.config import BrokerSettings
 from inspector.errors import BrokerError, ConfigError
+from inspector.timestamps import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +43,6 @@ def connection_parameters(broker: BrokerSettings) -> pika.URLParameters:
 
 def declare_control(channel: Any, broker: BrokerSettings) -> None:
     channel.exchange_declare(broker.exchanges.control, exchange_type="topic", durable=True)
-
-
-def utc_now() -> str:
-    """RFC 3339 UTC with milliseconds, as every timestamp the project writes."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def announcement(model: str, version: str, plugin: str, reason: str) -> dict[str, Any]:
@@ -80,8 +78,8 @@ def announce(broker: BrokerSettings, body: dict[str, Any]) -> None:
     log.info("announced %s version %s on %s", routing_key, body["version"], broker.exchanges.control)
 
 
-def _safe_url(url: str) -> str:
-    """The URL without credentials, for messages and logs."""
+def redact_url(url: str) -> str:
+    """The URL with its user and password removed, so it can be printed in messages and logs."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
@@ -92,7 +90,7 @@ def blocking_connection(broker: BrokerSettings) -> pika.BlockingConnection:
     pika logs a failed attempt at ERROR with a traceback; the error raised here says it all, so
     pika is kept quiet meanwhile.
     """
-    url = _safe_url(broker.url)
+    url = redact_url(broker.url)
     pika_log = logging.getLogger("pika")
     level = pika_log.level
     pika_log.setLevel(logging.CRITICAL)

@@ -207,13 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(settings, args) -> int:
-    from inspector.worker import run_worker
+    from inspector.worker.loop import run_worker
 
     return run_worker(settings)
 
 
 def _cmd_samples(settings, args) -> int:
-    from inspector import samples
+    from inspector.tools import samples
 
     for name in ("train", "test", "defective", "size"):
         if getattr(args, name) < 0:
@@ -230,13 +230,13 @@ def _cmd_samples(settings, args) -> int:
 
 
 def _cmd_demo(settings, args) -> int:
-    from inspector.demo import run_demo
+    from inspector.tools.demo import run_demo
 
     return run_demo(settings, train=args.train, test=args.test, seed=args.seed)
 
 
 def _cmd_refit(settings, args) -> int:
-    from inspector.refit import RefitOptions, run_refit
+    from inspector.tools.refit import RefitOptions, run_refit
 
     options = RefitOptions(
         data=args.data.expanduser(),
@@ -322,7 +322,7 @@ def _cmd_models_rollback(settings, args) -> int:
 
 
 def _cmd_evaluate(settings, args) -> int:
-    from inspector.evaluate import EvaluateOptions, run_evaluate
+    from inspector.tools.evaluate import EvaluateOptions, run_evaluate
 
     batch_size = args.batch_size if args.batch_size is not None else settings.worker.batch_size
     options = EvaluateOptions(data=args.data.expanduser(), model=args.model or settings.default_model,
@@ -333,7 +333,7 @@ def _cmd_evaluate(settings, args) -> int:
 
 
 def _cmd_publish(settings, args) -> int:
-    from inspector.publish import PublishOptions, Summary, publish
+    from inspector.tools.publish import PublishOptions, Summary, publish
 
     if args.pixel_format and not args.raw:
         raise ConfigError("--pixel-format goes with --raw")
@@ -353,7 +353,7 @@ def _cmd_publish(settings, args) -> int:
 
 
 def _cmd_watch(settings, args) -> int:
-    from inspector.watch import Tally, WatchOptions, watch
+    from inspector.tools.watch import Tally, WatchOptions, watch
 
     tally = Tally()
     options = WatchOptions(filters=args.filter or ["#"], json=args.json, count=args.count, timeout=args.timeout)
@@ -367,7 +367,7 @@ def _cmd_watch(settings, args) -> int:
 
 
 def _cmd_bench(settings, args) -> int:
-    from inspector.bench import BenchOptions, run_bench
+    from inspector.tools.bench.run import BenchOptions, run_bench
 
     options = BenchOptions(
         resolution=args.resolution, encodings=[e.strip().lower() for e in args.encoding.split(",") if e.strip()],

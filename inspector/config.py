@@ -9,12 +9,14 @@ settings model, so `plugins.dfkde.n_comps = -1` is caught at start, not at fit.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -22,6 +24,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from inspector.devices import DEVICE_PATTERN
 from inspector.errors import ConfigError, PluginError
+from inspector.topics import check_pattern
 
 ENV_PREFIX = "INSPECTOR_"
 ENV_DELIMITER = "__"
@@ -69,6 +72,13 @@ class RefitSettings(_Section):
     max_image_pixels: int = Field(100_000_000, ge=1, description="larger archive images are skipped")
 
 
+def _topic(pattern: str) -> str:
+    try:
+        return check_pattern(pattern)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (e.g. 'line2.*' or 'line2.#')") from None
+
+
 class RouteSettings(_Section):
     match: str = Field(description="topic pattern on the capture's routing key: '*' one word, '#' any words")
     model: str = Field(pattern=MODEL_NAME_PATTERN, description="the model that scores captures it matches")
@@ -76,15 +86,13 @@ class RouteSettings(_Section):
     @field_validator("match")
     @classmethod
     def _topic_pattern(cls, pattern: str) -> str:
-        words = pattern.split(".")
-        if not pattern or any(not w or (("*" in w or "#" in w) and w not in ("*", "#")) for w in words):
-            raise ValueError("must be dot-separated words, each a name, '*' or '#' (e.g. 'line2.*' or 'line2.#')")
-        return pattern
+        return _topic(pattern)
 
 
 class WorkerSettings(_Section):
     queue: str = Field("inspector.captures", min_length=1, description="durable quorum queue the worker consumes")
-    binding_keys: list[str] = Field(default_factory=lambda: ["#"], min_length=1)
+    binding_keys: list[str] = Field(default_factory=lambda: ["#"], min_length=1,
+                                    description="topic patterns binding the queue to the captures exchange")
     prefetch: int = Field(64, ge=1, le=65535, description="unacknowledged captures held at most")
     batch_size: int = Field(4, ge=1, le=4096, description="frames scored together at most")
     max_batch_wait_ms: float = Field(10.0, ge=0, description="longest a frame waits for its batch to fill")
@@ -100,6 +108,11 @@ class WorkerSettings(_Section):
     store_poll_s: float = Field(30.0, ge=0, description="store check for missed announcements; 0 = never")
     delivery_limit: int = Field(10, ge=1, description="deliveries of one capture before the broker dead-letters it")
     dead_letter_queue: str = Field("inspection.dead", min_length=1, description="durable queue keeping dead letters")
+
+    @field_validator("binding_keys")
+    @classmethod
+    def _binding_patterns(cls, patterns: list[str]) -> list[str]:
+        return [_topic(p) for p in patterns]
 
 
 class MetricsSettings(_Section):
@@ -187,10 +200,43 @@ class Settings(BaseSettings):
         from inspector.plugin import get_plugin
 
         cls = get_plugin(plugin)
+        table = _complex_values_from_json(cls.Settings, self.plugins.get(plugin, {}), ("plugins", plugin))
         try:
-            return cls.Settings.model_validate(self.plugins.get(plugin, {}))
+            return cls.Settings.model_validate(table)
         except ValidationError as exc:
             raise ConfigError(_describe(exc, prefix=("plugins", plugin))) from None
+
+
+def _complex_values_from_json(model: type[BaseModel], table: Mapping[str, Any], prefix: tuple[str, ...]) -> dict:
+    """A plugin table with its list, tuple, set and mapping values decoded from JSON where they arrived as
+    text. The plugin tables are untyped at the top level, so `INSPECTOR_PLUGINS__DFKDE__LAYERS='["a","b"]'`
+    reaches them as a string; pydantic-settings decodes typed complex fields the same way."""
+    decoded = dict(table)
+    for key, value in table.items():
+        field = model.model_fields.get(key)
+        if field is None or not isinstance(value, str) or not _is_complex(field.annotation):
+            continue
+        try:
+            decoded[key] = json.loads(value)
+        except ValueError:
+            env_name = ENV_PREFIX + ENV_DELIMITER.join((*prefix, key)).upper()
+            source = f" [from {env_name}]" if env_name in os.environ else ""
+            raise ConfigError(
+                f"invalid configuration:\n  {'.'.join((*prefix, key))}: expected a JSON list or table "
+                f"(e.g. '[\"blocks.4\", \"blocks.6\"]'), got {value!r}{source}"
+            ) from None
+    return decoded
+
+
+def _is_complex(annotation: Any) -> bool:
+    """Whether a field's type is a list, tuple, set, mapping or model (or an optional one of those)."""
+    origin = get_origin(annotation)
+    if origin in (Union, UnionType):
+        return any(_is_complex(arg) for arg in get_args(annotation) if arg is not type(None))
+    if origin is Annotated:
+        return _is_complex(get_args(annotation)[0])
+    kind = origin or annotation
+    return isinstance(kind, type) and (issubclass(kind, (list, tuple, set, frozenset, dict, Mapping, BaseModel)))
 
 
 def _describe(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:

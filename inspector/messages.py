@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
+from inspector.timestamps import rfc3339
+
 RESULT_SCHEMA = "inspection.result/1"
 VERDICTS = ("pass", "fail", "error")
 
@@ -112,11 +114,6 @@ def encode(body: dict[str, Any]) -> bytes:
     return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
 
 
-def rfc3339(moment: datetime) -> str:
-    """UTC with milliseconds and a Z, as every timestamp the project writes."""
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def _text(value: Any) -> str:
     if isinstance(value, bytes):
         value = value.decode("utf-8", errors="replace")
@@ -166,7 +163,7 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, Decimal):
         return float(value)
     if isinstance(value, datetime):
-        return rfc3339(value if value.tzinfo else value.replace(tzinfo=timezone.utc))
+        return rfc3339(value)
     if isinstance(value, dict):
         return {str(k): _json_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

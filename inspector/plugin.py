@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -41,12 +41,12 @@ class FitReport:
     embeddings: int
 
 
-@runtime_checkable
 class Plugin(Protocol):
     """A scoring model that fits from normal images, saves, loads and scores batches.
 
     `prepare` runs on decode threads (CPU, one image at a time) and must be thread
-    safe; `score` runs on the scoring thread, on the plugin's device.
+    safe; `score` runs on the scoring thread, on the plugin's device. Every member is
+    required except those in OPTIONAL_MEMBERS; `check_plugin` reads the list from here.
     """
 
     name: ClassVar[str]
@@ -83,10 +83,17 @@ class Plugin(Protocol):
     def save(self, folder: Path) -> list[str]:
         """Write the fitted state into `folder`; returns the names of the files written."""
 
+    @property
+    def decode_size(self) -> tuple[int, int] | None:
+        """Optional: the smallest (width, height) the plugin needs from a decoder, so that a JPEG may be
+        decoded at reduced scale. None (and a plugin without it) means full size."""
+
+
+OPTIONAL_MEMBERS = frozenset({"decode_size"})
+
 
 def decode_size(plugin: Any) -> tuple[int, int] | None:
-    """The optional `decode_size` of a plugin: the smallest (width, height) it needs from a decoder, so
-    that a JPEG may be decoded at reduced scale. None (the default) means full size."""
+    """A plugin's `decode_size`, or None when it declares none (it is optional)."""
     size = getattr(plugin, "decode_size", None)
     if size is None:
         return None
@@ -106,8 +113,22 @@ def score_all(plugin: Plugin, batches: Iterable[torch.Tensor]) -> Scores:
     return Scores(probability=np.concatenate(probability), raw=np.concatenate(raw))
 
 
-_CLASS_METHODS = ("create", "load")
-_METHODS = ("describe", "prepare", "fit", "score", "calibrate", "save")
+def _contract() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The required class methods, methods and properties of the Plugin protocol, read from its body."""
+    class_methods, methods, properties = [], [], []
+    for name, member in vars(Plugin).items():
+        if name.startswith("_") or name in OPTIONAL_MEMBERS:
+            continue
+        if isinstance(member, classmethod):
+            class_methods.append(name)
+        elif isinstance(member, property):
+            properties.append(name)
+        elif inspect.isfunction(member):
+            methods.append(name)
+    return tuple(class_methods), tuple(methods), tuple(properties)
+
+
+_CLASS_METHODS, _METHODS, _PROPERTIES = _contract()
 
 
 def check_plugin(name: str, cls: Any) -> type:
@@ -128,8 +149,9 @@ def check_plugin(name: str, cls: Any) -> type:
     for method in _CLASS_METHODS:
         if not isinstance(inspect.getattr_static(cls, method), classmethod):
             raise PluginError(f"plugin {name!r}: `{method}` must be a classmethod")
-    if not isinstance(inspect.getattr_static(cls, "min_images", None), property):
-        raise PluginError(f"plugin {name!r}: `min_images` must be a property")
+    for member in _PROPERTIES:
+        if not isinstance(inspect.getattr_static(cls, member, None), property):
+            raise PluginError(f"plugin {name!r}: `{member}` must be a property")
     return cls
 
 

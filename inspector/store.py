@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from inspector.errors import ConfigError, PluginError, StateError
+from inspector.timestamps import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class ModelStore:
                     "schema": SCHEMA,
                     "name": name,
                     "version": version,
-                    "created_at": _rfc3339(created),
+                    "created_at": rfc3339(created),
                     "files": files,
                     "checksum": checksum,
                 }
@@ -424,10 +425,6 @@ def _listing(items: list[str]) -> str:
 def _age(info: VersionInfo) -> tuple[str, str, str]:
     """Sort key, oldest first: the id's second, then the millisecond `created_at`, then the id."""
     return (info.version[:16], info.created_at, info.version)
-
-
-def _rfc3339(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def _parse_time(info: VersionInfo) -> datetime:

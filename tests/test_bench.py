@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from inspector import config
-from inspector.bench import BenchOptions
 from inspector.errors import ConfigError
+from inspector.tools.bench.run import BenchOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -130,3 +130,26 @@ def test_default_file_is_read_from_the_working_directory(tmp_path, monkeypatch):
     assert config.load().device == "auto"
     _write(tmp_path, 'device = "cpu"\n')
     assert config.load().device == "cpu"
+
+
+def test_plugin_settings_from_the_environment_take_lists_numbers_and_bools(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSPECTOR_PLUGINS__DFKDE__LAYERS", '["blocks.4","blocks.6"]')
+    monkeypatch.setenv("INSPECTOR_PLUGINS__DFKDE__N_COMPS", "8")
+    monkeypatch.setenv("INSPECTOR_PLUGINS__DFKDE__THRESHOLD_STEEPNESS", "0.25")
+    monkeypatch.setenv("INSPECTOR_PLUGINS__DFKDE__JPEG_REDUCED_DECODE", "false")
+    monkeypatch.setenv("INSPECTOR_PLUGINS__DFKDE__WEIGHTS", "none")  # a plain string stays a string
+    dfkde = config.load(_write(tmp_path, "[plugins.dfkde]\njpeg_reduced_decode = true\n")).plugin_settings("dfkde")
+    assert dfkde.layers == ["blocks.4", "blocks.6"]
+    assert dfkde.n_comps == 8 and dfkde.threshold_steepness == 0.25
+    assert dfkde.jpeg_reduced_decode is False and dfkde.weights == "none"
+
+
+def test_a_plugin_list_from_the_environment_that_is_not_json_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSPECTOR_PLUGINS__DFKDE__LAYERS", "blocks.4,blocks.6")
+    with pytest.raises(ConfigError) as info:
+        config.load(_write(tmp_path, ""))
+    assert "plugins.dfkde.layers: expected a JSON list" in str(info.value)
+    assert "[from INSPECTOR_PLUGINS__DFKDE__LAYERS]" in str(info.value)
+    monkeypatch.setenv("INSPECTOR_PLUGINS__DFKDE__LAYERS", '["blocks.4","blocks.4"]')
+    with pytest.raises(ConfigError, match="layers must not repeat"):
+        config.load(_write(tmp_path, ""))

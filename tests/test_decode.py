@@ -20,8 +20,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from inspector.config import WorkerSettings
-from inspector.decode import DecodeLimits, decode_capture
 from inspector.errors import FrameError
+from inspector.worker.decode import DecodeLimits, decode_capture
 
 LIMITS = DecodeLimits(max_image_bytes=1_000_000, max_image_pixels=1_000_000)
 PIXELS = np.random.default_rng(0).integers(0, 256, size=(12, 16, 3), dtype=np.uint8)

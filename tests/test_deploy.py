@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from inspector.config import MetricsSettings
-from inspector.metrics import Metrics
+from inspector.worker.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "inspector.json"

@@ -8,9 +8,9 @@ import scipy.stats
 import torch
 
 from inspector import plugin as registry_module
-from inspector import samples
 from inspector.errors import FitError, PluginError, StateError
 from inspector.plugin import get_plugin
+from inspector.tools import samples
 from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 CPU = torch.device("cpu")

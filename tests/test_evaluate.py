@@ -16,12 +16,13 @@ import torch
 from PIL import Image
 from scipy.stats import mannwhitneyu
 
-from inspector import config, samples
+from inspector import config
 from inspector.errors import ConfigError
-from inspector.evaluate import scan_test_set
-from inspector.figures import auroc, average_precision, best_f1_threshold, confusion, figures
-from inspector.refit import RefitOptions, run_refit
 from inspector.store import ModelStore
+from inspector.tools import samples
+from inspector.tools.evaluate import scan_test_set
+from inspector.tools.figures import auroc, average_precision, best_f1_threshold, confusion, figures
+from inspector.tools.refit import RefitOptions, run_refit
 from plugins.dfkde.plugin import DfkdePlugin
 
 SIZE = 128  # frames and model input: small, so the file stays quick on two cores

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from inspector.config import MetricsSettings
 from inspector.errors import FRAME_ERROR_CODES, ConfigError
-from inspector.metrics import Metrics
+from inspector.worker.metrics import Metrics
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ def test_a_port_in_use_is_a_config_error_naming_the_key():
 
 def test_a_failing_metrics_call_is_logged_not_raised(caplog):
     metrics = Metrics(MetricsSettings(port=0))
-    with caplog.at_level(logging.WARNING, logger="inspector.metrics"):
+    with caplog.at_level(logging.WARNING, logger="inspector.worker.metrics"):
         metrics.frame_done(line="l", camera="c", model="m", verdict="maybe", probability=None, latency_s=None,
                            queue_wait_s=None, redelivered=False)  # fmt: skip
         metrics.stage("resize", 0.1)

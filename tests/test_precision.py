@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from inspector import samples
+from inspector.tools import samples
 from plugins.dfkde.backbones import create_backbone
 from plugins.dfkde.model import DfkdeModel
 from plugins.dfkde.plugin import resolve_precision
@@ -77,8 +77,8 @@ def test_reduced_jpeg_decoding_is_fixed_at_fit_time_and_followed_when_serving(tm
 
     from PIL import Image
 
-    from inspector.decode import DecodeLimits, decode_capture
     from inspector.plugin import decode_size
+    from inspector.worker.decode import DecodeLimits, decode_capture
     from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
 
     def jpeg(image):

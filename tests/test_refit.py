@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from inspector import samples
 from inspector.store import ModelStore
+from inspector.tools import samples
 from plugins.dfkde.plugin import DfkdePlugin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,8 +223,8 @@ def test_unreachable_broker_still_stores_and_exits_0(refitted):
 
 
 def test_an_unexpected_error_on_one_file_skips_that_file_only(tmp_path):
-    from inspector.progress import Progress
-    from inspector.refit import ImageStream
+    from inspector.tools.imagestream import ImageStream
+    from inspector.tools.progress import Progress
 
     paths = []
     for i, image in enumerate(samples.make_images(5, seed=4, size=64)):

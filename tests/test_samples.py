@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from inspector import samples
-from inspector.samples import DEFECT_KINDS, defective_part, good_part, make_images, write_folder
+from inspector.tools import samples
+from inspector.tools.samples import DEFECT_KINDS, defective_part, good_part, make_images, write_folder
 
 
 def rng(seed: int) -> np.random.Generator:
@@ -217,7 +217,7 @@ def test_module_needs_no_torch(tmp_path):
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy\n"
-        "from inspector import samples\n"
+        "from inspector.tools import samples\n"
         "samples.write_folder(__import__('pathlib').Path(sys.argv[1]), 1, 1, size=48)\n"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)

@@ -1,4 +1,4 @@
-"""Choosing a model per capture, batching, and refusing a model that does not work: no broker."""
+"""Choosing a model per capture and refusing a model that does not work: no broker."""
 
 from types import SimpleNamespace
 
@@ -9,18 +9,7 @@ import torch
 from inspector.config import ModelSettings, RouteSettings
 from inspector.errors import FrameError, StateError
 from inspector.plugin import Scores
-from inspector.serving import ModelSet, Reloader, ServedModel, topic_matches, warm_up
-from inspector.worker import Batcher
-
-
-@pytest.mark.parametrize("pattern, key, expected", [
-    ("line2.*", "line2.cam1", True), ("line2.*", "line2.cam1.x", False), ("line2.*", "line2", False),
-    ("line2.#", "line2", True), ("line2.#", "line2.a.b", True), ("#", "anything.at.all", True),
-    ("*.cam1", "line9.cam1", True), ("*.cam1", "line9.cam2", False), ("#.cam1", "a.b.cam1", True),
-    ("line1.cam1", "line1.cam1", True), ("line1.cam1", "line1.cam10", False),
-])
-def test_topic_patterns_match_like_rabbitmq(pattern, key, expected):
-    assert topic_matches(pattern, key) is expected
+from inspector.worker.serving import ModelSet, Reloader, ServedModel, warm_up
 
 
 def served(name):
@@ -52,28 +41,6 @@ def test_a_configured_model_without_a_version_is_unavailable():
     assert unavailable.value.code == "model_unavailable" and "inspector refit --model new" in str(unavailable.value)
 
 
-def test_batches_fill_or_time_out_per_model_version():
-    batcher = Batcher(batch_size=3, max_wait_s=0.010)
-    assert batcher.add(1, "a1", now=0.000) is None
-    assert batcher.add(2, "b1", now=0.001) is None
-    assert batcher.add(1, "a2", now=0.002) is None
-    assert batcher.add(1, "a3", now=0.003) == ["a1", "a2", "a3"]  # full: goes at once
-    assert batcher.next_deadline() == pytest.approx(0.011)
-    assert batcher.due(now=0.0105) == []
-    assert batcher.due(now=0.011) == [["b1"]]  # a lone frame waits max_wait_s at most
-    assert batcher.next_deadline() is None and len(batcher) == 0
-
-
-def test_a_batch_waits_longer_for_frames_still_being_decoded():
-    batcher = Batcher(batch_size=4, max_wait_s=0.010, hold_s=0.200)
-    batcher.add(1, "a1", now=0.0)
-    assert batcher.next_deadline(decoding=True) == pytest.approx(0.210)
-    assert batcher.due(now=0.050, decoding=True) == []  # more are coming: keep filling
-    assert batcher.due(now=0.050, decoding=False) == [["a1"]]  # nothing more on its way: go
-    batcher.add(1, "b1", now=0.3)
-    assert batcher.due(now=0.511, decoding=True) == [["b1"]]  # never longer than the hold
-
-
 class FakePlugin:
     def __init__(self, probability):
         self.probability = probability
@@ -102,7 +69,7 @@ def test_a_refused_version_is_counted_once_and_the_old_one_stays(monkeypatch):
     def broken(*args, **kwargs):
         raise StateError("checksum mismatch")
 
-    monkeypatch.setattr("inspector.serving.load_version", broken)
+    monkeypatch.setattr("inspector.worker.serving.load_version", broken)
     reloader = Reloader(store, models, torch.device("cpu"), 0, on_loaded=lambda s: None,
                         on_outcome=lambda n, o: outcomes.append((n, o)))
     assert reloader.reload("default") is None
@@ -111,7 +78,7 @@ def test_a_refused_version_is_counted_once_and_the_old_one_stays(monkeypatch):
 
 
 def test_a_batch_for_the_cpu_is_a_plain_stack():
-    from inspector.worker import stack_for
+    from inspector.worker.loop import stack_for
 
     tensors = [torch.full((3, 4, 4), i, dtype=torch.uint8) for i in range(3)]
     batch = stack_for(torch.device("cpu"), tensors)
@@ -120,7 +87,7 @@ def test_a_batch_for_the_cpu_is_a_plain_stack():
 
 @pytest.mark.cuda
 def test_a_batch_for_cuda_is_pinned_for_an_asynchronous_copy():
-    from inspector.worker import stack_for
+    from inspector.worker.loop import stack_for
 
     tensors = [torch.full((3, 4, 4), i, dtype=torch.uint8) for i in range(3)]
     batch = stack_for(torch.device("cuda"), tensors)
@@ -129,7 +96,7 @@ def test_a_batch_for_cuda_is_pinned_for_an_asynchronous_copy():
 
 
 def test_a_failing_batch_is_rescored_frame_by_frame_to_find_the_frame_at_fault():
-    from inspector.serving import score_batch
+    from inspector.worker.serving import score_batch
 
     class Picky:
         def score(self, batch):  # fails on any batch holding a frame of 9s; gives NaN for a frame of 7s

@@ -18,8 +18,9 @@ import pika
 import pytest
 import scipy.stats
 
-from inspector import config, samples
-from inspector.worker import Worker
+from inspector import config
+from inspector.tools import samples
+from inspector.worker.loop import Worker
 from tests.workerkit import SIZE, fit_store, names, worker_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,7 +392,7 @@ def run_cli(monkeypatch, capsys):
 
 def test_sources_are_named_relative_to_the_argument_they_came_from(tmp_path, sample_line):
     from inspector.errors import ConfigError
-    from inspector.publish import find_sources
+    from inspector.tools.publish import find_sources
 
     (sample_line / "good" / ".hidden.png").write_bytes(b"")
     (sample_line / "good" / "notes.txt").write_text("")

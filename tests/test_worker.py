@@ -25,10 +25,11 @@ import pytest
 import torch
 from PIL import Image
 
-from inspector import config, samples
+from inspector import config
 from inspector.broker import announcement
 from inspector.store import ModelStore
-from inspector.worker import Worker
+from inspector.tools import samples
+from inspector.worker.loop import Worker
 from plugins.dfkde.plugin import DfkdePlugin
 from tests.workerkit import SIZE, Line, close_all_connections, encoded, fit_store, worker_config
 
@@ -542,7 +543,7 @@ def _status(port: int, path: str) -> int:
 
 
 def test_a_scrape_after_real_traffic_counts_what_was_sent(fitted, line, prefix, tmp_path):
-    from inspector.metrics import Metrics
+    from inspector.worker.metrics import Metrics
 
     settings = config.load(worker_config(tmp_path, fitted, prefix))
     metrics = Metrics(settings.metrics)

@@ -15,8 +15,9 @@ import numpy as np
 import pika
 from PIL import Image
 
-from inspector import config, samples
-from inspector.refit import RefitOptions, run_refit
+from inspector import config
+from inspector.tools import samples
+from inspector.tools.refit import RefitOptions, run_refit
 
 SIZE = 128  # frames and model input: small, so the tests stay quick on two cores
 

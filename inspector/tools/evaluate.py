@@ -11,7 +11,7 @@ plugin.score. A frame fails when its anomaly probability is at or over the model
 threshold, as in the worker. A file that does not decode, or that the plugin cannot
 score, is named in a warning, counted and left out.
 
-The figures come from the pure functions of inspector.figures.
+The figures come from the pure functions of inspector.tools.figures.
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ import numpy as np
 import torch
 
 from inspector.config import Settings
-from inspector.decode import DecodeLimits, decode_capture
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import ConfigError, InspectorError, StateError
-from inspector.figures import Figures, figures
-from inspector.imagefiles import is_image_file
+from inspector.imagefiles import find_images, is_image_file
 from inspector.plugin import decode_size
-from inspector.progress import Progress
-from inspector.refit import ImageStream, find_images
-from inspector.serving import ServedModel, load_version, score_batch
 from inspector.store import ModelStore
+from inspector.tools.figures import Figures, figures
+from inspector.tools.imagestream import ImageStream
+from inspector.tools.progress import Progress
+from inspector.worker.decode import DecodeLimits, decode_capture
+from inspector.worker.serving import ServedModel, load_version, score_batch
 
 log = logging.getLogger(__name__)
 

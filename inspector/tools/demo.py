@@ -14,10 +14,10 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from inspector import samples
 from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
 from inspector.plugin import get_plugin, score_all
+from inspector.tools import samples
 
 log = logging.getLogger(__name__)
 BATCH = 16

@@ -21,10 +21,11 @@ from typing import Any, TextIO
 import pika
 import pika.exceptions
 
-from inspector.broker import _safe_url, blocking_connection, close_quietly
+from inspector.broker import blocking_connection, close_quietly, redact_url
 from inspector.config import Settings
 from inspector.errors import BrokerError, ConfigError
 from inspector.messages import VERDICTS
+from inspector.topics import check_pattern
 
 COLOURS = {"pass": "\033[32m", "fail": "\033[31m", "error": "\033[33m"}
 RESET = "\033[0m"
@@ -56,12 +57,12 @@ class Tally:
 
 
 def check_filter(pattern: str) -> str:
-    """A topic binding key: dot-separated words, each a name, '*' or '#'."""
-    words = pattern.split(".")
-    if not pattern or any(not w or (("*" in w or "#" in w) and w not in ("*", "#")) for w in words):
-        raise ConfigError(f"--filter {pattern!r}: must be dot-separated words, each a name, '*' (one word) or "
-                          "'#' (any words), on <verdict>.<line>.<camera> (e.g. 'fail.#' or '*.line1.*')")
-    return pattern
+    """A topic binding key on `<verdict>.<line>.<camera>`."""
+    try:
+        return check_pattern(pattern)
+    except ValueError as exc:
+        raise ConfigError(f"--filter {pattern!r}: {exc}, on <verdict>.<line>.<camera> "
+                          "(e.g. 'fail.#' or '*.line1.*')") from None
 
 
 def parse_result(body: bytes) -> dict[str, Any]:
@@ -157,7 +158,7 @@ def watch(settings: Settings, options: WatchOptions, tally: Tally | None = None,
     except BrokenPipeError:  # `inspector watch | head`: the reader has gone, so has the point of watching
         _silence(out)
     except (pika.exceptions.AMQPError, OSError) as exc:
-        raise BrokerError(f"watching {exchange} at {_safe_url(settings.broker.url)} failed ({tally.line()}): "
+        raise BrokerError(f"watching {exchange} at {redact_url(settings.broker.url)} failed ({tally.line()}): "
                           f"{exc!r}") from exc
     finally:
         close_quietly(connection)

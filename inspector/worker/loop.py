@@ -21,21 +21,22 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import torch
 
 from inspector import __version__
 from inspector.config import Settings
-from inspector.consumer import Consumer, Delivery, Outcome
-from inspector.decode import DecodeLimits, decode_capture
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import FrameError, InspectorError, StateError
-from inspector.messages import Capture, encode, parse_capture, result_body, result_routing_key, rfc3339
-from inspector.metrics import Metrics
+from inspector.messages import Capture, encode, parse_capture, result_body, result_routing_key
 from inspector.plugin import decode_size
-from inspector.serving import ModelSet, Reloader, ServedModel, load_version, score_batch
 from inspector.store import ModelStore
+from inspector.timestamps import utc_now
+from inspector.worker.batcher import Batcher
+from inspector.worker.consumer import Consumer, Delivery, Outcome
+from inspector.worker.decode import DecodeLimits, decode_capture
+from inspector.worker.metrics import Metrics
+from inspector.worker.serving import ModelSet, Reloader, ServedModel, load_version, score_batch
 
 log = logging.getLogger(__name__)
 
@@ -61,51 +62,6 @@ class _Prepared:
     capture: Capture
     model: ServedModel
     tensor: torch.Tensor
-
-
-class Batcher:
-    """Groups prepared frames by the model version that prepared them. A group goes when it holds
-    `batch_size` frames, or when its oldest frame has waited `max_wait_s` and no more frames are on
-    their way; while frames are still being decoded it waits for them up to `hold_s` longer.
-
-    The hold is what keeps batches full under a backlog on a small CPU: inference takes the cores,
-    decoding trickles, and a plain timer would send batches of one (about half the throughput of
-    batches of eight on two cores). An idle line still sends a lone frame after `max_wait_s`.
-    """
-
-    def __init__(self, batch_size: int, max_wait_s: float, hold_s: float = 0.0) -> None:
-        self.batch_size = batch_size
-        self.max_wait_s = max_wait_s
-        self.hold_s = hold_s
-        self._groups: dict[int, list] = {}
-        self._since: dict[int, float] = {}
-
-    def add(self, key: int, item: object, now: float) -> list | None:
-        group = self._groups.setdefault(key, [])
-        if not group:
-            self._since[key] = now
-        group.append(item)
-        return self._take(key) if len(group) >= self.batch_size else None
-
-    def due(self, now: float, decoding: bool = False) -> list[list]:
-        wait = self._wait(decoding)
-        return [self._take(key) for key, since in list(self._since.items()) if now >= since + wait]
-
-    def next_deadline(self, decoding: bool = False) -> float | None:
-        return min(self._since.values()) + self._wait(decoding) if self._since else None
-
-    def drain(self) -> list[list]:
-        return [self._take(key) for key in list(self._groups)]
-
-    def __len__(self) -> int:
-        return sum(len(g) for g in self._groups.values())
-
-    def _wait(self, decoding: bool) -> float:
-        return self.max_wait_s + (self.hold_s if decoding else 0.0)
-
-    def _take(self, key: int) -> list:
-        self._since.pop(key, None)
-        return self._groups.pop(key)
 
 
 class Worker:
@@ -302,7 +258,7 @@ class Worker:
     def _answer_error(self, delivery: Delivery, capture: Capture, code: str, message: str,
                       model: ServedModel | None = None) -> None:
         log.warning("frame %s from %s.%s: %s: %s", capture.frame_id, capture.line_id, capture.camera_id, code, message)
-        body = result_body(capture, verdict="error", error=(code, message), inspected_at=_now(),
+        body = result_body(capture, verdict="error", error=(code, message), inspected_at=utc_now(),
                            model=model.identity() if model else None,
                            threshold=model.threshold if model else None)
         self.consumer.submit([Outcome(
@@ -370,7 +326,7 @@ class Worker:
                                                  functools.partial(stack_for, self.device))
         self.metrics.stage("infer", time.perf_counter() - started)
         self.metrics.batch(model.name, len(batch))
-        inspected_at = _now()
+        inspected_at = utc_now()
         outcomes = []
         for prepared, p, r, failure, wait in zip(batch, probability, raw, failures, waits):
             capture = prepared.capture
@@ -438,6 +394,3 @@ def run_worker(settings: Settings) -> int:
             signal.signal(sig, handler)
     return 0
 
-
-def _now() -> str:
-    return rfc3339(datetime.now(timezone.utc))

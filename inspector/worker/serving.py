@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from inspector import topics
 from inspector.config import ModelSettings, RouteSettings
 from inspector.errors import FrameError, StateError
 from inspector.messages import Capture
@@ -121,19 +122,6 @@ def warm_up(plugin: Plugin) -> None:
         raise StateError(f"warm-up batch gave probabilities outside [0, 1]: {probability.tolist()}")
 
 
-def topic_matches(pattern: str, routing_key: str) -> bool:
-    """AMQP topic matching: '*' is exactly one word, '#' zero or more."""
-
-    def match(p: Sequence[str], k: Sequence[str]) -> bool:
-        if not p:
-            return not k
-        if p[0] == "#":
-            return any(match(p[1:], k[i:]) for i in range(len(k) + 1))
-        return bool(k) and (p[0] == "*" or p[0] == k[0]) and match(p[1:], k[1:])
-
-    return match(pattern.split("."), routing_key.split("."))
-
-
 class ModelSet:
     """The version in service of each configured model (None until one loads); swapped atomically.
 
@@ -152,7 +140,7 @@ class ModelSet:
         """The model for a capture: its `model` header, else the first matching route, else the default."""
         name = capture.model
         if name is None:
-            name = next((r.model for r in self.routes if topic_matches(r.match, capture.routing_key)),
+            name = next((r.model for r in self.routes if topics.matches(r.match, capture.routing_key)),
                         self.default_model)
         elif name not in self.settings:
             raise FrameError("model_unknown", f"model header {name!r} names no configured model; "

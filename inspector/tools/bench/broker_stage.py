@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import numpy as np
 import pika
@@ -24,11 +24,11 @@ import torch
 from inspector.broker import blocking_connection
 from inspector.config import Settings
 from inspector.errors import BrokerError
-from inspector.messages import rfc3339
-from inspector.worker import Worker
-
-if TYPE_CHECKING:
-    from inspector.bench import BenchOptions, Frames, RawMeter
+from inspector.timestamps import rfc3339
+from inspector.tools.bench.frames import Frames
+from inspector.tools.bench.model_stages import RawMeter
+from inspector.tools.bench.options import BenchOptions
+from inspector.worker.loop import Worker
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 from pika.spec import Basic
 
-from inspector.broker import _safe_url, connection_parameters
+from inspector.broker import connection_parameters, redact_url
 from inspector.config import Settings
 from inspector.errors import BrokerError, ConfigError, InspectorError
 
@@ -154,7 +154,7 @@ class Consumer:
             error, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)
         ):
             self._fail(ConfigError(
-                f"RabbitMQ at {_safe_url(self.settings.broker.url)} refused the login ({self._last_error}); check the "
+                f"RabbitMQ at {redact_url(self.settings.broker.url)} refused the login ({self._last_error}); check the "
                 "user in broker.url, the vhost, and INSPECTOR_BROKER__PASSWORD"
             ))
             return
@@ -215,7 +215,7 @@ class Consumer:
         self.generation += 1
         self._ever_connected = True
         self._attempt = 0
-        log.info("connected to %s; consuming %s (prefetch %d)", _safe_url(self.settings.broker.url),
+        log.info("connected to %s; consuming %s (prefetch %d)", redact_url(self.settings.broker.url),
                  self.settings.worker.queue, self.settings.worker.prefetch)
         self.connected.set()
         self.on_connection(True)
@@ -377,7 +377,7 @@ class Consumer:
         worker = self.settings.worker
         if not self._ever_connected and time.monotonic() - self._started_at > worker.start_timeout_s:
             self._fail(BrokerError(
-                f"cannot reach RabbitMQ at {_safe_url(self.settings.broker.url)} after {worker.start_timeout_s:g} s "
+                f"cannot reach RabbitMQ at {redact_url(self.settings.broker.url)} after {worker.start_timeout_s:g} s "
                 f"({self._last_error}); check broker.url and that RabbitMQ runs"
             ))
             return

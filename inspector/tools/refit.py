@@ -15,9 +15,7 @@ import logging
 import math
 import os
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,12 @@ from inspector import __version__
 from inspector.broker import announce, announcement
 from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
-from inspector.errors import BrokerError, ConfigError, FitError, FrameError
-from inspector.imagefiles import UnreadableImage, is_image_file, read_image
+from inspector.errors import BrokerError, ConfigError, FitError
+from inspector.imagefiles import find_images
 from inspector.plugin import decode_size, get_plugin, score_all
-from inspector.progress import Progress
 from inspector.store import ModelStore
+from inspector.tools.imagestream import ImageStream
+from inspector.tools.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -69,31 +68,6 @@ class RefitResult:
         return (self.used + self.held_out) / self.seconds if self.seconds > 0 else 0.0
 
 
-def find_images(root: Path) -> list[Path]:
-    """Every image file under `root`, recursively, any case of suffix, sorted; hidden entries skipped."""
-    if not root.exists():
-        raise ConfigError(f"--data {root}: no such folder")
-    if not root.is_dir():
-        raise ConfigError(f"--data {root}: not a folder")
-    found: list[Path] = []
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError as exc:
-            log.warning("skipping folder %s: %s", folder, exc.strerror or exc)
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir(follow_symlinks=True):
-                stack.append(Path(entry.path))
-            elif is_image_file(Path(entry.name)):
-                found.append(Path(entry.path))
-    return sorted(found)
-
-
 def split_held_out(paths: Sequence[Path], share: float, seed: int) -> tuple[list[Path], list[Path]]:
     """A seeded random `share` of the paths held out of the fit, for calibration."""
     count = int(round(len(paths) * share))
@@ -101,81 +75,6 @@ def split_held_out(paths: Sequence[Path], share: float, seed: int) -> tuple[list
     held = set(order[:count].tolist())
     fit = [p for i, p in enumerate(paths) if i not in held]
     return fit, [paths[i] for i in sorted(held)]
-
-
-class ImageStream:
-    """Read and prepare images on a thread pool, in order, with at most `workers * 4` in flight; a file
-    that fails (unreadable, truncated, refused by a limit, or by the plugin's prepare) is skipped with a
-    warning that names it. `read` turns a path into pixels: by default an archive file as refit reads
-    it; `inspector evaluate` passes the worker's capture decoding."""
-
-    def __init__(self, prepare: Callable[[np.ndarray], torch.Tensor], workers: int, max_pixels: int,
-                 progress: Progress, min_size: tuple[int, int] | None = None,
-                 read: Callable[[Path], np.ndarray] | None = None) -> None:
-        self.prepare = prepare
-        self.read = read or (lambda path: read_image(path, max_pixels, min_size))
-        self.workers = workers
-        self.progress = progress
-        self.skipped: list[tuple[Path, str]] = []
-        self.used = 0
-
-    def _load(self, path: Path) -> torch.Tensor:
-        return self.prepare(self.read(path))
-
-    def images(self, paths: Iterable[Path]) -> Iterator[torch.Tensor]:
-        for _, tensor in self.indexed(paths):
-            yield tensor
-
-    def indexed(self, paths: Iterable[Path]) -> Iterator[tuple[int, torch.Tensor]]:
-        """(position in `paths`, prepared tensor) for every file that could be used, in order."""
-        window = self.workers * 4
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
-            pending: deque[tuple[int, Path, Future]] = deque()
-            try:
-                for index, path in enumerate(paths):
-                    pending.append((index, path, pool.submit(self._load, path)))
-                    if len(pending) >= window:
-                        yield from self._take(*pending.popleft())
-                while pending:
-                    yield from self._take(*pending.popleft())
-            finally:
-                for _, _, future in pending:
-                    future.cancel()
-
-    def _take(self, index: int, path: Path, future: Future) -> Iterator[tuple[int, torch.Tensor]]:
-        try:
-            tensor = future.result()
-        except Exception as exc:  # noqa: BLE001 - one odd file (mode, size, decoder bug) must not end the run
-            self._skip(path, _reason(exc))
-        else:
-            self.used += 1
-            yield index, tensor
-        self.progress.advance()
-
-    def _skip(self, path: Path, reason: str) -> None:
-        log.warning("skipping %s: %s", path, reason)
-        self.skipped.append((path, reason))
-
-    def batches(self, paths: Iterable[Path], size: int) -> Iterator[torch.Tensor]:
-        batch: list[torch.Tensor] = []
-        for tensor in self.images(paths):
-            batch.append(tensor)
-            if len(batch) == size:
-                yield torch.stack(batch)
-                batch = []
-        if batch:
-            yield torch.stack(batch)
-
-
-def _reason(exc: Exception) -> str:
-    """Why a file was skipped, in one line: the frame error's code, the OS's words, or the exception."""
-    if isinstance(exc, FrameError):
-        return f"{exc.code}: {exc}"
-    if isinstance(exc, UnreadableImage):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"cannot be read: {exc.strerror or exc}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:

@@ -26,16 +26,17 @@ import pika
 import pika.exceptions
 from PIL import Image
 
-from inspector.broker import _safe_url, blocking_connection, close_quietly
+from inspector.broker import blocking_connection, close_quietly, redact_url
 from inspector.config import Settings
 from inspector.errors import BrokerError, ConfigError, InspectorError
 from inspector.imagefiles import (
     IMAGE_SUFFIXES,
     UnreadableImage,
+    find_images,
     is_image_file,
     read_image,
 )
-from inspector.messages import rfc3339
+from inspector.timestamps import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,6 @@ def find_sources(arguments: Sequence[str]) -> list[Source]:
 
     A path that does not exist is an operator mistake (ConfigError); so is finding nothing at all.
     """
-    from inspector.refit import (
-        find_images,  # the same rule as refit: hidden entries skipped, sorted
-    )
-
     found: list[Source] = []
     for argument in arguments:
         path = Path(argument).expanduser()
@@ -120,8 +117,6 @@ def find_sources(arguments: Sequence[str]) -> list[Source]:
 def _expand(pattern: str) -> list[Source]:
     """A glob pattern's images (folders it matches: every image under them), named relative to the
     pattern's fixed leading folders, so `archive/*/*.png` names `good/000.png`."""
-    from inspector.refit import find_images
-
     parts = Path(pattern).expanduser().parts
     fixed = next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), len(parts))
     base = Path(*parts[:fixed]) if fixed else Path(".")
@@ -212,7 +207,7 @@ def publish(settings: Settings, options: PublishOptions, summary: Summary | None
         raise BrokerError(f"RabbitMQ refused a frame on {exchange} (nack) after {summary.sent} frames; "
                           "see its log (a full queue with overflow reject-publish?)") from None
     except (pika.exceptions.AMQPError, OSError) as exc:
-        raise BrokerError(f"publishing to RabbitMQ at {_safe_url(settings.broker.url)} failed after "
+        raise BrokerError(f"publishing to RabbitMQ at {redact_url(settings.broker.url)} failed after "
                           f"{summary.sent} frames: {exc!r}") from exc
     finally:
         close_quietly(connection)

@@ -1,0 +1,48 @@
+"""What an `inspector bench` run measures, as the command line asked for it, checked before anything runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from inspector.errors import ConfigError
+from inspector.tools import samples
+
+# name -> (PIL format, content type, encoder options). JPEG at quality 90; PNG at zlib level 1, the default
+# of OpenCV's imwrite (PIL's own level 6 takes six times as long to write; it decodes about 10% faster).
+ENCODINGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "jpeg": ("JPEG", "image/jpeg", {"quality": 90}),
+    "png": ("PNG", "image/png", {"compress_level": 1}),
+    "bmp": ("BMP", "image/bmp", {}),
+    "tiff": ("TIFF", "image/tiff", {}),
+    "webp": ("WEBP", "image/webp", {"quality": 90}),
+}
+
+
+@dataclass
+class BenchOptions:
+    resolution: int = 1024
+    encodings: Sequence[str] = ("jpeg", "png")
+    frames: int | None = None  # saturation backlog; None: sized from the rates of stages 1 and 2
+    half_load_s: float = 15.0
+    batch_size: int | None = None  # None: worker.batch_size
+    device: str | None = None  # None: the configured device
+    skip_broker: bool = False
+
+    def check(self) -> None:
+        if self.resolution < samples._MIN_SIZE:
+            raise ConfigError(f"--resolution {self.resolution}: must be at least {samples._MIN_SIZE}")
+        if not self.encodings:
+            raise ConfigError(f"--encoding: name at least one of {', '.join(ENCODINGS)}")
+        for name in self.encodings:
+            if name not in ENCODINGS:
+                raise ConfigError(f"--encoding {name!r}: not one of {', '.join(ENCODINGS)}")
+        if len(set(self.encodings)) != len(self.encodings):
+            raise ConfigError("--encoding: an encoding is named twice")
+        if self.frames is not None and not 1 <= self.frames <= 100_000:
+            raise ConfigError(f"--frames {self.frames}: must be between 1 and 100000")
+        if not 0 < self.half_load_s <= 3600:
+            raise ConfigError(f"--half-load-s {self.half_load_s}: must be more than 0 and at most 3600")
+        if self.batch_size is not None and not 1 <= self.batch_size <= 4096:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be between 1 and 4096")

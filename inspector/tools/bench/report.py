@@ -1,0 +1,173 @@
+"""The figures of an `inspector bench` run: the JSON document, the table an engineer reads, the targets."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from inspector import __version__
+
+SCHEMA = "inspector.bench/1"
+THROUGHPUT_TARGET = 0.85  # whole path at saturation / raw plugin
+LATENCY_TARGET = 3.0  # p99 / p50 at half load
+
+
+@dataclass
+class BenchReport:
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    frames: dict[str, Any]
+    raw: dict[str, Any]
+    decode: dict[str, dict[str, Any]] = field(default_factory=dict)
+    broker: dict[str, dict[str, Any]] | None = None
+    seconds: float = 0.0
+
+    @property
+    def targets(self) -> list[dict[str, Any]]:
+        """The two targets per encoding, with pass/fail; empty when the broker stage was skipped."""
+        out: list[dict[str, Any]] = []
+        for encoding, run in (self.broker or {}).items():
+            ratio = run["saturation"]["ratio_to_raw"]
+            out.append({"target": "throughput", "encoding": encoding, "value": ratio, "limit": THROUGHPUT_TARGET,
+                        "pass": ratio is not None and ratio >= THROUGHPUT_TARGET,
+                        "rule": f"whole path at saturation >= {THROUGHPUT_TARGET:.0%} of the raw plugin"})
+            spread = run["half_load"]["p99_over_p50"]
+            out.append({"target": "latency", "encoding": encoding, "value": spread, "limit": LATENCY_TARGET,
+                        "pass": spread is not None and spread <= LATENCY_TARGET,
+                        "rule": f"p99 latency at half load <= {LATENCY_TARGET:g}x p50"})
+        return out
+
+    @property
+    def frames_lost(self) -> int:
+        """Frames missing, duplicated or answered with an error, over every broker run."""
+        total = 0
+        for run in (self.broker or {}).values():
+            for phase in (run["saturation"], run["half_load"]):
+                total += phase["missing"] + phase["duplicates"] + phase["errors"] + phase["unexpected"]
+        return total
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "machine": self.machine,
+            "settings": self.settings,
+            "frames": self.frames,
+            "raw": self.raw,
+            "decode": self.decode,
+            "broker": self.broker,
+            "targets": self.targets,
+            "seconds": round(self.seconds, 1),
+        }
+
+    def table(self) -> str:
+        m, s, f, raw = self.machine, self.settings, self.frames, self.raw
+        device = m["device"] + (f" ({m['device_name']})" if m.get("device_name") else "")
+        lines = [
+            (f"inspector bench: {f['resolution']}x{f['resolution']} frames, {', '.join(f['encodings'])}; "
+             f"{self.seconds:.0f} s"),
+            (f"machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} threads); "
+             f"device {device}"),
+            (f"model: {s['plugin']} {s['backbone']} at {s['input_size']} px, {s['precision']}; a throwaway fitted "
+             f"on {s['fit_images']} generated frames"),
+            (f"worker policy: batches of up to {s['batch_size']}, waiting {s['max_batch_wait_ms']:g} ms at most; "
+             f"{s['decode_threads']} decode threads; prefetch {s['prefetch']}"),
+            "",
+            (f"  {'stage':<28}{'encoding':<10}{'rate':>9}  {'unit':<9}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}"
+             f"{'lost':>6}"),
+            _row("1  raw plugin", "-", raw["images_per_second"], "images/s"),
+        ]
+        notes = [(f"  1  batches of {raw['batch_size']}; the median of {len(raw['measurements'])} measurements "
+                  f"of {raw['window_s']:g} s: {', '.join(f'{r:.2f}' for r in raw['measurements'])} images/s")]
+        for encoding, d in self.decode.items():
+            lines.append(_row("2  decode + prepare", encoding, d["frames_per_second"], "frames/s"))
+            notes.append(f"  2  {encoding}: {d['threads']} threads; on one thread {d['decode_ms']:.1f} ms decode + "
+                         f"{d['prepare_ms']:.1f} ms prepare (decoding in full: "
+                         f"{d['full_size_decode_and_prepare_ms']:.1f} ms); {f['bytes'][encoding] / 1024:.0f} KiB a frame")
+        for encoding, run in (self.broker or {}).items():
+            sat, half = run["saturation"], run["half_load"]
+            lines.append(_row("3a whole path, saturation", encoding, sat["frames_per_second"], "frames/s",
+                              lost=_lost(sat)))
+            ratio = ("" if sat["ratio_to_raw"] is None else
+                     f"; {sat['ratio_to_raw']:.1%} of the raw plugin's {sat['raw_images_per_second']:.2f} "
+                     f"measured just before and after; model and decoding alone predict "
+                     f"{sat['expected_frames_per_second']:.2f}")
+            notes.append(f"  3a {encoding}: {sat['frames']} frames queued, drained in {_seconds(sat['seconds'])}"
+                         f"{ratio}; {_batches(sat)}{_losses(sat)}")
+            lat = half["latency_ms"]
+            lines.append(_row("3b whole path, half load", encoding, half["frames_per_second"], "frames/s",
+                              latency=(lat["p50"], lat["p95"], lat["p99"]), lost=_lost(half)))
+            spread = "" if half["p99_over_p50"] is None else f"; p99 {half['p99_over_p50']:.2f}x p50"
+            if half["published_hz"] and half["published_hz"] < 0.95 * half["rate_hz"]:
+                spread += f" (the publisher kept only {half['published_hz']:.2f} Hz)"
+            notes.append(f"  3b {encoding}: {half['frames']} frames at {half['rate_hz']:.2f} Hz for "
+                         f"{half['seconds']:.1f} s{spread}; {_batches(half)}{_losses(half)}")
+        if self.broker is None:
+            lines.append("  3  whole path through the broker: skipped (--skip-broker)")
+        lines += ["", *notes]
+        if self.broker is not None:
+            lines += ["", "targets"]
+            for t in self.targets:
+                value = ("n/a" if t["value"] is None else
+                         f"{t['value']:.1%}" if t["target"] == "throughput" else f"{t['value']:.2f}x")
+                lines.append(f"  {t['encoding']:<6}{t['rule']:<56}{value:>8}  {'pass' if t['pass'] else 'FAIL'}")
+        return "\n".join(lines)
+
+
+def _row(stage: str, encoding: str, rate: float | None, unit: str,
+         latency: tuple[float | None, ...] = (), lost: int | None = None) -> str:
+    cells = "".join("     n/a" if v is None else f"{v:>8.0f}" for v in latency) if latency else " " * 24
+    return (f"  {stage:<28}{encoding:<10}{'n/a' if rate is None else f'{rate:.2f}':>9}  {unit:<9}{cells}"
+            f"{'' if lost is None else f'{lost:>6}'}").rstrip()
+
+
+def _lost(phase: dict[str, Any]) -> int:
+    return phase["missing"] + phase["duplicates"] + phase["errors"] + phase["unexpected"]
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} s"
+
+
+def _batches(phase: dict[str, Any]) -> str:
+    if not phase["batches"]:
+        return "no batches"
+    return (f"{phase['batches']} batches of {phase['mean_batch']:.1f} frames on average, "
+            f"{phase['ms_per_batch']:.0f} ms each")
+
+
+def _losses(phase: dict[str, Any]) -> str:
+    if not _lost(phase):
+        return ""
+    return (f"; LOST: missing {phase['missing']}, duplicates {phase['duplicates']}, errors {phase['errors']}, "
+            f"unexpected {phase['unexpected']}")
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on."""
+    cuda = device.type == "cuda"
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "inspector": __version__,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

@@ -1,0 +1,94 @@
+"""Images read and prepared on a thread pool, in order, with a bounded window in flight: how refit and
+evaluate feed a plugin from a folder without holding the folder in memory."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from inspector.errors import FrameError
+from inspector.imagefiles import UnreadableImage, read_image
+from inspector.tools.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+class ImageStream:
+    """Read and prepare images on a thread pool, in order, with at most `workers * 4` in flight; a file
+    that fails (unreadable, truncated, refused by a limit, or by the plugin's prepare) is skipped with a
+    warning that names it. `read` turns a path into pixels: by default an archive file as refit reads
+    it; `inspector evaluate` passes the worker's capture decoding."""
+
+    def __init__(self, prepare: Callable[[np.ndarray], torch.Tensor], workers: int, max_pixels: int,
+                 progress: Progress, min_size: tuple[int, int] | None = None,
+                 read: Callable[[Path], np.ndarray] | None = None) -> None:
+        self.prepare = prepare
+        self.read = read or (lambda path: read_image(path, max_pixels, min_size))
+        self.workers = workers
+        self.progress = progress
+        self.skipped: list[tuple[Path, str]] = []
+        self.used = 0
+
+    def _load(self, path: Path) -> torch.Tensor:
+        return self.prepare(self.read(path))
+
+    def images(self, paths: Iterable[Path]) -> Iterator[torch.Tensor]:
+        for _, tensor in self.indexed(paths):
+            yield tensor
+
+    def indexed(self, paths: Iterable[Path]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(position in `paths`, prepared tensor) for every file that could be used, in order."""
+        window = self.workers * 4
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+            pending: deque[tuple[int, Path, Future]] = deque()
+            try:
+                for index, path in enumerate(paths):
+                    pending.append((index, path, pool.submit(self._load, path)))
+                    if len(pending) >= window:
+                        yield from self._take(*pending.popleft())
+                while pending:
+                    yield from self._take(*pending.popleft())
+            finally:
+                for _, _, future in pending:
+                    future.cancel()
+
+    def _take(self, index: int, path: Path, future: Future) -> Iterator[tuple[int, torch.Tensor]]:
+        try:
+            tensor = future.result()
+        except Exception as exc:  # noqa: BLE001 - one odd file (mode, size, decoder bug) must not end the run
+            self._skip(path, _reason(exc))
+        else:
+            self.used += 1
+            yield index, tensor
+        self.progress.advance()
+
+    def _skip(self, path: Path, reason: str) -> None:
+        log.warning("skipping %s: %s", path, reason)
+        self.skipped.append((path, reason))
+
+    def batches(self, paths: Iterable[Path], size: int) -> Iterator[torch.Tensor]:
+        batch: list[torch.Tensor] = []
+        for tensor in self.images(paths):
+            batch.append(tensor)
+            if len(batch) == size:
+                yield torch.stack(batch)
+                batch = []
+        if batch:
+            yield torch.stack(batch)
+
+
+def _reason(exc: Exception) -> str:
+    """Why a file was skipped, in one line: the frame error's code, the OS's words, or the exception."""
+    if isinstance(exc, FrameError):
+        return f"{exc.code}: {exc}"
+    if isinstance(exc, UnreadableImage):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"cannot be read: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,46 @@
+"""The house as built: the import layers of pyproject.toml's import-linter contracts hold, every
+foundation module is inside them, and plugins reach inspector only through the plugin contract."""
+
+import pkgutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import grimp
+
+import inspector
+
+ROOT = Path(__file__).resolve().parent.parent
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def contracts() -> dict[str, dict]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    return {c["id"]: c for c in config["contracts"]}
+
+
+def test_the_import_contracts_hold():
+    run = subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "0 broken" in run.stdout
+
+
+def test_every_module_of_inspector_is_in_a_layer():
+    layers = contracts()["layers"]["layers"]
+    named = {name.strip() for layer in layers for name in layer.split(":")}
+    top = {f"inspector.{m.name}" for m in pkgutil.iter_modules(inspector.__path__)}
+    assert top == named, f"not in a layer: {sorted(top - named)}; named but absent: {sorted(named - top)}"
+
+
+def test_the_rooms_are_what_ls_shows():
+    packages = {m.name for m in pkgutil.iter_modules(inspector.__path__) if m.ispkg}
+    assert packages == {"worker", "tools"}
+
+
+def test_plugins_import_only_the_plugin_contract_and_errors():
+    graph = grimp.build_graph("plugins", "inspector")
+    reached = set()
+    for module in graph.find_descendants("plugins"):
+        reached |= {m for m in graph.find_modules_directly_imported_by(module) if m.split(".")[0] == "inspector"}
+    assert reached <= {"inspector.plugin", "inspector.errors"}, sorted(reached)
