@@ -8,10 +8,12 @@ import json
 import re
 import shutil
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from inspector.config import MetricsSettings
 from inspector.worker.metrics import Metrics
@@ -51,22 +53,34 @@ def metric_names(expr: str) -> set[str]:
 
 
 def exported_names() -> set[str]:
-    """Every sample name a worker's /metrics can hold."""
-    metrics = Metrics(MetricsSettings(port=0))
+    """Every sample name a worker's /metrics can hold, read from a real scrape: prometheus_client's
+    process and Python collectors included, as Prometheus will see them."""
+    metrics = Metrics(MetricsSettings(host="127.0.0.1", port=0))
     metrics.frame_done(line="l", camera="c", model="m", verdict="fail", probability=0.9, latency_s=0.1,
                        queue_wait_s=0.05, redelivered=True)  # fmt: skip
     metrics.set_model("m", "dfkde", "v1", 0.5)
     metrics.model_reload("m", "success")
     metrics.batch("m", 4)
+    port = metrics.serve()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    finally:
+        metrics.close()
     names = set()
-    for family in metrics.registry.collect():
-        if family.type == "counter":
-            names.add(family.name + "_total")
-        elif family.type == "histogram":
-            names.update(family.name + suffix for suffix in ("", "_bucket", "_sum", "_count"))
-        else:
-            names.add(family.name)
+    for family in text_string_to_metric_families(text):
+        names.update(sample.name for sample in family.samples)
+        names.update(family_names(family))  # a family with no series yet (GPU memory on a CPU machine)
     return names
+
+
+def family_names(family) -> set[str]:
+    """The sample names a family declares, whether or not it has samples now."""
+    if family.type == "counter":
+        return {family.name + "_total"}
+    if family.type == "histogram":
+        return {family.name + suffix for suffix in ("", "_bucket", "_sum", "_count")}
+    return {family.name}
 
 
 def dashboard() -> dict:
@@ -104,16 +118,16 @@ def test_dashboard_and_rules_use_only_exported_metrics():
     exported = exported_names()
     used = [(where, expr) for where, expr in dashboard_queries()]
     used += [(rule.get("alert") or rule["record"], rule["expr"]) for rule in rules()]
-    unknown, inspector_names = [], set()
+    unknown, read = [], set()
     for where, expr in used:
         for name in metric_names(expr) - recorded:
-            if name.startswith("inspector_"):
-                inspector_names.add(name)
+            read.add(name)
             if name not in exported and name != "up" and not name.startswith("rabbitmq_"):
                 unknown.append(f"{where}: {name}")
     assert not unknown, "metrics the worker does not export:\n" + "\n".join(unknown)
-    # not vacuous: the deploy files read the contract's metrics
-    assert {"inspector_frames_total", "inspector_model_info", "inspector_broker_connected"} <= inspector_names
+    # not vacuous: the deploy files read the contract's metrics and the process's own
+    assert {"inspector_frames_total", "inspector_model_info", "inspector_broker_connected"} <= read
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "process_max_fds"} <= read
 
 
 def test_dashboard_imports_with_a_datasource_choice_and_label_filters():

@@ -1,7 +1,13 @@
 """The worker's metrics as Prometheus sees them: a real server, real HTTP requests, the text format parsed."""
 
+import gc
 import logging
+import os
+import platform
+import resource
 import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -12,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from inspector.config import MetricsSettings
 from inspector.errors import FRAME_ERROR_CODES, ConfigError
 from inspector.worker.metrics import Metrics
+
+IMPORTED_AT = time.time()  # this process started before
 
 
 @pytest.fixture
@@ -183,6 +191,62 @@ def test_a_failing_metrics_call_is_logged_not_raised(caplog):
     assert "frame_done failed" in caplog.text and "stage failed" in caplog.text
 
 
+def vm_rss_bytes():
+    """Resident memory as the kernel reports it in /proc/self/status (VmRSS, in kB)."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def cpu_seconds():
+    times = os.times()
+    return times.user + times.system
+
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process_* metrics need Linux /proc")
+
+
+@needs_proc
+def test_process_memory_cpu_and_file_descriptors_match_the_kernel(served):
+    _, base = served
+    rss, cpu_before, fds = vm_rss_bytes(), cpu_seconds(), len(os.listdir("/proc/self/fd"))
+    s = scrape(base)
+    cpu_after = cpu_seconds()
+    assert rss / 2 < value(s, "process_resident_memory_bytes") < rss * 2
+    assert value(s, "process_virtual_memory_bytes") >= value(s, "process_resident_memory_bytes")
+    assert cpu_before - 0.05 <= value(s, "process_cpu_seconds_total") <= cpu_after + 0.05
+    # the scrape's own sockets (server and client side) come and go around the listing
+    assert abs(value(s, "process_open_fds") - fds) <= 4
+    assert value(s, "process_max_fds") == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    started = value(s, "process_start_time_seconds")
+    with open("/proc/uptime") as uptime:
+        booted = time.time() - float(uptime.read().split()[0])
+    assert booted - 1 <= started <= IMPORTED_AT + 1  # whole seconds: the kernel's boot time is one
+
+
+def test_python_gc_and_platform_are_exported(served):
+    _, base = served
+    before = gc.get_stats()
+    s = scrape(base)
+    after = gc.get_stats()
+    assert len(before) == 3
+    for generation, (low, high) in enumerate(zip(before, after)):
+        collections = value(s, "python_gc_collections_total", generation=str(generation))
+        assert low["collections"] <= collections <= high["collections"], generation
+        assert value(s, "python_gc_objects_collected_total", generation=str(generation)) is not None
+        assert value(s, "python_gc_objects_uncollectable_total", generation=str(generation)) is not None
+    (info,) = series(s, "python_info")
+    assert info["version"] == platform.python_version()
+    assert info["implementation"] == platform.python_implementation()
+
+
+def test_each_metrics_has_its_own_runtime_collectors():
+    """Several Metrics in one process (as in tests) do not clash over the process_* names."""
+    first, second = Metrics(MetricsSettings(port=0)), Metrics(MetricsSettings(port=0))
+    names = [{family.name for family in m.registry.collect()} for m in (first, second)]
+    assert names[0] == names[1] and "python_info" in names[0]
+
+
 def test_gpu_memory_has_a_series_per_cuda_device_and_none_without():
     import torch
 
@@ -245,3 +309,34 @@ def test_concurrent_calls_lose_no_count():
     family = next(f for f in metrics.registry.collect() if f.name == "inspector_frames")
     counts = {s.labels["camera"]: s.value for s in family.samples if s.name == "inspector_frames_total"}
     assert sum(counts.values()) == 8 * 500 and len(counts) == 5 and counts["other"] == 4 * 500
+
+
+def test_idle_connections_cannot_pin_threads_and_are_hung_up_on(served, monkeypatch):
+    from inspector.worker import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module._Handler, "timeout", 1.0)
+    metrics, base = served
+    host, port = base.removeprefix("http://").split(":")
+    threads_before = threading.active_count()
+    idle = [socket.create_connection((host, int(port))) for _ in range(200)]
+    try:
+        time.sleep(0.5)
+        threads_during = threading.active_count()
+        assert threads_during <= threads_before + metrics_module.HTTP_MAX_CONNECTIONS + 1
+        time.sleep(1.5)  # past the handler timeout: the held slots are free again
+        assert request(f"{base}/healthz")[0] == 200
+    finally:
+        for connection in idle:
+            connection.close()
+
+
+def test_healthz_and_readyz_say_why_the_worker_is_unhealthy(served):
+    metrics, base = served
+    metrics.set_broker_connected(True)
+    metrics.set_model("default", "dfkde", "v1", 0.5)
+    assert request(f"{base}/healthz")[:2] == (200, "ok\n") and request(f"{base}/readyz")[0] == 200
+    metrics.health = lambda: "the scoring thread has stopped"
+    assert request(f"{base}/healthz")[:2] == (503, "the scoring thread has stopped\n")
+    assert request(f"{base}/readyz")[:2] == (503, "the scoring thread has stopped\n")
+    metrics.thread_stalls = lambda: {"scoring": 42.0, "broker": 0.0}
+    assert value(scrape(base), "inspector_thread_stall_seconds", thread="scoring") == 42.0

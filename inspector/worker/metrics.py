@@ -21,7 +21,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
@@ -42,6 +51,8 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 _FAILURE_LOG_EVERY_S = 60.0
+HTTP_TIMEOUT_S = 10.0  # a client that sends nothing for this long is hung up on
+HTTP_MAX_CONNECTIONS = 16  # connections served at once; more are closed at once, costing no thread
 _T = TypeVar("_T")
 
 
@@ -142,6 +153,15 @@ class GpuMemoryCollector:
         return [family]
 
 
+def register_runtime_collectors(registry: CollectorRegistry) -> None:
+    """prometheus_client's default collectors, which a registry of our own lacks: resident memory, CPU
+    and file descriptors (process_*, read from /proc, so Linux only), the garbage collector
+    (python_gc_*) and python_info. They read at scrape time and cost nothing per frame."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+
+
 def default_build() -> dict[str, str]:
     """Build labels without importing torch (its version comes from the installed distribution)."""
     try:
@@ -149,6 +169,29 @@ def default_build() -> dict[str, str]:
     except metadata.PackageNotFoundError:
         torch_version = "none"
     return {"version": inspector.__version__, "python": platform.python_version(), "torch": torch_version}
+
+
+class ThreadStallCollector:
+    """`inspector_thread_stall_seconds{thread}`: seconds each core thread has been busy without progress
+    (0 while idle or progressing), read from the worker's watchdog at scrape time."""
+
+    def __init__(self, metrics: "Metrics") -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily("inspector_thread_stall_seconds", _STALL_HELP, labels=["thread"])]
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily("inspector_thread_stall_seconds", _STALL_HELP, labels=["thread"])
+        try:
+            for thread, seconds in self.metrics.thread_stalls().items():
+                family.add_metric([thread], seconds)
+        except Exception:  # noqa: BLE001 - a scrape must still answer
+            self.metrics.throttle.warning("stalls", "metrics: reading the watchdog failed")
+        yield family
+
+
+_STALL_HELP = "Seconds a core thread of the worker has been busy without progress (0 when idle or progressing)."
 
 
 class Metrics:
@@ -167,6 +210,9 @@ class Metrics:
         self._models: dict[str, tuple[str, str]] = {}  # model -> (plugin, version) in service
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # Set by the worker: its watchdog's verdict (None while healthy) and its threads' stalls.
+        self.health: Callable[[], str | None] = lambda: None
+        self.thread_stalls: Callable[[], Mapping[str, float]] = dict
         r = self.registry
 
         self.frames = Counter(
@@ -219,10 +265,19 @@ class Metrics:
             "inspector_broker_reconnects_total", "Connections to RabbitMQ re-established after a loss.", registry=r
         )
         self.inflight = Gauge("inspector_inflight_frames", "Captures received and not yet acknowledged.", registry=r)
+        self.inflight_bytes = Gauge(
+            "inspector_inflight_bytes", "Bytes of capture bodies received and not yet acknowledged.", registry=r
+        )
+        self.unroutable = Counter(
+            "inspector_results_unroutable_total",
+            "Results no queue took on the results exchange, kept on the dead-letter exchange instead.", registry=r,
+        )  # fmt: skip
         self.build_info = Gauge(
             "inspector_build_info", "Versions of this worker (always 1).", ["version", "python", "torch"], registry=r
         )
         r.register(GpuMemoryCollector(self.throttle))
+        r.register(ThreadStallCollector(self))
+        register_runtime_collectors(r)
 
         labels = default_build() | dict(build or {})
         self.build_info.labels(version=labels["version"], python=labels["python"], torch=labels["torch"]).set(1)
@@ -317,13 +372,32 @@ class Metrics:
     def set_inflight(self, frames: int) -> None:
         self.inflight.set(frames)
 
+    @_guarded()
+    def set_inflight_bytes(self, held: int) -> None:
+        self.inflight_bytes.set(held)
+
+    @_guarded()
+    def result_unroutable(self) -> None:
+        self.unroutable.inc()
+
     @_guarded(default=False)
     def ready(self) -> bool:
         """Connected to the broker and at least one model in service."""
         return self._broker_connected and bool(self._models)
 
+    def unhealthy_reason(self) -> str | None:
+        """Why /healthz answers 503 (a core thread dead or stuck), or None while healthy."""
+        try:
+            return self.health()
+        except Exception:  # noqa: BLE001 - a broken probe is itself a reason
+            self.throttle.warning("health", "metrics: the health probe failed")
+            return "the health probe failed"
+
     def not_ready_reason(self) -> str | None:
         """Why /readyz answers 503, or None when ready."""
+        unhealthy = self.unhealthy_reason()
+        if unhealthy is not None:
+            return unhealthy
         if not self._broker_connected:
             return "broker disconnected"
         if not self._models:
@@ -381,13 +455,35 @@ class Metrics:
 
 
 class _Server(ThreadingHTTPServer):
+    """At most HTTP_MAX_CONNECTIONS served at once, each with a socket timeout: idle or slow clients
+    cannot pin threads without bound, and a connection over the cap is closed without a thread."""
+
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], metrics: Metrics) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.metrics = metrics
+        self._slots = threading.BoundedSemaphore(HTTP_MAX_CONNECTIONS)
         super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.metrics.throttle.warning("http-cap", "metrics: %d connections open; refusing more",
+                                          HTTP_MAX_CONNECTIONS, exc_info=False)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def server_bind(self) -> None:
         """Bind without HTTPServer's reverse DNS lookup of the address, which can hang start-up."""
@@ -401,6 +497,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = HTTP_TIMEOUT_S
 
     def do_GET(self) -> None:
         self._answer(send_body=True)
@@ -418,7 +515,9 @@ class _Handler(BaseHTTPRequestHandler):
                 encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
                 status, body = 200, encoder(metrics.registry)
             elif path == "/healthz":
-                status, content_type, body = 200, "text/plain; charset=utf-8", b"ok\n"
+                reason = metrics.unhealthy_reason()
+                status = 200 if reason is None else 503
+                content_type, body = "text/plain; charset=utf-8", f"{reason or 'ok'}\n".encode()
             elif path == "/readyz":
                 reason = metrics.not_ready_reason()
                 status = 200 if reason is None else 503
