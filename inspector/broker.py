@@ -17,7 +17,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import pika
 import pika.exceptions
 
-from inspector.config import BrokerSettings
+from inspector.config import BrokerSettings, redact_url
 from inspector.errors import BrokerError, ConfigError
 from inspector.timestamps import utc_now
 
@@ -76,12 +76,6 @@ def announce(broker: BrokerSettings, body: dict[str, Any]) -> None:
     finally:
         close_quietly(connection)
     log.info("announced %s version %s on %s", routing_key, body["version"], broker.exchanges.control)
-
-
-def redact_url(url: str) -> str:
-    """The URL with its user and password removed, so it can be printed in messages and logs."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
 
 def blocking_connection(broker: BrokerSettings) -> pika.BlockingConnection:

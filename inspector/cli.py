@@ -258,9 +258,11 @@ def _cmd_refit(settings, args) -> int:
     print(f"  time: {result.seconds:.1f} s, {result.images_per_second:.1f} images/s")
     if result.calibration:
         c = result.calibration
-        print(f"  calibration: threshold {c['threshold']} at log-density {c['boundary_log_density']:.3f} for a "
-              f"false-reject rate of {c['target_false_reject']:.2%} (held out: {c['held_out_false_reject']:.2%} "
-              f"of {c['held_out']})")
+        boundary = c.get("boundary_log_density")  # DFKDE's; another plugin reports its own figures
+        where = f" at log-density {boundary:.3f}" if isinstance(boundary, (int, float)) else ""
+        print(f"  calibration: threshold {c.get('threshold')}{where} for a false-reject rate of "
+              f"{c.get('target_false_reject', 0):.2%} (held out: {c.get('held_out_false_reject', 0):.2%} "
+              f"of {c.get('held_out')})")
     else:
         print("  calibration: none; the configured threshold and offset are kept")
     if result.pruned:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -57,9 +57,27 @@ class BrokerSettings(_Section):
     @field_validator("url")
     @classmethod
     def _amqp_url(cls, url: str) -> str:
-        if urlsplit(url).scheme not in ("amqp", "amqps"):
+        parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps"):
             raise ValueError("must be an amqp:// or amqps:// URL")
+        if parts.password is not None:
+            raise ValueError("holds a password: remove it from the URL and set INSPECTOR_BROKER__PASSWORD instead "
+                             "(the URL is printed in logs and by `inspector config`; the password never is)")
         return url
+
+
+def redact_url(url: str) -> str:
+    """The URL with its user and password removed, so it can be printed in messages and logs."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact_text(text: str) -> str:
+    """`text` with the credentials of any URL in it removed: for values echoed in error messages."""
+    return _CREDENTIALS.sub(r"\g<scheme>", text)
 
 
 class RefitSettings(_Section):
@@ -108,6 +126,10 @@ class WorkerSettings(_Section):
     store_poll_s: float = Field(30.0, ge=0, description="store check for missed announcements; 0 = never")
     delivery_limit: int = Field(10, ge=1, description="deliveries of one capture before the broker dead-letters it")
     dead_letter_queue: str = Field("inspection.dead", min_length=1, description="durable queue keeping dead letters")
+    max_inflight_bytes: int = Field(256 * 1024 * 1024, ge=1,
+                                    description="capture bytes held in memory at most; past it no more are taken")
+    max_frame_age_s: float = Field(0.0, ge=0, description="older captures are answered 'stale' unscored; 0 = off")
+    watchdog_s: float = Field(120.0, ge=5, description="a core thread busy this long without progress: unhealthy")
 
     @field_validator("binding_keys")
     @classmethod
@@ -249,8 +271,8 @@ def _describe(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
             reason = "unknown key; check its spelling against config.example.toml"
         else:
             reason = error["msg"]
-            if "input" in error and not isinstance(error["input"], dict):
-                reason += f" (got {error['input']!r})"
+            if "input" in error and not isinstance(error["input"], dict) and "password" not in loc:
+                reason += f" (got {redact_text(repr(error['input']))})"
         env_name = ENV_PREFIX + ENV_DELIMITER.join(loc).upper()
         source = f" [from {env_name}]" if env_name in os.environ else ""
         lines.append(f"{key}: {reason}{source}")

@@ -71,6 +71,10 @@ FRAME_ERROR_CODES: dict[str, str] = {
     "model_unknown": "a model header (or route) naming no configured model",
     "model_unavailable": "a configured model with no version loaded (run inspector refit for it)",
     "scoring_failed": "the plugin failed on the frame or gave a score that is not a finite number",
+    "headers_undecodable": "AMQP properties or headers the client library cannot decode (nested too deep, a "
+                           "time out of range); the body is dead-lettered without them",
+    "stale": "captured longer ago than worker.max_frame_age_s: answered without scoring",
+    "internal_error": "a fault in the worker itself, outside the plugin; the capture is kept for replay",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -55,9 +56,10 @@ def find_images(root: Path, argument: str = "--data") -> list[Path]:
 def read_image(path: Path, max_pixels: int, min_size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode `path` fully (a truncated file is an error, not a grey half image) to RGB uint8;
     a JPEG at reduced scale when `min_size` allows (see reduce_while_decoding)."""
+    allow_pixels(max_pixels)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged here, against max_pixels
             with Image.open(path) as image:
                 width, height = image.size
                 if width * height > max_pixels:
@@ -69,6 +71,20 @@ def read_image(path: Path, max_pixels: int, min_size: tuple[int, int] | None = N
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImage(str(exc) or type(exc).__name__) from exc
+
+
+def allow_pixels(limit: int) -> None:
+    """Let PIL open images up to `limit` pixels: its own guard (a warning over Image.MAX_IMAGE_PIXELS, an
+    error over twice that, 89.5 MP by default) would otherwise override a configured limit above it. The
+    configured limit is checked from the header before any pixel is decoded; PIL's guard stays, at twice
+    the largest configured limit. Only ever raised, under a lock, so concurrent decoders agree."""
+    with _PIXELS_LOCK:
+        current = Image.MAX_IMAGE_PIXELS
+        if current is not None and current < limit:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+_PIXELS_LOCK = threading.Lock()
 
 
 def reduce_while_decoding(image: Image.Image, min_size: tuple[int, int] | None) -> None:

@@ -57,6 +57,8 @@ from typing import Any
 from inspector.errors import ConfigError, PluginError, StateError
 from inspector.timestamps import rfc3339
 
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # a manifest is a few KB; a larger file is not one
+
 log = logging.getLogger(__name__)
 
 SCHEMA = "inspector.manifest/1"
@@ -502,11 +504,14 @@ def _read_manifest(name: str, version: str, path: Path) -> dict:
     file = path / MANIFEST
     try:
         with open(file, "rb") as handle:
-            manifest = json.loads(handle.read())
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise ValueError(f"over {MAX_MANIFEST_BYTES} bytes")
+            manifest = json.loads(data)
     except FileNotFoundError:
         raise StateError(f"model {name!r} version {version}: {MANIFEST}: missing") from None
-    except (OSError, ValueError) as exc:
-        raise StateError(f"model {name!r} version {version}: {MANIFEST}: cannot be read: {exc}") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested past Python's stack
+        raise StateError(f"model {name!r} version {version}: {MANIFEST}: cannot be read: {exc!r:.200}") from None
     if not isinstance(manifest, dict):
         raise StateError(f"model {name!r} version {version}: {MANIFEST}: not a JSON object")
     return manifest

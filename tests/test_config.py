@@ -1,5 +1,6 @@
 """The settings tree: TOML file, INSPECTOR_* environment, errors that name the key."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,26 @@ def test_a_plugin_list_from_the_environment_that_is_not_json_names_the_variable(
     monkeypatch.setenv("INSPECTOR_PLUGINS__DFKDE__LAYERS", '["blocks.4","blocks.4"]')
     with pytest.raises(ConfigError, match="layers must not repeat"):
         config.load(_write(tmp_path, ""))
+
+
+def test_a_password_in_the_broker_url_is_refused_from_anywhere_and_never_echoed(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSPECTOR_BROKER__URL", "amqp://plant:hunter2@rabbit.local:5672/%2F")
+    with pytest.raises(ConfigError) as info:
+        config.load(_write(tmp_path, ""))
+    assert "broker.url" in str(info.value) and "INSPECTOR_BROKER__PASSWORD" in str(info.value)
+    assert "hunter2" not in str(info.value)
+    monkeypatch.setenv("INSPECTOR_BROKER__URL", "http://plant:hunter2@rabbit.local/")
+    with pytest.raises(ConfigError) as info:
+        config.load(_write(tmp_path, ""))
+    assert "hunter2" not in str(info.value) and "http://rabbit.local/" in str(info.value)
+
+
+def test_inspector_config_prints_no_secret(tmp_path, monkeypatch, capsys):
+    from inspector.cli import main
+
+    monkeypatch.setenv("INSPECTOR_BROKER__PASSWORD", "hunter2")
+    monkeypatch.setenv("INSPECTOR_BROKER__URL", "amqp://plant@rabbit.local:5672/%2F")
+    assert main(["config", "--config", str(_write(tmp_path, ""))]) == 0
+    printed = capsys.readouterr()
+    assert "hunter2" not in printed.out + printed.err
+    assert json.loads(printed.out)["broker"]["url"] == "amqp://plant@rabbit.local:5672/%2F"

@@ -11,7 +11,10 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -21,7 +24,13 @@ from PIL import Image, ImageFile
 
 from inspector.config import WorkerSettings
 from inspector.errors import FrameError
-from inspector.worker.decode import DecodeLimits, decode_capture
+from inspector.worker.decode import (
+    JSON_MAX_STRUCTURE,
+    JSON_TEXT_MAX_BYTES,
+    URI_PATH_MAX_BYTES,
+    DecodeLimits,
+    decode_capture,
+)
 
 LIMITS = DecodeLimits(max_image_bytes=1_000_000, max_image_pixels=1_000_000)
 PIXELS = np.random.default_rng(0).integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
@@ -254,20 +263,109 @@ def test_too_many_pixels_from_the_header_before_decoding():
     assert "2000x2000" in message and str(LIMITS.max_image_pixels) in message
 
 
-@pytest.mark.parametrize(
-    ("side", "limit"),
-    [
-        (30000, 1_000_000),  # 2.7 GB of RGB; past twice PIL's own limit, so its DecompressionBombError
-        (10000, 10**12),  # past PIL's own limit: its DecompressionBombWarning, turned into an error
-    ],
-)
-def test_decompression_bomb_refused_quickly(side, limit):
+@pytest.mark.parametrize("side", [30000, 10000])  # 2.7 GB and 300 MB of RGB
+def test_decompression_bomb_refused_quickly(side):
     data = png_claiming(side, side)
     assert len(data) < 100
     started = time.perf_counter()
+    limit = 1_000_000
     message = refused("image_too_many_pixels", data, None, limits=DecodeLimits(1_000_000, limit))
     assert time.perf_counter() - started < 1.0
     assert str(side * side) in message and str(limit) in message
+
+
+def test_a_configured_pixel_limit_above_pils_own_guard_is_the_one_that_holds():
+    """PIL refuses over 89.5 MP by itself; worker.max_image_pixels set above it must decide instead: a
+    100 MP claim under a 200 MP limit is read (and found truncated), not refused for its size."""
+    data = png_claiming(10000, 10000)
+    started = time.perf_counter()
+    refused("image_undecodable", data, None, limits=DecodeLimits(1_000_000, 200_000_000))
+    assert time.perf_counter() - started < 1.0
+
+
+def tiled_tiff(pixels: np.ndarray, tile: tuple[int, int], tiles: list[bytes] | None = None) -> bytes:
+    """A deflate-compressed, tiled, 8-bit grey TIFF written IFD by IFD (PIL writes no tiles): `tile`
+    is (width, length); `tiles` (compressed) replaces the tiles cut from `pixels`."""
+    height, width = pixels.shape
+    tile_w, tile_h = tile
+    if tiles is None:
+        tiles = []
+        for y in range(0, height, tile_h):
+            for x in range(0, width, tile_w):
+                block = np.zeros((tile_h, tile_w), np.uint8)
+                part = pixels[y:y + tile_h, x:x + tile_w]
+                block[:part.shape[0], :part.shape[1]] = part
+                tiles.append(zlib.compress(block.tobytes()))
+    entries = [(256, 4, [width]), (257, 4, [height]), (258, 3, [8]), (259, 3, [8]), (262, 3, [1]), (277, 3, [1]),
+               (322, 4, [tile_w]), (323, 4, [tile_h]), (324, 4, [0] * len(tiles)), (325, 4, [len(t) for t in tiles])]
+    ifd_size = 2 + 12 * len(entries) + 4
+    arrays_at = 8 + ifd_size
+    data_at = arrays_at + sum(4 * len(values) for _, _, values in entries if len(values) > 1)
+    offsets = []
+    for data in tiles:
+        offsets.append(data_at)
+        data_at += len(data)
+    entries[8] = (324, 4, offsets)
+    ifd, arrays = struct.pack("<H", len(entries)), b""
+    for tag, kind, values in entries:
+        if len(values) > 1:
+            field = struct.pack("<I", arrays_at + len(arrays))
+            arrays += struct.pack(f"<{len(values)}I", *values)
+        else:
+            field = struct.pack("<HH", values[0], 0) if kind == 3 else struct.pack("<I", values[0])
+        ifd += struct.pack("<HHI", tag, kind, len(values)) + field
+    return b"II*\0" + struct.pack("<I", 8) + ifd + b"\0\0\0\0" + arrays + b"".join(tiles)
+
+
+def zero_tile(side: int) -> bytes:
+    """A deflate stream of side x side zero bytes, made without holding them (~1 KB per MB)."""
+    stream, chunk = zlib.compressobj(9), bytes(1 << 20)
+    whole, rest = divmod(side * side, len(chunk))
+    return b"".join([*(stream.compress(chunk) for _ in range(whole)), stream.compress(chunk[:rest]), stream.flush()])
+
+
+@pytest.mark.parametrize(("size", "tile"), [((20, 12), (16, 16)), ((16, 16), (16, 16)), ((12, 16), (256, 256)),
+                                            ((16, 16), (1024, 1024)), ((40, 24), (32, 16))])
+def test_tiled_tiff(size, tile):
+    grey = np.random.default_rng(1).integers(0, 256, size=(size[1], size[0]), dtype=np.uint8)
+    check(decode_capture(tiled_tiff(grey, tile), "image/tiff", None, LIMITS), np.repeat(grey[:, :, None], 3, axis=2))
+
+
+def test_tiff_tile_larger_than_its_image_is_refused_unread():
+    """One 16384 x 16384 tile for a 16 x 16 image: 261 KB on the wire, 256 MiB that libtiff would allocate
+    and fill before the 16 x 16 pixels are copied out."""
+    bomb = tiled_tiff(np.zeros((16, 16), np.uint8), (16384, 16384), [zero_tile(16384)])
+    assert len(bomb) < 300_000
+    started = time.perf_counter()
+    message = refused("image_undecodable", bomb, "image/tiff")
+    assert time.perf_counter() - started < 0.5  # 0.7 to 1.2 s when libtiff fills the tile
+    assert "16384x16384" in message and "16x16" in message
+    over = tiled_tiff(np.zeros((16, 16), np.uint8), (1040, 1024), [zero_tile(1040)])
+    refused("image_undecodable", over, None)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+def test_tiff_tile_bomb_allocates_nothing(tmp_path):
+    """In a fresh process, whose peak resident memory (VmHWM) is its own: ru_maxrss survives exec."""
+    bomb = tmp_path / "bomb.tif"
+    bomb.write_bytes(tiled_tiff(np.zeros((16, 16), np.uint8), (16384, 16384), [zero_tile(16384)]))
+    script = (
+        "import re, sys\n"
+        "from inspector.errors import FrameError\n"
+        "from inspector.worker.decode import DecodeLimits, decode_capture\n"
+        "def peak():\n"
+        "    return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "before = peak()\n"
+        "try:\n"
+        "    decode_capture(data, 'image/tiff', None, DecodeLimits(10**6, 10**6))\n"
+        "except FrameError:\n"
+        "    pass\n"
+        "print((peak() - before) // 1024)\n"
+    )
+    grown = subprocess.run([sys.executable, "-c", script, str(bomb)], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).parents[1])
+    assert int(grown.stdout) < 32, f"decoding the TIFF grew the process by {grown.stdout.strip()} MiB"
 
 
 # -- application/json ------------------------------------------------------------------
@@ -284,11 +382,44 @@ def test_decompression_bomb_refused_quickly(side, limit):
         (as_json(image_b64=5), "image_b64 is a JSON int"),
         (as_json(image_uri=None), "image_uri is a JSON NoneType"),
         (b'{"image_b64": "\xff\xfe"}', "not UTF-8"),
-        (b"[" * 100_000, "not UTF-8 JSON"),
+        (b"[" * 100_000, "refused unparsed"),
+        (b'{"a":' * 100_000, "refused unparsed"),
     ],
 )
 def test_json_malformed(body, fact):
     assert fact in refused("json_malformed", body, "application/json; charset=utf-8")
+
+
+def test_json_structure_is_bounded_before_parsing():
+    """`[[],[],...]` grows ~22x when parsed (63 MB took 1.4 GB and 10 s): refused unparsed, at C speed."""
+    body = b"[" + b"[]," * 1_000_000 + b"[]]"
+    limits = DecodeLimits(max_image_bytes=4_000_000, max_image_pixels=1_000_000)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        message = refused("json_malformed", body, "application/json", limits=limits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(body) and time.perf_counter() - started < 1.0
+    assert str(JSON_MAX_STRUCTURE) in message
+
+
+def test_json_body_at_the_structure_limit_parses():
+    body = json.dumps({"image_uri": "file:///nowhere/" + ",".join("a" * JSON_MAX_STRUCTURE)}).encode()
+    assert body.count(b",") + body.count(b"{") + body.count(b"[") == JSON_MAX_STRUCTURE
+    refused("uri_not_allowed", body, "application/json")
+
+
+def test_a_large_json_body_must_be_plain_ascii():
+    """A wide character makes Python hold the whole text at 4 bytes a character: only a small body may."""
+    wide = json.dumps({"image_b64": "A" * JSON_TEXT_MAX_BYTES + "\U0001F600"}, ensure_ascii=False).encode()
+    escaped = as_json(image_b64="A" * JSON_TEXT_MAX_BYTES + "\U0001F600")
+    assert not wide.isascii() and escaped.isascii() and b"\\ud83d" in escaped
+    for body in (wide, escaped):
+        assert "ASCII" in refused("json_malformed", body, "application/json")
+    small = json.dumps({"image_b64": "AAAA\u00e9"}, ensure_ascii=False).encode()
+    refused("base64_invalid", small, "application/json")
 
 
 def test_image_b64():
@@ -408,6 +539,14 @@ def test_image_uri_file_too_large(files):
     assert uri in message and str(size) in message
 
 
+def test_image_uri_longer_than_path_max_is_refused_fast(files):
+    """realpath walks a path component by component, quadratically: 160,000 took 3 s, 32 million hours."""
+    uri = (files["root"] / "a").as_uri() + "/a" * 200_000
+    started = time.perf_counter()
+    message = refused("uri_not_allowed", as_json(image_uri=uri), "application/json", limits=limits_for(files["root"]))
+    assert time.perf_counter() - started < 0.5 and str(URI_PATH_MAX_BYTES) in message
+
+
 def test_image_uri_undecodable(files):
     uri = (files["root"] / "junk.png").as_uri()
     message = refused("image_undecodable", as_json(image_uri=uri), "application/json", limits=limits_for(files["root"]))
@@ -431,3 +570,27 @@ def test_refit_reads_archive_files_as_the_worker_decodes_frames(tmp_path, image,
     Image.fromarray(image).save(path, format=fmt)
     served = decode_capture(path.read_bytes(), None, None, LIMITS)
     np.testing.assert_array_equal(read_image(path, max_pixels=1_000_000), served)
+
+
+def test_a_folder_swapped_for_a_symlink_after_resolution_is_not_followed(tmp_path):
+    """The window between realpath and open: opening walks the resolved path with O_NOFOLLOW per component."""
+    import errno
+
+    from inspector.worker.decode import _open_beneath
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "frames").mkdir(parents=True)
+    outside.mkdir()
+    (root / "frames" / "a.png").write_bytes(b"inside")
+    (outside / "a.png").write_bytes(b"secret")
+    fd = _open_beneath(root, root / "frames" / "a.png")
+    assert os.read(fd, 100) == b"inside"
+    os.close(fd)
+    (root / "frames").rename(root / "old")  # what an attacker does right after the worker's realpath
+    (root / "frames").symlink_to(outside)
+    with pytest.raises(OSError) as swapped:
+        _open_beneath(root, root / "frames" / "a.png")
+    assert swapped.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    (root / "old" / "b.png").symlink_to(outside / "a.png")
+    with pytest.raises(OSError):
+        _open_beneath(root, root / "old" / "b.png")

@@ -242,3 +242,17 @@ def test_an_unexpected_error_on_one_file_skips_that_file_only(tmp_path):
     assert sum(len(b) for b in batches) == 4 and stream.used == 4
     assert [p.name for p, _ in stream.skipped] == ["p2.png"]
     assert progress.done == 5
+
+
+def test_a_configured_pixel_limit_above_pils_own_guard_is_honoured(tmp_path):
+    """PIL refuses images over 89.5 MP by itself; a limit configured above that must hold instead."""
+    from PIL import Image
+
+    from inspector.imagefiles import UnreadableImage, read_image
+
+    path = tmp_path / "large.png"
+    Image.new("L", (10_000, 9_500)).save(path)  # 95 MP of zeros: a small file
+    image = read_image(path, max_pixels=100_000_000, min_size=(64, 64))
+    assert image.shape == (9_500, 10_000, 3)
+    with pytest.raises(UnreadableImage, match="over the limit of 90000000"):
+        read_image(path, max_pixels=90_000_000)

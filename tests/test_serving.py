@@ -77,6 +77,38 @@ def test_a_refused_version_is_counted_once_and_the_old_one_stays(monkeypatch):
     assert outcomes == [("default", "failed")] and models.get("default").version == "v1"
 
 
+def test_a_version_that_failed_for_a_passing_reason_is_tried_again_after_a_backoff(monkeypatch):
+    from inspector.worker import serving
+
+    models = ModelSet({"default": ModelSettings()}, "default", [])
+    models.put(served("default"))
+    store = SimpleNamespace(current=lambda name: "v2")
+    outcomes, attempts = [], []
+    clock = [1000.0]
+
+    def flaky(*args, **kwargs):
+        attempts.append(clock[0])
+        if len(attempts) == 1:
+            raise OSError("NFS server not responding")
+        if len(attempts) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return ServedModel(name="default", plugin_name="p", version="v2", threshold=0.5, plugin=None)
+
+    monkeypatch.setattr(serving, "load_version", flaky)
+    monkeypatch.setattr(serving.time, "monotonic", lambda: clock[0])
+    reloader = Reloader(store, models, torch.device("cpu"), 0, on_loaded=lambda s: None,
+                        on_outcome=lambda n, o: outcomes.append((n, o)))
+    assert reloader.reload("default") is None  # fails: tried again no sooner than RETRY_FIRST_S
+    clock[0] += serving.RETRY_FIRST_S - 1
+    assert reloader.reload("default") is None and len(attempts) == 1
+    clock[0] += 1
+    assert reloader.reload("default") is None and len(attempts) == 2  # fails again: the wait doubles
+    clock[0] += 2 * serving.RETRY_FIRST_S
+    assert reloader.reload("default").version == "v2"
+    assert outcomes == [("default", "failed"), ("default", "failed"), ("default", "success")]
+    assert ("default", "v2") not in reloader.refused and not reloader.retry_at
+
+
 def test_a_batch_for_the_cpu_is_a_plain_stack():
     from inspector.worker.loop import stack_for
 

@@ -583,3 +583,14 @@ def test_sigkill_mid_prune_never_leaves_a_half_deleted_version(store):
     doomed = [p for p in (store.root / NAME).iterdir() if p.name.startswith(".incoming-deleting-")]
     assert len(doomed) == 1 and len(list(doomed[0].iterdir())) < 3, "the kill should have landed mid-delete"
     assert_recovers(store, ids[2], ids[1:])
+
+
+def test_a_manifest_nested_past_the_stack_is_a_state_error_not_a_crash(store):
+    version = store.write(NAME, fake_save(), {"plugin": "fake"}).version
+    manifest = store.root / NAME / "versions" / version / "manifest.json"
+    manifest.chmod(0o644)
+    manifest.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(StateError, match="manifest.json: cannot be read"):
+        store.load_path(NAME)
+    listed = store.versions(NAME)  # `inspector models list` goes on past it
+    assert [info.version for info in listed] == [version]

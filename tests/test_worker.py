@@ -7,14 +7,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
 import sys
 import threading
 import time
-import uuid
 import zlib
 from collections import Counter
 from datetime import datetime
@@ -31,49 +29,9 @@ from inspector.store import ModelStore
 from inspector.tools import samples
 from inspector.worker.loop import Worker
 from plugins.dfkde.plugin import DfkdePlugin
-from tests.workerkit import SIZE, Line, close_all_connections, encoded, fit_store, worker_config
+from tests.workerkit import SIZE, Line, close_all_connections, encoded, http_status, scrape, worker_config
 
 CAPTURED_AT = "2026-11-28T10:15:01.120Z"
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory) -> Path:
-    return fit_store(tmp_path_factory.mktemp("fitted"))
-
-
-@pytest.fixture
-def store(fitted, tmp_path) -> Path:
-    """A copy of the fitted store this test may change."""
-    return Path(shutil.copytree(fitted, tmp_path / "models"))
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def line(prefix):
-    made = Line(prefix)
-    yield made
-    made.delete()
-
-
-@pytest.fixture
-def start(tmp_path, prefix):
-    """start(store, text="", **worker settings) -> a running in-process Worker, stopped at teardown."""
-    started = []
-
-    def _start(store: Path, text: str = "", **worker) -> Worker:
-        settings = config.load(worker_config(tmp_path, store, prefix, text, **worker))
-        running = Worker(settings)
-        running.start()
-        started.append(running)
-        return running
-
-    yield _start
-    for running in started:
-        running.stop(grace_s=5)
 
 
 def reference_probability(store: Path, images: list[np.ndarray]) -> np.ndarray:
@@ -522,24 +480,8 @@ def test_a_broker_restart_mid_stream_loses_nothing(fitted, line, start):
 # -- what Prometheus sees -------------------------------------------------------------------------
 
 
-def _scrape(port: int) -> dict[tuple[str, tuple], float]:
-    from urllib.request import urlopen
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
 def _status(port: int, path: str) -> int:
-    from urllib.error import HTTPError
-    from urllib.request import urlopen
-
-    try:
-        return urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).status
-    except HTTPError as exc:
-        return exc.code
+    return http_status(port, path)[0]
 
 
 def test_a_scrape_after_real_traffic_counts_what_was_sent(fitted, line, prefix, tmp_path):
@@ -561,7 +503,7 @@ def test_a_scrape_after_real_traffic_counts_what_was_sent(fitted, line, prefix, 
         results = by_id(line.collect(len(frames)))
         assert len(results) == 15
         time.sleep(0.5)  # metrics are recorded as the confirms arrive
-        m = _scrape(port)
+        m = scrape(port)
     finally:
         running.stop(grace_s=5)
         assert _status(port, "/readyz") == 503  # disconnected
@@ -606,7 +548,7 @@ def test_a_bug_in_scoring_answers_the_batch_with_errors_and_the_worker_goes_on(f
     monkeypatch.setattr(running, "_score", broken_once)
     line.publish(_frames(1))
     first = line.collect(1)
-    assert first[0][2]["error"]["code"] == "scoring_failed" and "a bug outside the plugin" in first[0][2]["error"]["message"]
+    assert first[0][2]["error"]["code"] == "internal_error" and "a bug outside the plugin" in first[0][2]["error"]["message"]
     line.publish(_frames(3)[1:])
     rest = line.collect(2)
     assert {body["verdict"] for _, _, body in rest} <= {"pass", "fail"} and len(rest) == 2
@@ -620,18 +562,26 @@ def _rss_bytes() -> int:
 
 @pytest.mark.slow
 def test_soak_a_steady_stream_with_bad_frames_answers_everything_and_memory_stays_flat(fitted, line, start):
-    """Two minutes of a steady line (good frames and one bad frame in ten) through one worker: every
-    frame answered exactly once, and the process does not grow once warm."""
-    start(fitted, prefetch=32)
+    """Two minutes of a steady line (good frames, and one frame in ten bad or hostile) through one worker:
+    every frame answered exactly once, and the process does not grow once warm."""
+    running = start(fitted, prefetch=32)
     good = _frames(8)
-    frames, sent, rss = [], 0, []
+    odd = [  # (routing key, body, properties, error code or None when it is still scored)
+        ("line1.cam1", b"", {"content_type": "image/png"}, "empty_body"),
+        ("line1.cam1", b"[" * 5000, {"content_type": "application/json"}, "json_malformed"),
+        (good[0][0], good[0][1], {**good[0][2], "headers": {"captured_at": "0001-01-01T00:00:00+01:00"}}, None),
+        ("L" * 250 + ".cam1", good[1][1], good[1][2], None),
+    ]
+    frames, sent, rss, expected_errors = [], 0, [], Counter()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         batch = []
         for _ in range(10):
             frame_id = f"s-{sent:06d}"
             if sent % 10 == 9:
-                batch.append(("line1.cam1", b"", {"content_type": "image/png", "message_id": frame_id}))
+                key, body, props, code = odd[(sent // 10) % len(odd)]
+                batch.append((key, body, {**props, "message_id": frame_id}))
+                expected_errors[code] += code is not None
             else:
                 key, body, props = good[sent % 8]
                 batch.append((key, body, {**props, "message_id": frame_id}))
@@ -644,8 +594,9 @@ def test_soak_a_steady_stream_with_bad_frames_answers_everything_and_memory_stay
     results = line.collect(sent, timeout=120)
     counts = Counter(body["frame_id"] for _, _, body in results)
     assert len(counts) == sent and set(counts.values()) == {1}
-    errors = [body for _, _, body in results if body["verdict"] == "error"]
-    assert len(errors) == sent // 10 and {e["error"]["code"] for e in errors} == {"empty_body"}
-    assert len(line.dead_letters(sent // 10, timeout=30)) == sent // 10
+    errors = Counter(body["error"]["code"] for _, _, body in results if body["verdict"] == "error")
+    assert errors == Counter({code: n for code, n in expected_errors.items() if code})
+    assert len(line.dead_letters(sum(errors.values()), timeout=30)) == sum(errors.values())
+    assert running.consumer.generation == 1 and running.consumer.faults == 0
     warm = rss[len(rss) // 3 :]  # after the first third: allocator pools and caches are filled
     assert max(warm) - min(warm) < 64 * 1024 * 1024, [r // (1 << 20) for r in rss]

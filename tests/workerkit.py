@@ -154,3 +154,26 @@ class Line:
 def close_all_connections() -> None:
     subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "closed by the worker tests"], check=True,
                    capture_output=True, timeout=60, env={**os.environ})
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample of a real scrape of /metrics, keyed by (name, sorted labels)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def http_status(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of a GET on the worker's HTTP endpoint."""
+    from urllib.error import HTTPError
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except HTTPError as exc:
+        return exc.code, exc.read().decode()

@@ -26,8 +26,8 @@ import pika
 import pika.exceptions
 from PIL import Image
 
-from inspector.broker import blocking_connection, close_quietly, redact_url
-from inspector.config import Settings
+from inspector.broker import blocking_connection, close_quietly
+from inspector.config import Settings, redact_url
 from inspector.errors import BrokerError, ConfigError, InspectorError
 from inspector.imagefiles import (
     IMAGE_SUFFIXES,

@@ -21,10 +21,10 @@ from typing import Any, TextIO
 import pika
 import pika.exceptions
 
-from inspector.broker import blocking_connection, close_quietly, redact_url
-from inspector.config import Settings
+from inspector.broker import blocking_connection, close_quietly
+from inspector.config import Settings, redact_url
 from inspector.errors import BrokerError, ConfigError
-from inspector.messages import VERDICTS
+from inspector.messages import VERDICTS, printable
 from inspector.topics import check_pattern
 
 COLOURS = {"pass": "\033[32m", "fail": "\033[31m", "error": "\033[33m"}
@@ -56,6 +56,9 @@ class Tally:
         return f"watched {self.results} results: {counts}{extra}"
 
 
+SHOWN_MAX_BYTES = 256  # a field of a watched result, as printed
+
+
 def check_filter(pattern: str) -> str:
     """A topic binding key on `<verdict>.<line>.<camera>`."""
     try:
@@ -69,21 +72,24 @@ def parse_result(body: bytes) -> dict[str, Any]:
     """The result body as a dict; ValueError saying why when it is not one."""
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"not JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON ({printable(str(exc), 200)})") from None
     if not isinstance(document, dict):
         raise ValueError("not a JSON object")  # noqa: TRY004 - bad data from the wire, as for bad JSON
     if document.get("verdict") not in VERDICTS:
-        raise ValueError(f"verdict {document.get('verdict')!r} is none of {', '.join(VERDICTS)}")
+        raise ValueError(f"verdict {printable(repr(document.get('verdict')), 100)} is none of {', '.join(VERDICTS)}")
     return document
 
 
 def format_line(result: dict[str, Any], colour: bool = False) -> str:
-    """time, line, camera, verdict, probability (or error code), model version, frame id [, source]."""
+    """time, line, camera, verdict, probability (or error code), model version, frame id [, source].
+
+    Anyone may publish to the results exchange, so every field printed is made printable first: no
+    escape sequence reaches the terminal and no newline forges a line."""
     verdict = result["verdict"]
     if verdict == "error":
         error = result.get("error")
-        figure = str(error.get("code", "error")) if isinstance(error, dict) else "error"
+        figure = _shown(error.get("code", "error")) if isinstance(error, dict) else "error"
     else:
         probability = result.get("anomaly_probability")
         figure = f"{probability:.3f}" if isinstance(probability, (int, float)) else "-"
@@ -92,24 +98,28 @@ def format_line(result: dict[str, Any], colour: bool = False) -> str:
     word = f"{COLOURS[verdict]}{verdict}{RESET}{' ' * (5 - len(verdict))}" if colour else f"{verdict:<5}"
     fields = [
         _local_time(result.get("inspected_at")),
-        f"{result.get('line_id', '-')!s:<8}",
-        f"{result.get('camera_id', '-')!s:<8}",
+        f"{_shown(result.get('line_id', '-')):<8}",
+        f"{_shown(result.get('camera_id', '-')):<8}",
         word,
         f"{figure:>5}",
-        f"{version or '-'!s:<22}",
-        str(result.get("frame_id", "-")),
+        f"{_shown(version or '-'):<22}",
+        _shown(result.get("frame_id", "-")),
     ]
     meta = result.get("meta")
     if isinstance(meta, dict) and meta.get("source") is not None:
-        fields.append(str(meta["source"]))
+        fields.append(_shown(meta["source"]))
     return " ".join(fields)
+
+
+def _shown(value: Any) -> str:
+    return printable(value if isinstance(value, str) else str(value), SHOWN_MAX_BYTES)
 
 
 def _local_time(stamp: Any) -> str:
     """HH:MM:SS.mmm in local time of the result's inspected_at (the time it arrives when it has none)."""
     try:
         moment = datetime.fromisoformat(str(stamp)).astimezone()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         moment = datetime.now()
     return f"{moment:%H:%M:%S}.{moment.microsecond // 1000:03d}"
 

@@ -11,13 +11,22 @@ keep flowing during a long batch.
 A reconnect starts a new generation: outcomes of deliveries from an older connection
 are dropped, never acked with a stale tag; the broker redelivers those captures and
 they are scored again (`redelivered: true`).
+
+Nothing that arrives may take this thread down: a delivery whose properties pika cannot
+decode arrives as UndecodableProperties (answered by the worker, not a reconnect loop),
+every callback survives its own bugs (logged; the connection is recycled when its state
+may be wrong), results that reach no queue are kept in the dead-letter exchange, a result
+the broker refuses is requeued after a growing pause, and a dead letter is trimmed to fit
+one AMQP frame. The IOLoop ticks every second, so a watchdog sees a stuck thread.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
 import random
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -30,14 +39,87 @@ import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 from pika.spec import Basic
 
-from inspector.broker import connection_parameters, redact_url
-from inspector.config import Settings
+from inspector.broker import connection_parameters
+from inspector.config import Settings, redact_url
 from inspector.errors import BrokerError, ConfigError, InspectorError
+from inspector.messages import RESULT_SCHEMA, printable
 
 log = logging.getLogger(__name__)
 
-CONTROL_BINDING = "model.*"
+CONTROL_BINDING = "model.#"  # model names may hold dots
 _FIRST_BACKOFF_S = 0.5
+TICK_S = 1.0  # the IOLoop's heartbeat for the watchdog
+NACK_BACKOFF_MAX_S = 30.0  # longest pause before a capture whose result the broker refused is requeued
+FRAME_OVERHEAD = 8 + 14 + 1024  # frame header and end, content-header fields, and a margin
+KEPT_RAW_PROPERTIES = 32 * 1024  # undecodable properties up to this size travel with the dead letter (base64)
+UNROUTABLE_PREFIX = "unroutable."
+
+
+class UndecodableProperties(pika.BasicProperties):
+    """The properties of a delivery pika could not decode (a table nested too deep, a time out of
+    range): empty, with the reason and the raw bytes, so the capture is still answered."""
+
+    def __init__(self, reason: str, raw: bytes) -> None:
+        super().__init__()
+        self.decode_error = reason
+        self.raw = raw
+
+
+class _TolerantConnection(pika.SelectConnection):
+    """A SelectConnection that survives a content header it cannot decode: pika would raise out of
+    the IOLoop and drop the connection on every redelivery, so one hostile capture would stall the
+    worker and drag innocent captures past their delivery limit."""
+
+    def _read_frame(self) -> Any:
+        try:
+            return super()._read_frame()
+        except pika.exceptions.InvalidFrameError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - RecursionError, OverflowError, ValueError from the decoder
+            salvaged = _salvage_header(self._frame_buffer, exc)
+            if salvaged is None:
+                raise
+            return salvaged
+
+
+def _salvage_header(data: bytes, error: BaseException) -> tuple[int, pika.frame.Header] | None:
+    """The content header frame at the start of `data` with its properties replaced, or None when the
+    frame that failed is not a content header."""
+    try:
+        frame_type, channel, size = struct.unpack_from(">BHL", data, 0)
+        if frame_type != pika.spec.FRAME_HEADER:
+            return None
+        frame_end = pika.spec.FRAME_HEADER_SIZE + size + pika.spec.FRAME_END_SIZE
+        payload = data[pika.spec.FRAME_HEADER_SIZE:frame_end - 1]
+        _class_id, _weight, body_size = struct.unpack_from(">HHQ", payload, 0)
+    except struct.error:
+        return None
+    reason = f"{type(error).__name__}: {str(error)[:200]}"
+    log.warning("a delivery's properties could not be decoded (%s); it is answered as headers_undecodable", reason)
+    return frame_end, pika.frame.Header(channel, body_size, UndecodableProperties(reason, bytes(payload[12:])))
+
+
+def _survive(method: Callable) -> Callable:
+    """A broker-thread callback that logs its own bug instead of ending the IOLoop. The connection is
+    then recycled: a fresh one re-declares everything and the broker redelivers what was held, so no
+    capture is lost to state the bug may have left half-updated."""
+
+    @functools.wraps(method)
+    def guarded(self: "Consumer", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:  # noqa: BLE001
+            log.exception("bug in the broker thread (%s); recycling the connection", method.__name__)
+            self.faults += 1
+            connection = self._connection
+            try:
+                if connection is not None and connection.is_open:
+                    connection.close()
+            except Exception:  # noqa: BLE001 - already failing; the reconnect path takes over
+                log.exception("closing the connection after a bug failed")
+            return None
+
+    return guarded
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,7 +142,7 @@ class Outcome:
 
     delivery: Delivery
     routing_key: str
-    result: bytes
+    result: bytes | None  # None: no result can be built; the broker dead-letters the capture (nack)
     frame_id: str
     dead_letter: tuple[str, str] | None = None  # (code, message)
     record: Any = None  # what the worker wants back in on_settled (for its metrics)
@@ -85,6 +167,10 @@ class Consumer:
         self.on_connection = on_connection  # True on every (re)connect, False on every loss
         self.generation = 0
         self.failure: InspectorError | None = None  # set when the worker must exit
+        self.faults = 0  # bugs survived on the broker thread
+        self.unroutable = 0  # results kept in the dead-letter exchange because no queue took them
+        self.last_tick = time.monotonic()  # the IOLoop's last heartbeat, for the watchdog
+        self.on_unroutable: Callable[[], None] = lambda: None
         self.connected = threading.Event()
         self.stopped = threading.Event()
         self._params = connection_parameters(settings.broker)
@@ -99,6 +185,8 @@ class Consumer:
         self._stopping = False
         self._stop_deadline: float | None = None
         self._last_error = "no attempt yet"
+        self._paused = False
+        self._nack_streak = 0
         self._reset_generation_state()
 
     # -- called from other threads ---------------------------------------------------------
@@ -118,15 +206,49 @@ class Consumer:
     def close_now(self) -> None:
         self._ioloop.add_callback_threadsafe(functools.partial(self._begin_stop, 0.0))
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- called on the broker thread (from on_delivery / on_settled) ---------------------------
+
+    def pause(self) -> None:
+        """Take no new deliveries until `resume` (the in-flight byte budget is spent); kept across
+        reconnects. Deliveries already on their way still arrive and are served."""
+        if self._paused:
+            return
+        self._paused = True
+        log.warning("captures held in memory are over worker.max_inflight_bytes: taking no more until some are "
+                    "answered")
+        if self._channel is not None and self._channel.is_open and self._consumer_tag:
+            self._channel.basic_cancel(self._consumer_tag)
+            self._consumer_tag = None
+
+    def resume(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        log.info("captures held in memory are back under budget: consuming again")
+        self._consume()
+
     # -- the broker thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         self._ioloop.add_callback_threadsafe(self._connect)
+        self._ioloop.add_callback_threadsafe(self._tick)
         try:
             self._ioloop.start()
+        except Exception as exc:  # noqa: BLE001 - the thread must not end silently
+            log.exception("the broker thread failed")
+            self.failure = InspectorError(f"the broker thread failed: {exc!r}")
         finally:
-            self._ioloop.close()
-            self.stopped.set()
+            try:
+                self._ioloop.close()
+            finally:
+                self.stopped.set()
+
+    def _tick(self) -> None:
+        self.last_tick = time.monotonic()
+        self._ioloop.call_later(TICK_S, self._tick)
 
     def _reset_generation_state(self) -> None:
         self._unacked: OrderedDict[int, None] = OrderedDict()  # delivery tags in delivery order
@@ -139,7 +261,7 @@ class Consumer:
             self._ioloop.stop()
             return
         self._attempt += 1
-        self._connection = pika.SelectConnection(
+        self._connection = _TolerantConnection(
             self._params,
             on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
@@ -170,6 +292,7 @@ class Consumer:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
+        channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._declare(channel, self._topology()))
 
     def _topology(self) -> list[Callable[[Any, Callable], None]]:
@@ -211,7 +334,7 @@ class Consumer:
         channel.basic_consume(control_queue, self._on_control_message, auto_ack=True)
         if self._stopping:
             return
-        self._consumer_tag = channel.basic_consume(self.settings.worker.queue, self._on_message)
+        self._consume()
         self.generation += 1
         self._ever_connected = True
         self._attempt = 0
@@ -220,51 +343,132 @@ class Consumer:
         self.connected.set()
         self.on_connection(True)
 
-    def _on_message(self, _channel: Any, method: Basic.Deliver, properties: pika.BasicProperties, body: bytes) -> None:
+    def _consume(self) -> None:
+        channel = self._channel
+        if self._paused or self._stopping or self._consumer_tag or channel is None or not channel.is_open:
+            return
+        self._consumer_tag = channel.basic_consume(self.settings.worker.queue, self._on_message)
+
+    def _on_message(self, channel: Any, method: Basic.Deliver, properties: pika.BasicProperties, body: bytes) -> None:
         self._unacked[method.delivery_tag] = None
-        self.on_delivery(Delivery(
-            generation=self.generation, tag=method.delivery_tag, exchange=method.exchange,
-            routing_key=method.routing_key, properties=properties, body=body,
-            redelivered=bool(method.redelivered), received_at=time.time(),
-        ))
+        try:
+            self.on_delivery(Delivery(
+                generation=self.generation, tag=method.delivery_tag, exchange=method.exchange,
+                routing_key=method.routing_key, properties=properties, body=body,
+                redelivered=bool(method.redelivered), received_at=time.time(),
+            ))
+        except Exception:  # noqa: BLE001 - never hold a capture nobody will answer
+            log.exception("handing a delivery to the worker failed; it is returned to the queue")
+            self._unacked.pop(method.delivery_tag, None)
+            if channel.is_open:
+                channel.basic_nack(method.delivery_tag, requeue=True)
 
     def _on_control_message(self, _channel: Any, method: Basic.Deliver, _properties: Any, body: bytes) -> None:
-        self.on_control(method.routing_key, body)
+        try:
+            self.on_control(method.routing_key, body)
+        except Exception:  # noqa: BLE001 - a control message is advice; the store poll catches up
+            log.exception("a control message on %r could not be handled; ignored", method.routing_key[:100])
 
     # -- publishing and acking ---------------------------------------------------------------
 
+    @_survive
     def _publish(self, outcomes: list[Outcome]) -> None:
         channel = self._channel
-        results = self.settings.broker.exchanges.results
         for outcome in outcomes:
             delivery = outcome.delivery
             if (channel is None or not channel.is_open or delivery.generation != self.generation
                     or delivery.tag not in self._unacked):
                 self.on_settled(outcome, False)  # from a lost connection: the broker redelivers it
                 continue
+            if outcome.result is None:
+                self._reject(channel, outcome, "no result could be built")
+                continue
             try:
-                channel.basic_publish(results, outcome.routing_key, outcome.result, pika.BasicProperties(
-                    content_type="application/json", delivery_mode=2, correlation_id=outcome.frame_id,
-                    timestamp=int(time.time()), type="inspection.result/1",
-                ))
-                self._track(delivery.tag)
-                if outcome.dead_letter is not None:
-                    channel.basic_publish(self.settings.broker.exchanges.dead, delivery.routing_key,
-                                          delivery.body, _dead_letter_properties(outcome))
-                    self._track(delivery.tag)
-            except (pika.exceptions.AMQPError, OSError) as exc:
+                published = self._publish_one(channel, outcome)
+            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError, OSError) as exc:
                 log.warning("publishing the result of frame %s failed (%s); the capture will be redelivered",
                             outcome.frame_id, _describe_error(exc))
                 self.on_settled(outcome, False)
                 continue
+            except Exception as exc:  # noqa: BLE001 - the message, not the connection: answer it once
+                self._reject(channel, outcome, _describe_error(exc))
+                continue
             entry = self._waiting.setdefault(delivery.tag, [0, outcome, False])
-            entry[0] += 1 + (outcome.dead_letter is not None)
+            entry[0] += published
             entry[1] = outcome
+
+    def _publish_one(self, channel: Any, outcome: Outcome) -> int:
+        """The result (mandatory: a result no queue takes comes back, see _on_return) and any dead letter;
+        how many publishes await a confirm. Both are marshalled before either is sent, so a message pika
+        refuses (a field over an AMQP limit) sends nothing."""
+        delivery = outcome.delivery
+        result_properties = pika.BasicProperties(
+            content_type="application/json", delivery_mode=2, correlation_id=outcome.frame_id,
+            timestamp=int(time.time()), type=RESULT_SCHEMA,
+        )
+        result_properties.encode()
+        dead_properties = None
+        if outcome.dead_letter is not None:
+            dead_properties = _dead_letter_properties(outcome, self._properties_budget())
+            dead_properties.encode()
+        channel.basic_publish(self.settings.broker.exchanges.results, outcome.routing_key, outcome.result,
+                              result_properties, mandatory=True)
+        self._track(delivery.tag)
+        if dead_properties is None:
+            return 1
+        channel.basic_publish(self.settings.broker.exchanges.dead, delivery.routing_key, delivery.body,
+                              dead_properties)
+        self._track(delivery.tag)
+        return 2
+
+    def _reject(self, channel: Any, outcome: Outcome, why: str) -> None:
+        """Nack the capture without requeue: its queue's dead-letter exchange keeps it, untouched, with the
+        broker's x-death header. The last resort when no result can be published for it."""
+        log.error("frame %s: no result can be published (%s); the capture goes to %s", outcome.frame_id, why,
+                  self.settings.broker.exchanges.dead)
+        tag = outcome.delivery.tag
+        self._unacked.pop(tag, None)
+        channel.basic_nack(tag, requeue=False)
+        self.on_settled(outcome, True)
+        self._maybe_finish_stop()
+
+    def _properties_budget(self) -> int:
+        connection = self._connection
+        frame_max = connection.params.frame_max if connection is not None else pika.spec.FRAME_MAX_SIZE
+        return max(4096, min(frame_max, pika.spec.FRAME_MAX_SIZE) - FRAME_OVERHEAD)
+
+    @_survive
+    def _on_return(self, channel: Any, method: Any, properties: pika.BasicProperties, body: bytes) -> None:
+        """A result no queue took (nothing bound on the results exchange for its routing key): keep it on
+        the dead-letter exchange, where `inspection.dead` holds it, before its capture is acked. The
+        broker sends the return before the confirm of that publish, so the capture waits for this one."""
+        tag = next((tag for tag, entry in self._waiting.items() if entry[1].frame_id == properties.correlation_id),
+                   None)
+        self.unroutable += 1
+        self.on_unroutable()
+        if self.unroutable == 1 or self.unroutable % 1000 == 0:
+            log.warning("results exchange %s has no queue for %r (%d results so far): they are kept in %s; bind "
+                        "a queue for the results", self.settings.broker.exchanges.results, method.routing_key[:100],
+                        self.unroutable, self.settings.broker.exchanges.dead)
+        if tag is None or channel is not self._channel or not channel.is_open:
+            return
+        key = UNROUTABLE_PREFIX + method.routing_key
+        if len(key.encode()) > 255:
+            key = UNROUTABLE_PREFIX.rstrip(".")
+        headers = {"x-inspector-unroutable": True, "x-inspector-original-exchange": method.exchange,
+                   "x-inspector-original-routing-key": method.routing_key}
+        kept = pika.BasicProperties(content_type=properties.content_type, delivery_mode=2,
+                                    correlation_id=properties.correlation_id, timestamp=properties.timestamp,
+                                    type=properties.type, headers=headers)
+        channel.basic_publish(self.settings.broker.exchanges.dead, key, body, kept)
+        self._track(tag)
+        self._waiting[tag][0] += 1
 
     def _track(self, delivery_tag: int) -> None:
         self._sequence += 1
         self._sequence_tags[self._sequence] = delivery_tag
 
+    @_survive
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
         acked = isinstance(method, Basic.Ack)
@@ -289,11 +493,11 @@ class Consumer:
     def _settle(self, tags: list[int]) -> None:
         channel = self._channel
         done = {tag: self._waiting.pop(tag) for tag in tags}
-        for tag, (_, outcome, nacked) in done.items():
-            if nacked:  # the broker could not take the result: let it redeliver the capture
-                log.warning("RabbitMQ refused the result of frame %s; the capture is requeued", outcome.frame_id)
-                channel.basic_nack(tag, requeue=True)
-                self._unacked.pop(tag, None)
+        refused = [(tag, outcome) for tag, (_, outcome, nacked) in done.items() if nacked]
+        if refused:
+            self._requeue_later(refused)
+        elif done:
+            self._nack_streak = 0
         ackable = {tag for tag, (_, _, nacked) in done.items() if not nacked}
         last, count = None, 0
         while self._unacked and next(iter(self._unacked)) in ackable:
@@ -306,7 +510,29 @@ class Consumer:
             channel.basic_ack(tag)
             self._unacked.pop(tag, None)
         for _, outcome, nacked in done.values():
-            self.on_settled(outcome, not nacked)
+            if not nacked:
+                self.on_settled(outcome, True)
+        self._maybe_finish_stop()
+
+    def _requeue_later(self, refused: list[tuple[int, Outcome]]) -> None:
+        """The broker could not take a result (nack): requeue its capture after a pause that grows while
+        refusals go on, so a broker in trouble is not hammered with the same captures."""
+        delay = min(NACK_BACKOFF_MAX_S, _FIRST_BACKOFF_S * 2 ** min(self._nack_streak, 16))
+        self._nack_streak += 1
+        generation = self.generation
+        for _, outcome in refused:
+            log.warning("RabbitMQ refused the result of frame %s; the capture is requeued in %.1f s",
+                        outcome.frame_id, delay)
+        self._ioloop.call_later(delay, functools.partial(self._requeue, generation, refused))
+
+    @_survive
+    def _requeue(self, generation: int, refused: list[tuple[int, Outcome]]) -> None:
+        channel = self._channel
+        for tag, outcome in refused:
+            if generation == self.generation and channel is not None and channel.is_open and tag in self._unacked:
+                channel.basic_nack(tag, requeue=True)
+                self._unacked.pop(tag, None)
+            self.on_settled(outcome, False)
         self._maybe_finish_stop()
 
     # -- stopping and losing the connection ---------------------------------------------------
@@ -345,9 +571,8 @@ class Consumer:
         self._channel = None
         connection = self._connection
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == 406:
-            log.error("RabbitMQ refused the worker's topology: %s. An existing queue or exchange was declared "
-                      "with other settings; delete it (rabbitmqctl delete_queue NAME) or match its settings",
-                      reason.reply_text)
+            log.error("RabbitMQ refused the worker's topology: %s. %s", reason.reply_text,
+                      _remedy_for_406(reason.reply_text, self.settings))
         if connection is not None and connection.is_open:
             connection.close()  # one path to recovery: a fresh connection
 
@@ -403,24 +628,67 @@ def _bind(queue: str, exchange: str, key: str, channel: Any, done: Callable) -> 
     channel.queue_bind(queue, exchange, routing_key=key, callback=done)
 
 
-def _dead_letter_properties(outcome: Outcome) -> pika.BasicProperties:
-    """The capture's own properties and headers, plus why it could not be scored."""
+def _dead_letter_properties(outcome: Outcome, budget: int) -> pika.BasicProperties:
+    """The capture's own properties and headers, plus why it could not be scored, within `budget` bytes
+    encoded: a content header must fit one frame, or the broker closes the connection (FRAME_ERROR).
+    Over budget, the largest original headers are dropped first and the count is said."""
     original = outcome.delivery.properties
     code, message = outcome.dead_letter or ("", "")
-    headers = dict(original.headers or {})
-    headers.update({
+    added: dict[str, Any] = {
         "x-inspector-error-code": code,
-        "x-inspector-error-message": message[:1000],
+        "x-inspector-error-message": printable(message, 1000),
         "x-inspector-frame-id": outcome.frame_id,
         "x-inspector-original-exchange": outcome.delivery.exchange,
         "x-inspector-original-routing-key": outcome.delivery.routing_key,
-    })
-    return pika.BasicProperties(
-        content_type=original.content_type, content_encoding=original.content_encoding, headers=headers,
-        delivery_mode=2, priority=original.priority, correlation_id=original.correlation_id,
-        message_id=original.message_id or outcome.frame_id, timestamp=original.timestamp, type=original.type,
-        app_id=original.app_id,
-    )
+    }
+    raw = getattr(original, "raw", None)
+    if raw is not None and len(raw) <= KEPT_RAW_PROPERTIES:
+        added["x-inspector-original-properties-b64"] = base64.b64encode(raw).decode("ascii")
+    headers = dict(original.headers or {}) if isinstance(original.headers, dict) else {}
+
+    def build(kept: dict[str, Any], dropped: int) -> pika.BasicProperties:
+        extra = {"x-inspector-headers-dropped": dropped} if dropped else {}
+        return pika.BasicProperties(
+            content_type=original.content_type, content_encoding=original.content_encoding,
+            headers={**kept, **added, **extra}, delivery_mode=2, priority=original.priority,
+            correlation_id=original.correlation_id, message_id=original.message_id or outcome.frame_id,
+            timestamp=original.timestamp, type=original.type, app_id=original.app_id,
+        )
+
+    properties = build(headers, 0)
+    if _encoded_size(properties) <= budget:
+        return properties
+    by_size = sorted(headers, key=lambda key: _encoded_size(pika.BasicProperties(headers={key: headers[key]})),
+                     reverse=True)
+    for dropped, key in enumerate(by_size, start=1):
+        del headers[key]
+        properties = build(headers, dropped)
+        if _encoded_size(properties) <= budget:
+            return properties
+    return build({}, len(by_size))
+
+
+def _encoded_size(properties: pika.BasicProperties) -> int:
+    try:
+        return sum(len(piece) for piece in properties.encode())
+    except Exception:  # noqa: BLE001 - a value pika cannot encode: never fits
+        return 1 << 30
+
+
+def _remedy_for_406(reply_text: str, settings: Settings) -> str:
+    """What an operator does about a refused declaration. For the capture queue the exact choice, since
+    deleting it with frames inside would lose them."""
+    worker = settings.worker
+    if worker.queue in reply_text or worker.dead_letter_queue in reply_text:
+        name = worker.queue if worker.queue in reply_text else worker.dead_letter_queue
+        return (f"RabbitMQ fixes a queue's arguments when it is first declared, and {name} was declared with "
+                f"others (worker.delivery_limit changed?). Either set the configuration back to the queue's "
+                f"value (the 'current is' figure above), or declare it anew without losing frames: let the "
+                f"workers that still run drain it until `rabbitmqctl list_queues name messages` shows 0 for it, "
+                f"then `rabbitmqctl delete_queue {name}` and start the workers, which declare it with the new "
+                f"value.")
+    return ("An existing exchange or queue was declared with other settings; match them "
+            "(`rabbitmqctl list_exchanges name type durable`), or delete it if it holds nothing.")
 
 
 def _describe_error(error: BaseException) -> str:

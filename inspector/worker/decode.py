@@ -10,6 +10,7 @@ error result, it must not crash the worker.
 from __future__ import annotations
 
 import base64
+import errno
 import io
 import json
 import os
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from inspector.errors import FrameError
-from inspector.imagefiles import reduce_while_decoding, to_rgb
+from inspector.imagefiles import allow_pixels, reduce_while_decoding, to_rgb
 
 if TYPE_CHECKING:
     from inspector.config import WorkerSettings
@@ -41,6 +42,14 @@ PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # no other PIL decoder is 
 RAW_CHANNELS = {"mono8": 1, "rgb8": 3, "bgr8": 3}
 RAW_HEADERS = ("width", "height", "pixel_format")
 RAW_USAGE = "image/x-raw needs integer headers width, height and pixel_format (mono8, rgb8, bgr8)"
+
+# application/json is counted before it is parsed: parsed JSON can take ~22x its size (`[[],[],...]`), nesting
+# exhausts the stack, and one wide character makes Python hold the whole text at 4 bytes a character.
+JSON_MAX_STRUCTURE = 64  # bytes '{', '[' and ',' in the body, strings included: bounds values and nesting
+JSON_TEXT_MAX_BYTES = 64 * 1024  # a longer body (only image_b64 is) must be ASCII without \u escapes
+URI_PATH_MAX_BYTES = 4096  # Linux PATH_MAX: no longer path names a file, and resolving one is quadratic
+TIFF_TILE_MAX_PIXELS = 1024 * 1024  # a tile larger than its image is refused past this size
+_TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 322, 323
 
 _shown = reprlib.Repr()  # values from the capture, quoted in messages at a bounded length
 _shown.maxstring = _shown.maxother = 200
@@ -106,15 +115,17 @@ def _check_pixels(what: str, width: int, height: int, limits: DecodeLimits) -> N
 
 def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode JPEG/PNG/BMP/TIFF/WebP bytes (whatever the content type said) fully, first frame only."""
+    allow_pixels(limits.max_image_pixels)  # PIL's own guard must not refuse what worker.max_image_pixels allows
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's notes on corrupt metadata: a frame either decodes or errs
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore")  # PIL's notes on corrupt metadata, its bomb warning: judged here
             with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
                 width, height = image.size
                 _check_pixels(what, width, height, limits)  # from the header, before anything is decoded
                 if width < 1 or height < 1:
                     raise FrameError("image_undecodable", f"{what} is an image of {width}x{height}: no pixels")
+                if image.format == "TIFF":
+                    _check_tiff_tiles(image, what, width, height)
                 reduce_while_decoding(image, min_size)
                 image.load()  # truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES is False)
                 return _to_rgb(image, what)
@@ -130,6 +141,27 @@ def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[
     except Exception as exc:  # hostile bytes make PIL raise nearly anything: OSError, SyntaxError,
         # EOFError, struct.error, zlib.error, MemoryError, IndexError, ...; none may crash the worker.
         raise FrameError("image_undecodable", f"{what} does not decode: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_tiff_tiles(image: Image.Image, what: str, width: int, height: int) -> None:
+    """libtiff allocates and fills a whole tile to read any part of it, however small the image: a 16x16
+    TIFF may declare one 16384x16384 tile (256 MiB). A tile may cover the image's own area, or
+    TIFF_TILE_MAX_PIXELS when the image is smaller (writers use fixed 256 or 512 tiles). Strips need no
+    check: libtiff holds them to the image's height (RowsPerStrip 2**32-1, one strip, is the default).
+    image_undecodable, not image_too_many_pixels: the file contradicts itself, no limit would let it through."""
+    tags = getattr(image, "tag_v2", {})
+    if _TIFF_TILE_WIDTH not in tags and _TIFF_TILE_LENGTH not in tags:
+        return
+    tile = tags.get(_TIFF_TILE_WIDTH), tags.get(_TIFF_TILE_LENGTH)
+    if not all(isinstance(side, int) and side > 0 for side in tile):
+        raise FrameError("image_undecodable", f"{what} is a TIFF with tile size {_shown.repr(tile)}")
+    tile_width, tile_length = tile
+    if tile_width * tile_length > max(width * height, TIFF_TILE_MAX_PIXELS):
+        raise FrameError(
+            "image_undecodable",
+            f"{what} is a {width}x{height} TIFF in {tile_width}x{tile_length} tiles: a tile may cover at most "
+            f"the image or {TIFF_TILE_MAX_PIXELS} pixels; refused unread",
+        )
 
 
 def _to_rgb(image: Image.Image, what: str) -> np.ndarray:
@@ -197,9 +229,15 @@ def _positive_int(headers: Mapping[str, Any], name: str) -> int:
 
 def _decode_json(body: bytes, limits: DecodeLimits, min_size: tuple[int, int] | None) -> np.ndarray:
     usage = 'application/json needs an object with exactly one of "image_uri" or "image_b64", a string'
+    if _count_up_to(body, b"{[,", JSON_MAX_STRUCTURE + 1) > JSON_MAX_STRUCTURE:
+        raise FrameError("json_malformed", f"{usage}; the body has more than {JSON_MAX_STRUCTURE} of "
+                                           "'{', '[', ',': refused unparsed")
+    if len(body) > JSON_TEXT_MAX_BYTES and (not body.isascii() or (b"\\" in body and b"\\u" in body)):
+        raise FrameError("json_malformed", f"{usage}; a body over {JSON_TEXT_MAX_BYTES} bytes (image_b64) must be "
+                                           "ASCII without \\u escapes: refused unparsed")
     try:
         document = json.loads(str(body, "utf-8"))
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise FrameError("json_malformed", f"{usage}; the body is not UTF-8 JSON ({exc})") from exc
     if not isinstance(document, dict):
         raise FrameError("json_malformed", f"{usage}; the body is a JSON {type(document).__name__}")
@@ -214,6 +252,17 @@ def _decode_json(body: bytes, limits: DecodeLimits, min_size: tuple[int, int] | 
     return _decode_image(_read_uri(value, limits), f"image_uri {_shown.repr(value)}", limits, min_size)
 
 
+def _count_up_to(data: bytes, chars: bytes, limit: int) -> int:
+    """How many of the bytes `chars` are in `data`, counting no further than `limit` (memchr: fast)."""
+    count = 0
+    for char in chars:
+        at = data.find(char)
+        while at >= 0 and count < limit:
+            count += 1
+            at = data.find(char, at + 1)
+    return count
+
+
 def _from_base64(text: str) -> bytes:
     # No size check of its own: the body is at most max_image_bytes, the image 3/4 of that.
     try:
@@ -225,6 +274,25 @@ def _from_base64(text: str) -> bytes:
     return data
 
 
+def _open_beneath(root: Path, resolved: Path) -> int:
+    """Open `resolved` (a realpath inside `root`) one component at a time from `root`, each with O_NOFOLLOW:
+    a folder or file swapped for a symlink after realpath fails to open (ELOOP) instead of being followed
+    out of the allowed root."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    parts = resolved.relative_to(root).parts
+    if not parts:
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file")
+    fd = os.open(root, flags | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        return os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)  # O_NONBLOCK: a FIFO must not block
+    finally:
+        os.close(fd)
+
+
 def _read_uri(uri: str, limits: DecodeLimits) -> bytes:
     """The bytes of a file:// image_uri that resolves (symlinks and .. followed) inside an allowed root."""
     roots = ", ".join(str(root) for root in limits.allowed_roots)
@@ -233,9 +301,11 @@ def _read_uri(uri: str, limits: DecodeLimits) -> bytes:
         raise FrameError("uri_not_allowed", f"{quoted} refused: worker.allowed_roots lists no folders")
     try:
         parts = urlsplit(uri)
-        path = os.fsdecode(unquote_to_bytes(parts.path))
+        raw_path = unquote_to_bytes(parts.path)
+        path = os.fsdecode(raw_path)
     except ValueError:  # a bad IPv6 host, or a lone surrogate from a JSON "\udc80"
         parts = path = None
+        raw_path = b""
     if (
         parts is None
         or parts.scheme.lower() != "file"
@@ -246,13 +316,16 @@ def _read_uri(uri: str, limits: DecodeLimits) -> bytes:
     ):
         message = f"{quoted} is not file:///absolute/path (file://localhost/ allowed, no other host)"
         raise FrameError("uri_not_allowed", message)
+    if len(raw_path) > URI_PATH_MAX_BYTES:
+        message = f"{quoted} is refused: its path is {len(raw_path)} bytes, over PATH_MAX ({URI_PATH_MAX_BYTES})"
+        raise FrameError("uri_not_allowed", message)
     resolved = Path(os.path.realpath(path)) if "\0" not in path else None
-    if resolved is None or not any(resolved.is_relative_to(root) for root in limits.allowed_roots):
+    root = next((r for r in limits.allowed_roots if resolved is not None and resolved.is_relative_to(r)), None)
+    if resolved is None or root is None:
         raise FrameError("uri_not_allowed", f"{quoted} is outside worker.allowed_roots ({roots})")
-    # Open what was resolved, then size the open file, not the path. O_NOFOLLOW refuses a file swapped for
-    # a symlink since realpath (a folder on the path swapped in that instant is not caught).
+    # Open what was resolved, then size the open file, not the path.
     try:
-        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+        fd = _open_beneath(root, resolved)
     except OSError as exc:
         raise FrameError("file_not_found", f"{quoted} names no readable file ({exc.strerror})") from exc
     try:

@@ -6,7 +6,10 @@ Threads, one job each:
 - the scoring thread forms micro-batches per model version and runs the plugin on its device;
 - the reloader takes up new model versions in the background.
 Every capture is answered: a score, or an error result plus a dead letter. Nothing here
-raises into a thread's loop: a bad frame or a failing batch becomes error results.
+raises into a thread's loop: a bad frame or a failing batch becomes error results, a bug in
+the loop itself becomes `internal_error` answers, and when even an error result cannot be
+built the capture is handed to the broker's dead-lettering. A thread that dies or stops making
+progress anyway is caught by the watchdog: /healthz fails and the process exits 1.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from inspector import __version__
 from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import FrameError, InspectorError, StateError
-from inspector.messages import Capture, encode, parse_capture, result_body, result_routing_key
+from inspector.messages import (
+    Capture,
+    encode,
+    frame_id_for,
+    parse_capture,
+    printable,
+    result_body,
+    result_routing_key,
+)
 from inspector.plugin import decode_size
 from inspector.store import ModelStore
 from inspector.timestamps import utc_now
@@ -37,8 +48,19 @@ from inspector.worker.consumer import Consumer, Delivery, Outcome
 from inspector.worker.decode import DecodeLimits, decode_capture
 from inspector.worker.metrics import Metrics
 from inspector.worker.serving import ModelSet, Reloader, ServedModel, load_version, score_batch
+from inspector.worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
+
+MAX_CONTROL_BYTES = 64 * 1024  # an announcement is a few hundred bytes; anything larger is not one
+RESUME_SHARE = 0.75  # paused over worker.max_inflight_bytes, consuming resumes below this share of it
+EXIT_MARGIN_S = 15.0  # an unhealthy worker that has not exited this long after its grace period is ended
+
+
+class WorkerUnhealthy(InspectorError):
+    """A core thread died or stopped making progress: exit so that the supervisor restarts the worker."""
+
+    code = "worker_unhealthy"
 
 
 @dataclass(frozen=True)
@@ -87,7 +109,20 @@ class Worker:
         self._inflight = 0
         self._decoding = 0  # received and not yet prepared: the batcher waits for these
         self._inflight_lock = threading.Lock()
+        self._held_bytes = 0  # capture bodies received and not yet settled (broker thread only)
+        self._scoring = False  # a batch is being scored now
         self.scored = 0
+        self.watchdog = Watchdog()
+        limit = settings.worker.watchdog_s
+        self.watchdog.watch("broker", self.consumer.is_alive, lambda: not self.consumer.stopped.is_set(),
+                            limit_s=min(limit, 60.0), progress=lambda: self.consumer.last_tick)
+        self.watchdog.watch("scoring", self._scorer.is_alive,
+                            lambda: self._scoring or self._prepared.qsize() > 0, limit_s=limit)
+        self.watchdog.watch("decode", lambda: True, lambda: self._decoding > 0, limit_s=limit)
+        self.watchdog.watch("reload", self._reloader.is_alive, lambda: False, limit_s=limit)
+        self.metrics.health = lambda: self.watchdog.problem
+        self.metrics.thread_stalls = self.watchdog.stalls
+        self.consumer.on_unroutable = self.metrics.result_unroutable
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -99,6 +134,7 @@ class Worker:
         self._scorer.start()
         self._reloader.start()
         self.consumer.start()
+        self.watchdog.start()
         while not self.consumer.connected.wait(0.1):
             if cancel is not None and cancel.is_set():
                 return
@@ -113,25 +149,32 @@ class Worker:
     def stop(self, grace_s: float | None = None) -> None:
         """Stop taking captures, finish and confirm those held, close; returns within the grace period."""
         grace = self.settings.worker.shutdown_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
         log.info("stopping: finishing %d held captures (grace %g s)", self._inflight, grace)
+        self.watchdog.stop()
         self.consumer.stop_consuming(max(0.0, grace - 1.0))
         self.consumer.stopped.wait(grace)
-        self._stop_threads()
+        self._stop_threads(deadline)
         log.info("stopped")
 
     def wait(self, stop: threading.Event) -> None:
-        """Block until `stop` is set or the broker thread gives up."""
+        """Block until `stop` is set, the broker thread gives up, or the watchdog finds the worker unhealthy."""
         while not stop.wait(0.5):
+            if self.watchdog.problem is not None:
+                raise WorkerUnhealthy(f"unhealthy: {self.watchdog.problem}")
             if self.consumer.stopped.is_set():
-                if self.consumer.failure:
-                    raise self.consumer.failure
-                return
+                raise self.consumer.failure or WorkerUnhealthy("the broker thread stopped")
 
-    def _stop_threads(self) -> None:
+    def _stop_threads(self, deadline: float | None = None) -> None:
+        """Stop the scoring, decoding and reload threads, within `deadline` (time.monotonic) when given."""
+        def left() -> float:
+            return 10.0 if deadline is None else max(0.1, deadline - time.monotonic())
+
+        self.watchdog.stop()
         self._prepared.put(None)
         self._decoders.shutdown(wait=False, cancel_futures=True)
-        self._scorer.join(timeout=10)
-        self._reloader.stop()
+        self._scorer.join(timeout=left())
+        self._reloader.stop(timeout=left())
 
     def _load_models(self) -> None:
         for name, model_settings in self.settings.models.items():
@@ -143,11 +186,14 @@ class Worker:
                                 "`inspector refit --model %s` stores one", name, self.store.root, name)
                     continue
                 served = load_version(self.store, name, model_settings, self.device, version)
-            except InspectorError as exc:
+            except Exception as exc:  # noqa: BLE001 - one model that cannot load must not stop the others
                 self.metrics.model_reload(name, "failed")
-                if version is not None:
-                    self._reloader.refused.add((name, version))
-                log.error("model %s: version %s cannot serve: %s", name, version, exc)
+                if isinstance(exc, InspectorError) and version is not None:
+                    self._reloader.refused.add((name, version))  # its checks failed: not tried again
+                    log.error("model %s: version %s cannot serve: %s", name, version, exc)
+                else:  # may pass (a file system hiccup, CUDA out of memory): the reloader tries again
+                    log.error("model %s: version %s failed to load (%r); tried again at the next store poll", name,
+                              version, exc)
                 continue
             self.models.put(served)
             self._model_in_service(served)
@@ -168,8 +214,26 @@ class Worker:
 
     def _on_delivery(self, delivery: Delivery) -> None:
         self._count_inflight(+1)
+        self._hold_bytes(len(delivery.body))
         self._count_decoding(+1)
-        self._decoders.submit(self._decode, delivery)
+        try:
+            self._decoders.submit(self._decode, delivery)
+        except BaseException:
+            self._count_decoding(-1)
+            self._count_inflight(-1)
+            self._hold_bytes(-len(delivery.body))
+            raise
+
+    def _hold_bytes(self, delta: int) -> None:
+        """Capture bodies held in memory: over worker.max_inflight_bytes take no more deliveries, until
+        answers bring them under RESUME_SHARE of it (broker thread only, so no lock)."""
+        self._held_bytes += delta
+        self.metrics.set_inflight_bytes(self._held_bytes)
+        budget = self.settings.worker.max_inflight_bytes
+        if delta > 0 and self._held_bytes > budget:
+            self.consumer.pause()
+        elif delta < 0 and self._held_bytes <= budget * RESUME_SHARE:
+            self.consumer.resume()
 
     def _on_connection(self, connected: bool) -> None:
         self.metrics.set_broker_connected(connected)
@@ -179,25 +243,38 @@ class Worker:
             self._reloader.request_all()  # announcements missed while away
 
     def _on_control(self, routing_key: str, body: bytes) -> None:
+        """An announcement only says "look at the store": the store's current version is what loads, so a
+        forged or garbled message can at most cause a needless look."""
+        where = printable(routing_key)
+        if len(body) > MAX_CONTROL_BYTES:
+            log.warning("ignoring a control message of %d bytes on %s: an announcement is far smaller", len(body),
+                        where)
+            return
         try:
             message = json.loads(body)
             name = message["model"]
             if not isinstance(name, str):
                 raise TypeError("model is not a string")
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring a malformed announcement on %s: %s", routing_key, exc)
+        except Exception as exc:  # noqa: BLE001 - ValueError, KeyError, TypeError, RecursionError: all ignored
+            log.warning("ignoring a malformed announcement on %s: %s", where, printable(repr(exc)))
             return
         if name not in self.settings.models:
-            log.info("announcement for model %s, which this worker does not serve; ignored", name)
+            log.info("announcement for model %s, which this worker does not serve; ignored", printable(name))
             return
-        log.info("announcement: model %s version %s (%s)", name, message.get("version"), message.get("reason"))
+        log.info("announcement: model %s version %s (%s)", name, printable(str(message.get("version"))),
+                 printable(str(message.get("reason"))))
         self._reloader.request(name)
 
     def _on_settled(self, outcome: Outcome, acked: bool) -> None:
         self._count_inflight(-1)
+        self._hold_bytes(-len(outcome.delivery.body))
         if not acked:
             return
-        record: _Record = outcome.record
+        record: _Record | None = outcome.record
+        if record is None:
+            self.metrics.frame_error("internal_error")
+            self.metrics.dead_lettered("internal_error")
+            return
         now = time.time()
         self.metrics.stage("publish", time.perf_counter() - outcome.submitted_at)
         self.metrics.frame_done(
@@ -223,21 +300,29 @@ class Worker:
     def _decode(self, delivery: Delivery) -> None:
         try:
             self._decode_one(delivery)
+        except BaseException as exc:  # noqa: BLE001 - a decode task must answer its capture, whatever happens
+            log.exception("decoding a capture failed outside every guard")
+            self._answer_error(delivery, None, "internal_error", f"unexpected failure: {exc!r}")
         finally:
             self._count_decoding(-1)
+            self.watchdog.beat("decode")
 
     def _decode_one(self, delivery: Delivery) -> None:
         started = time.perf_counter()
         try:
             capture = parse_capture(delivery.routing_key, delivery.properties, delivery.body, delivery.redelivered)
-        except Exception:  # noqa: BLE001 - a bug here must not leave the frame unanswered
-            log.exception("parsing a capture on %s failed", delivery.routing_key)
-            capture = Capture(frame_id=str(getattr(delivery.properties, "message_id", None) or "unknown"),
-                              line_id="unknown", camera_id="unknown", model=None, routing_key=delivery.routing_key,
-                              content_type=None, headers={}, body=delivery.body, captured_at=None,
-                              redelivered=delivery.redelivered)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not leave the frame unanswered
+            log.exception("parsing a capture on %s failed", printable(delivery.routing_key))
+            self._answer_error(delivery, None, "internal_error", f"the capture could not be parsed: {exc!r}")
+            return
+        undecodable = getattr(delivery.properties, "decode_error", None)
+        if undecodable is not None:
+            self._answer_error(delivery, capture, "headers_undecodable",
+                               f"its AMQP properties cannot be decoded ({undecodable}); resend it with plain headers")
+            return
         model = None
         try:
+            self._check_age(capture)
             model = self.models.choose(capture)
             image = decode_capture(capture.body, capture.content_type, capture.headers, self.limits,
                                    decode_size(model.plugin))
@@ -255,18 +340,44 @@ class Worker:
         self.metrics.stage("decode", time.perf_counter() - started)
         self._prepared.put(_Prepared(delivery, capture, model, tensor))
 
-    def _answer_error(self, delivery: Delivery, capture: Capture, code: str, message: str,
+    def _check_age(self, capture: Capture) -> None:
+        limit = self.settings.worker.max_frame_age_s
+        if limit <= 0 or capture.captured_at is None:
+            return
+        age = time.time() - capture.captured_at.timestamp()
+        if age > limit:
+            raise FrameError("stale", f"captured {age:.1f} s ago, over worker.max_frame_age_s ({limit:g} s); "
+                                      "not scored")
+
+    def _answer_error(self, delivery: Delivery, capture: Capture | None, code: str, message: str,
                       model: ServedModel | None = None) -> None:
+        """An error result and a dead letter for the capture; never raises. `capture` None: it could not be
+        parsed. When even this answer cannot be built, the broker dead-letters the capture untouched."""
+        try:
+            outcome = self._error_outcome(delivery, capture, code, message, model)
+        except Exception:  # noqa: BLE001
+            log.exception("building the error result of a capture failed; the broker dead-letters it as it came")
+            outcome = Outcome(delivery=delivery, routing_key="", result=None,
+                              frame_id=capture.frame_id if capture is not None else "unknown")
+        self.consumer.submit([outcome])
+
+    def _error_outcome(self, delivery: Delivery, capture: Capture | None, code: str, message: str,
+                       model: ServedModel | None) -> Outcome:
+        if capture is None:
+            capture = Capture(frame_id=frame_id_for(delivery.body), line_id="unknown", camera_id="unknown",
+                              model=None, routing_key="unknown.unknown", content_type=None, headers={}, body=b"",
+                              captured_at=None, redelivered=delivery.redelivered)
+        message = printable(message)
         log.warning("frame %s from %s.%s: %s: %s", capture.frame_id, capture.line_id, capture.camera_id, code, message)
         body = result_body(capture, verdict="error", error=(code, message), inspected_at=utc_now(),
                            model=model.identity() if model else None,
                            threshold=model.threshold if model else None)
-        self.consumer.submit([Outcome(
+        return Outcome(
             delivery=delivery, routing_key=result_routing_key("error", capture.line_id, capture.camera_id),
             result=encode(body), frame_id=capture.frame_id, dead_letter=(code, message),
             record=self._record(delivery, capture, model.name if model else "none", "error",
                                 None, code, None),
-        )])
+        )
 
     def _record(self, delivery: Delivery, capture: Capture, model: str, verdict: str, probability: float | None,
                 reason: str | None, queue_wait_s: float | None) -> _Record:
@@ -281,34 +392,54 @@ class Worker:
         worker = self.settings.worker
         batcher = Batcher(worker.batch_size, worker.max_batch_wait_ms / 1000, worker.max_batch_hold_ms / 1000)
         while True:
-            deadline = batcher.next_deadline(self._decoding > 0)
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.watchdog.beat("scoring")
             try:
-                item = self._prepared.get(timeout=timeout)
-            except queue.Empty:
-                item = False
-            if item is None:
+                if not self._score_step(batcher):
+                    return
+            except Exception as exc:  # noqa: BLE001 - the loop outlives its own bugs; what it held is answered
+                log.exception("the scoring loop failed; answering the frames it held")
                 for batch in batcher.drain():
-                    self._score_safely(batch)
-                return
-            batches = batcher.due(time.monotonic(), self._decoding > 0)
-            if item:
-                full = batcher.add(id(item.model), item, time.monotonic())
-                if full:
-                    batches.append(full)
-            for batch in batches:
+                    for prepared in batch:
+                        self._answer_error(prepared.delivery, prepared.capture, "internal_error",
+                                           f"unexpected failure: {exc!r}", prepared.model)
+
+    def _score_step(self, batcher: Batcher) -> bool:
+        """Wait for a frame or a batch deadline, then score what is due; False once told to stop."""
+        deadline = batcher.next_deadline(self._decoding > 0)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if timeout is None:
+            timeout = self.settings.worker.watchdog_s / 4  # idle: wake now and then to beat
+        try:
+            item = self._prepared.get(timeout=timeout)
+        except queue.Empty:
+            item = False
+        if item is None:
+            for batch in batcher.drain():
                 self._score_safely(batch)
+            return False
+        batches = batcher.due(time.monotonic(), self._decoding > 0)
+        if item:
+            full = batcher.add(id(item.model), item, time.monotonic())
+            if full:
+                batches.append(full)
+        for batch in batches:
+            self._score_safely(batch)
+        return True
 
     def _score_safely(self, batch: list[_Prepared]) -> None:
         """The scoring thread must outlive any bug: a batch that fails outside the plugin is answered
         with errors (and dead letters, to replay), never left unanswered."""
+        self._scoring = True
         try:
             self._score(batch)
         except Exception as exc:  # noqa: BLE001
             log.exception("scoring a batch of %d failed outside the plugin", len(batch))
             for prepared in batch:
-                self._answer_error(prepared.delivery, prepared.capture, "scoring_failed",
+                self._answer_error(prepared.delivery, prepared.capture, "internal_error",
                                    f"unexpected failure: {exc!r}", prepared.model)
+        finally:
+            self._scoring = False
+            self.watchdog.beat("scoring")
 
     def _score(self, batch: list[_Prepared]) -> None:
         """Score one batch and hand its results to the broker thread; never raises."""
@@ -362,6 +493,19 @@ def stack_for(device: torch.device, tensors: list[torch.Tensor]) -> torch.Tensor
     return torch.stack(tensors, out=out)
 
 
+def _exit_hard_after(seconds: float) -> None:
+    """End the process if an orderly exit has not happened within `seconds`: a thread stuck in a native
+    call (a hung GPU, a decoder in a loop) would otherwise keep an unhealthy worker alive for ever."""
+    def end() -> None:
+        log.critical("the worker did not stop within %.0f s of becoming unhealthy; ending the process", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
+
+
 def run_worker(settings: Settings) -> int:
     """The `inspector run` command: serve until SIGTERM or SIGINT, then drain and exit 0.
 
@@ -386,7 +530,12 @@ def run_worker(settings: Settings) -> int:
         worker.start(cancel=stop)
         try:
             worker.wait(stop)
-        finally:
+        except WorkerUnhealthy:
+            grace = min(settings.worker.shutdown_grace_s, 10.0)
+            _exit_hard_after(grace + EXIT_MARGIN_S)
+            worker.stop(grace_s=grace)
+            raise
+        else:
             worker.stop()
     finally:
         metrics.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +20,15 @@ import torch
 
 from inspector import topics
 from inspector.config import ModelSettings, RouteSettings
-from inspector.errors import FrameError, StateError
+from inspector.errors import FrameError, InspectorError, StateError
 from inspector.messages import Capture
 from inspector.plugin import Plugin, get_plugin
 from inspector.store import ModelStore
 
 log = logging.getLogger(__name__)
+
+RETRY_FIRST_S = 5.0  # a version that failed for a passing reason is tried again after this, then doubling
+RETRY_MAX_S = 600.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,8 +174,10 @@ class Reloader:
     """A background thread that takes up new current versions: on request (an announcement, a
     reconnect) and every `poll_s` seconds (an announcement missed while disconnected).
 
-    A version that fails to verify, load or warm up is refused once, logged and counted, and not
-    tried again; the version in service keeps scoring.
+    A version that fails its checks (checksums, plugin, warm-up: an InspectorError) is refused once,
+    logged and counted, and not tried again. One that fails for a reason that may pass (a file system
+    hiccup, CUDA out of memory) is counted too and tried again at the next poll or announcement, no
+    sooner than a backoff that doubles up to RETRY_MAX_S. The version in service keeps scoring.
     """
 
     def __init__(
@@ -190,6 +196,7 @@ class Reloader:
         self.on_loaded = on_loaded
         self.on_outcome = on_outcome
         self.refused: set[tuple[str, str]] = set()
+        self.retry_at: dict[tuple[str, str], tuple[int, float]] = {}  # transient failures: (count, monotonic)
         self._requests: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="inspector-reload", daemon=True)
 
@@ -203,21 +210,26 @@ class Reloader:
         for name in self.models.settings:
             self._requests.put(name)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         self._requests.put(None)
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _run(self) -> None:
         while True:
             try:
                 name = self._requests.get(timeout=self.poll_s or None)
             except queue.Empty:
-                for model in self.models.settings:
-                    self.reload(model)
-                continue
+                name = ""
             if name is None:
                 return
-            self.reload(name)
+            try:
+                for model in ([name] if name else list(self.models.settings)):
+                    self.reload(model)
+            except Exception:  # noqa: BLE001 - the thread outlives its own bugs; the next poll tries again
+                log.exception("reloading models failed")
 
     def reload(self, name: str) -> ServedModel | None:
         """Put the store's current version of `name` in service unless it already is, or was refused."""
@@ -231,15 +243,25 @@ class Reloader:
             return None
         if (name, version) in self.refused:
             return None
+        failures, not_before = self.retry_at.get((name, version), (0, 0.0))
+        if time.monotonic() < not_before:
+            return None
         log.info("model %s: loading version %s", name, version)
         try:
             loaded = load_version(self.store, name, self.models.settings[name], self.device, version)
         except Exception as exc:  # noqa: BLE001 - whatever goes wrong, the old version keeps serving
-            self.refused.add((name, version))
             kept = f"version {served.version} keeps serving" if served else "no version is in service"
-            log.error("model %s: version %s refused, %s: %s", name, version, kept, _reason(exc))
+            if isinstance(exc, InspectorError):
+                self.refused.add((name, version))
+                log.error("model %s: version %s refused, %s: %s", name, version, kept, _reason(exc))
+            else:
+                delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** failures)
+                self.retry_at[(name, version)] = (failures + 1, time.monotonic() + delay)
+                log.error("model %s: version %s failed to load, %s; tried again in %.0f s or later: %s", name,
+                          version, kept, delay, _reason(exc))
             self.on_outcome(name, "failed")
             return None
+        self.retry_at.pop((name, version), None)
         self.models.put(loaded)
         log.info("model %s: version %s in service (was %s)", name, version, served.version if served else "none")
         self.on_loaded(loaded)
