@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 # fitted from a generated sample line (the shipped offline backbone, no download).
 run: setup
 	@scripts/local-rabbitmq
-	@$(BIN)/python -c "import sys, inspector.config as c, inspector.store as s; sys.exit(not s.ModelStore(c.load().store.path).names())" \
+	@$(BIN)/python -c "import sys, inspector.config as c, inspector.stores as s; sys.exit(not s.open_store(c.load().store).names())" \
 		|| $(MAKE) --no-print-directory sample-model
 	$(BIN)/inspector run
 

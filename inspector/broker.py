@@ -17,7 +17,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import pika
 import pika.exceptions
 
-from inspector.config import BrokerSettings, redact_url
+from inspector.config import BrokerSettings
 from inspector.errors import BrokerError, ConfigError
 from inspector.timestamps import utc_now
 
@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 ANNOUNCEMENT_SCHEMA = "inspection.model/1"
 
 
-def connection_parameters(broker: BrokerSettings) -> pika.URLParameters:
-    """pika parameters from the URL, with the password from the settings (the environment)."""
-    parts = urlsplit(broker.url)
+def connection_parameters(broker: BrokerSettings, url: str | None = None) -> pika.URLParameters:
+    """pika parameters for `url` (default: the first node), with the password from the settings (the
+    environment)."""
+    parts = urlsplit(url or broker.urls[0])
     username = unquote(parts.username or "guest")
     host = parts.netloc.rsplit("@", 1)[-1]
     netloc = f"{quote(username, safe='')}:{quote(broker.password.get_secret_value(), safe='')}@{host}"
@@ -84,12 +85,12 @@ def blocking_connection(broker: BrokerSettings) -> pika.BlockingConnection:
     pika logs a failed attempt at ERROR with a traceback; the error raised here says it all, so
     pika is kept quiet meanwhile.
     """
-    url = redact_url(broker.url)
+    url = broker.shown
     pika_log = logging.getLogger("pika")
     level = pika_log.level
     pika_log.setLevel(logging.CRITICAL)
-    try:
-        return pika.BlockingConnection(connection_parameters(broker))
+    try:  # pika tries the nodes in turn and takes the first that answers
+        return pika.BlockingConnection([connection_parameters(broker, node) for node in broker.urls])
     except (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError) as exc:
         raise ConfigError(f"RabbitMQ at {url} refused the login ({_reason(exc)}); check the user in broker.url, "
                           "the vhost, and INSPECTOR_BROKER__PASSWORD") from None

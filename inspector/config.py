@@ -29,6 +29,7 @@ from inspector.topics import check_pattern
 ENV_PREFIX = "INSPECTOR_"
 ENV_DELIMITER = "__"
 DEFAULT_CONFIG = Path("inspector.toml")
+CONFIG_ENV = "INSPECTOR_CONFIG"  # names the config file where --config cannot be passed (containers); not a key
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 
 
@@ -37,7 +38,19 @@ class _Section(BaseModel):
 
 
 class StoreSettings(_Section):
-    path: Path = Field(Path("models"), description="folder of the model store")
+    path: str = Field("models", min_length=1, description="folder of the model store, or s3://bucket/prefix")
+    cache_dir: Path = Field(Path("~/.cache/inspector/models"),
+                            description="local copies of versions loaded from an s3:// store")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_text(cls, value: Any) -> Any:
+        """A folder or an s3:// URL; kept as text, since a Path would fold `s3://` into `s3:/`."""
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, str) and value.startswith("s3:") and not value.startswith("s3://"):
+            raise ValueError("an S3 store is written s3://bucket/prefix")
+        return value
 
 
 class ExchangeSettings(_Section):
@@ -48,7 +61,8 @@ class ExchangeSettings(_Section):
 
 
 class BrokerSettings(_Section):
-    url: str = Field("amqp://guest@127.0.0.1:5672/%2F", description="AMQP URL without the password")
+    url: str | list[str] = Field("amqp://guest@127.0.0.1:5672/%2F",
+                                 description="AMQP URL without the password, or a list: the nodes of a cluster")
     password: SecretStr = Field(SecretStr("guest"), description="from INSPECTOR_BROKER__PASSWORD only")
     connect_timeout_s: float = Field(5.0, gt=0)
     heartbeat_s: int = Field(30, ge=0)
@@ -56,14 +70,29 @@ class BrokerSettings(_Section):
 
     @field_validator("url")
     @classmethod
-    def _amqp_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("amqp", "amqps"):
-            raise ValueError("must be an amqp:// or amqps:// URL")
-        if parts.password is not None:
-            raise ValueError("holds a password: remove it from the URL and set INSPECTOR_BROKER__PASSWORD instead "
-                             "(the URL is printed in logs and by `inspector config`; the password never is)")
+    def _amqp_url(cls, url: str | list[str]) -> str | list[str]:
+        urls = [url] if isinstance(url, str) else url
+        if not urls:
+            raise ValueError("name at least one amqp:// URL")
+        for one in urls:
+            parts = urlsplit(one)
+            if parts.scheme not in ("amqp", "amqps"):
+                raise ValueError("must be an amqp:// or amqps:// URL, or a list of them")
+            if parts.password is not None:
+                raise ValueError("holds a password: remove it from the URL and set INSPECTOR_BROKER__PASSWORD "
+                                 "instead (the URL is printed in logs and by `inspector config`; the password "
+                                 "never is)")
         return url
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node, in the order they are tried."""
+        return [self.url] if isinstance(self.url, str) else list(self.url)
+
+    @property
+    def shown(self) -> str:
+        """The nodes as they may be printed: without credentials, comma-separated."""
+        return ", ".join(redact_url(url) for url in self.urls)
 
 
 def redact_url(url: str) -> str:
@@ -161,6 +190,9 @@ class Settings(BaseSettings):
     )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="'text' for people, 'json' for a log pipeline: one JSON object per line"
+    )
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'")
     store: StoreSettings = StoreSettings()
     broker: BrokerSettings = BrokerSettings()
@@ -175,6 +207,11 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("device")
     @classmethod
@@ -295,7 +332,7 @@ def _check_environment(environ: Mapping[str, str]) -> None:
     """Unknown INSPECTOR_* variables are errors: a misspelt override must not be silently ignored."""
     known = {name.upper() for name in Settings.model_fields}
     for variable in environ:
-        if not variable.upper().startswith(ENV_PREFIX):
+        if not variable.upper().startswith(ENV_PREFIX) or variable.upper() == CONFIG_ENV:
             continue
         head = variable[len(ENV_PREFIX) :].split(ENV_DELIMITER)[0].upper()
         if head not in known:
@@ -311,7 +348,8 @@ def _check_no_secrets_in_file(data: Mapping[str, Any]) -> None:
     if not isinstance(broker, Mapping):
         return
     url = broker.get("url")
-    if "password" in broker or (isinstance(url, str) and urlsplit(url).password):
+    urls = [url] if isinstance(url, str) else url if isinstance(url, list) else []
+    if "password" in broker or any(isinstance(one, str) and urlsplit(one).password for one in urls):
         raise ConfigError(
             "broker password in the config file: remove it (from broker.password or broker.url) "
             "and set INSPECTOR_BROKER__PASSWORD in the environment instead"

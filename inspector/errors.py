@@ -47,6 +47,12 @@ class StateError(InspectorError):
     code = "state_invalid"
 
 
+class StoreUnavailable(InspectorError):
+    """The model store could not be reached (a remote store away, a network fault): worth trying again."""
+
+    code = "store_unavailable"
+
+
 class BrokerError(InspectorError):
     """RabbitMQ could not be reached, or refused what was sent."""
 

@@ -134,7 +134,7 @@ class ModelStore:
             raise ConfigError(f"unknown model {name!r}; models in {self.root}: {_listing(self.names())}")
         current = self._read_current(name, model_dir)
         infos = [self._info(name, model_dir, version, current, strict=False) for version in ids]
-        return sorted(infos, key=_age)
+        return sorted(infos, key=age)
 
     def current(self, name: str) -> str | None:
         """The current version id, or None when none is set (including a model with no versions yet)."""
@@ -165,6 +165,7 @@ class ModelStore:
         manifest: dict,
         *,
         make_current: bool = True,
+        after: datetime | None = None,
     ) -> VersionInfo:
         """Store a new version written by `save(folder)`, and by default make it current.
 
@@ -186,7 +187,7 @@ class ModelStore:
             renamed = False
             try:
                 files = _collect(incoming, save(incoming), base["plugin"])
-                created = self._next_time(name, model_dir)
+                created = self._next_time(name, model_dir, after)
                 checksum = _checksum(files)
                 version = f"{created.strftime('%Y%m%dT%H%M%SZ')}-{checksum[:6]}"
                 final = versions_dir / version
@@ -362,15 +363,18 @@ class ModelStore:
                 raise bad(file, f"sha256 {actual[:12]}... does not match the manifest's {digest[:12]}...")
         return self._info(name, model_dir, version, self._read_current(name, model_dir), strict=True)
 
-    def _next_time(self, name: str, model_dir: Path) -> datetime:
-        """Now, to the millisecond, but always after the newest existing version."""
+    def _next_time(self, name: str, model_dir: Path, after: datetime | None = None) -> datetime:
+        """Now, to the millisecond, but always after the newest existing version (and after `after`: the
+        newest version of a remote store this one stages for)."""
         now = _utcnow().astimezone(timezone.utc)
         now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        if after is not None:
+            now = max(now, after + timedelta(milliseconds=1))
         ids = self._version_ids(model_dir)
         if not ids:
             return now
-        newest = max((self._info(name, model_dir, v, None, strict=False) for v in ids), key=_age)
-        latest = _parse_time(newest)
+        newest = max((self._info(name, model_dir, v, None, strict=False) for v in ids), key=age)
+        latest = created_time(newest)
         return max(now, latest + timedelta(milliseconds=1))
 
     def _switch(self, model_dir: Path, version: str) -> None:
@@ -424,12 +428,12 @@ def _listing(items: list[str]) -> str:
     return ", ".join(items) if items else "none"
 
 
-def _age(info: VersionInfo) -> tuple[str, str, str]:
+def age(info: VersionInfo) -> tuple[str, str, str]:
     """Sort key, oldest first: the id's second, then the millisecond `created_at`, then the id."""
     return (info.version[:16], info.created_at, info.version)
 
 
-def _parse_time(info: VersionInfo) -> datetime:
+def created_time(info: VersionInfo) -> datetime:
     """A version's creation time: the manifest's when readable, else the id's second."""
     with contextlib.suppress(ValueError):
         return datetime.strptime(info.created_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)

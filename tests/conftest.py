@@ -65,3 +65,40 @@ def start(tmp_path, prefix):
     yield _start
     for running in started:
         running.stop(grace_s=5)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) for the session; the test is skipped, saying why, when it cannot start."""
+    from tests.s3kit import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001 - any reason it cannot run here is the skip's reason
+        server.stop()
+        pytest.skip(f"SeaweedFS could not start: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """The session's bucket on the S3 server, with the AWS environment pointing at it; its name. (One
+    bucket for all: SeaweedFS gives each bucket volumes of its own.) Tests keep to prefixes of their own."""
+    for key, value in s3_server.environment().items():
+        monkeypatch.setenv(key, value)
+    name = "inspector-tests"
+    client = s3_server.client()
+    try:
+        client.create_bucket(Bucket=name)
+    except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+        pass
+    return name
+
+
+@pytest.fixture
+def s3_prefix():
+    import uuid
+
+    return f"t{uuid.uuid4().hex[:10]}/models"

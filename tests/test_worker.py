@@ -446,7 +446,7 @@ def test_sigterm_while_waiting_for_the_broker_exits_0_promptly(fitted, prefix, t
     reader.start()
     try:
         deadline = time.monotonic() + 120
-        while not any("retrying in" in text for text in output):  # models loaded, retrying the broker
+        while not any("; trying amqp" in text for text in output):  # models loaded, retrying the broker
             assert time.monotonic() < deadline and process.poll() is None, "".join(output)
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)

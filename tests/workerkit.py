@@ -60,7 +60,7 @@ def names(prefix: str) -> dict[str, dict]:
     }
 
 
-def worker_config(root: Path, store: Path, prefix: str, text: str = "", **worker: object) -> Path:
+def worker_config(root: Path, store: Path | str, prefix: str, text: str = "", **worker: object) -> Path:
     """A worker's config on the test's own exchanges and queues; `text`: more TOML (e.g. [models.*])."""
     tables = names(prefix)
     tables["worker"] = {**tables["worker"], "start_timeout_s": 20.0, **worker}
@@ -82,8 +82,9 @@ class Line:
     (this one's included) are closed from the broker side.
     """
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, port: int = 5672) -> None:
         self.prefix = prefix
+        self.port = port
         self.exchanges = names(prefix)["broker.exchanges"]
         self.results_queue = f"{prefix}.collected"
         with self._channel() as channel:
@@ -92,18 +93,8 @@ class Line:
             channel.queue_declare(self.results_queue, durable=True)
             channel.queue_bind(self.results_queue, self.exchanges["results"], routing_key="#")
 
-    class _channel:
-        def __enter__(self):
-            self.connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1"))
-            channel = self.connection.channel()
-            channel.confirm_delivery()
-            return channel
-
-        def __exit__(self, *exc):
-            try:
-                self.connection.close()
-            except pika.exceptions.AMQPError:
-                pass
+    def _channel(self) -> "_Channel":
+        return _Channel(self.port)
 
     def publish(self, frames: list[tuple[str, bytes, dict]]) -> None:
         """frames: (routing key, body, BasicProperties keyword arguments), published with confirms."""
@@ -151,6 +142,25 @@ class Line:
                 channel.exchange_delete(name)
 
 
+class _Channel:
+    """A confirming channel on its own connection to the broker on 127.0.0.1:`port`, closed on exit."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def __enter__(self):
+        self.connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", self.port))
+        channel = self.connection.channel()
+        channel.confirm_delivery()
+        return channel
+
+    def __exit__(self, *exc):
+        try:
+            self.connection.close()
+        except pika.exceptions.AMQPError:
+            pass
+
+
 def close_all_connections() -> None:
     subprocess.run(["rabbitmqctl", "-q", "close_all_connections", "closed by the worker tests"], check=True,
                    capture_output=True, timeout=60, env={**os.environ})
@@ -177,3 +187,46 @@ def http_status(port: int, path: str) -> tuple[int, str]:
             return answer.status, answer.read().decode()
     except HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+class SecondBroker:
+    """A second RabbitMQ node of our own on 127.0.0.1:`port` (its own name, data and log folders, no
+    plugins), for failover tests; `rabbitmq-server` runs it as the rabbitmq user."""
+
+    def __init__(self, folder: Path, port: int) -> None:
+        import shutil
+
+        self.folder, self.port = folder, port
+        self.node = f"inspector-test-{port}@localhost"
+        self.url = f"amqp://guest@127.0.0.1:{port}/%2F"
+        for sub in ("mnesia", "log"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{port}\n")
+        (folder / "enabled_plugins").write_text("[].\n")
+        shutil.chown(folder, "rabbitmq", "rabbitmq")
+        for path in folder.rglob("*"):
+            shutil.chown(path, "rabbitmq", "rabbitmq")
+
+    def _environment(self) -> dict[str, str]:
+        return {**os.environ, "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(self.port),
+                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_DIST_PORT": str(self.port + 20000),
+                "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"), "RABBITMQ_LOG_BASE": str(self.folder / "log"),
+                "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq.conf"), "RABBITMQ_PID_FILE": str(self.folder / "pid"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.folder / "enabled_plugins"), "HOME": "/var/lib/rabbitmq"}
+
+    def start(self, timeout: float = 60.0) -> None:
+        import socket
+
+        subprocess.run(["rabbitmq-server", "-detached"], env=self._environment(), check=True, capture_output=True,
+                       timeout=60)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise RuntimeError(f"the second RabbitMQ node did not listen on {self.port} within {timeout:g} s")
+
+    def stop(self) -> None:
+        subprocess.run(["rabbitmqctl", "-n", self.node, "stop"], env=self._environment(), capture_output=True,
+                       timeout=60)

@@ -34,7 +34,7 @@ from inspector.devices import describe_device, resolve_device
 from inspector.errors import ConfigError, InspectorError, StateError
 from inspector.imagefiles import find_images, is_image_file
 from inspector.plugin import decode_size
-from inspector.store import ModelStore
+from inspector.stores import open_store
 from inspector.tools.figures import Figures, figures
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.progress import Progress
@@ -236,7 +236,7 @@ def _json_clean(value: Any) -> Any:
 
 def _load_current(settings: Settings, name: str, device: torch.device) -> ServedModel:
     """The current version of `name`, verified and warmed up; StateError (exit 1) when none is stored."""
-    store = ModelStore(settings.store.path)
+    store = open_store(settings.store)
     if store.current(name) is None:
         try:
             stored = [info.version for info in store.versions(name)]

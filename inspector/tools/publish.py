@@ -27,7 +27,7 @@ import pika.exceptions
 from PIL import Image
 
 from inspector.broker import blocking_connection, close_quietly
-from inspector.config import Settings, redact_url
+from inspector.config import Settings
 from inspector.errors import BrokerError, ConfigError, InspectorError
 from inspector.imagefiles import (
     IMAGE_SUFFIXES,
@@ -207,7 +207,7 @@ def publish(settings: Settings, options: PublishOptions, summary: Summary | None
         raise BrokerError(f"RabbitMQ refused a frame on {exchange} (nack) after {summary.sent} frames; "
                           "see its log (a full queue with overflow reject-publish?)") from None
     except (pika.exceptions.AMQPError, OSError) as exc:
-        raise BrokerError(f"publishing to RabbitMQ at {redact_url(settings.broker.url)} failed after "
+        raise BrokerError(f"publishing to RabbitMQ at {settings.broker.shown} failed after "
                           f"{summary.sent} frames: {exc!r}") from exc
     finally:
         close_quietly(connection)

@@ -22,7 +22,7 @@ import pika
 import pika.exceptions
 
 from inspector.broker import blocking_connection, close_quietly
-from inspector.config import Settings, redact_url
+from inspector.config import Settings
 from inspector.errors import BrokerError, ConfigError
 from inspector.messages import VERDICTS, printable
 from inspector.topics import check_pattern
@@ -168,7 +168,7 @@ def watch(settings: Settings, options: WatchOptions, tally: Tally | None = None,
     except BrokenPipeError:  # `inspector watch | head`: the reader has gone, so has the point of watching
         _silence(out)
     except (pika.exceptions.AMQPError, OSError) as exc:
-        raise BrokerError(f"watching {exchange} at {redact_url(settings.broker.url)} failed ({tally.line()}): "
+        raise BrokerError(f"watching {exchange} at {settings.broker.shown} failed ({tally.line()}): "
                           f"{exc!r}") from exc
     finally:
         close_quietly(connection)

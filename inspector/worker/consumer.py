@@ -173,7 +173,8 @@ class Consumer:
         self.on_unroutable: Callable[[], None] = lambda: None
         self.connected = threading.Event()
         self.stopped = threading.Event()
-        self._params = connection_parameters(settings.broker)
+        self._nodes = [(redact_url(url), connection_parameters(settings.broker, url)) for url in settings.broker.urls]
+        self._node = 0  # the node tried next; a lost or refused connection moves on to the next
         self._ioloop = IOLoop()
         self._thread = threading.Thread(target=self._run, name="inspector-broker", daemon=True)
         self._connection: pika.SelectConnection | None = None
@@ -262,7 +263,7 @@ class Consumer:
             return
         self._attempt += 1
         self._connection = _TolerantConnection(
-            self._params,
+            self._nodes[self._node][1],
             on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
             on_close_callback=self._on_connection_closed,
@@ -276,7 +277,7 @@ class Consumer:
             error, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)
         ):
             self._fail(ConfigError(
-                f"RabbitMQ at {redact_url(self.settings.broker.url)} refused the login ({self._last_error}); check the "
+                f"RabbitMQ at {self._nodes[self._node][0]} refused the login ({self._last_error}); check the "
                 "user in broker.url, the vhost, and INSPECTOR_BROKER__PASSWORD"
             ))
             return
@@ -338,7 +339,7 @@ class Consumer:
         self.generation += 1
         self._ever_connected = True
         self._attempt = 0
-        log.info("connected to %s; consuming %s (prefetch %d)", redact_url(self.settings.broker.url),
+        log.info("connected to %s; consuming %s (prefetch %d)", self._nodes[self._node][0],
                  self.settings.worker.queue, self.settings.worker.prefetch)
         self.connected.set()
         self.on_connection(True)
@@ -429,6 +430,7 @@ class Consumer:
         tag = outcome.delivery.tag
         self._unacked.pop(tag, None)
         channel.basic_nack(tag, requeue=False)
+        outcome.record = None  # no result went out: counted as an internal error, not as its verdict
         self.on_settled(outcome, True)
         self._maybe_finish_stop()
 
@@ -602,16 +604,20 @@ class Consumer:
         worker = self.settings.worker
         if not self._ever_connected and time.monotonic() - self._started_at > worker.start_timeout_s:
             self._fail(BrokerError(
-                f"cannot reach RabbitMQ at {redact_url(self.settings.broker.url)} after {worker.start_timeout_s:g} s "
+                f"cannot reach RabbitMQ at {self.settings.broker.shown} after {worker.start_timeout_s:g} s "
                 f"({self._last_error}); check broker.url and that RabbitMQ runs"
             ))
             return
         if self._stopping:
             self._ioloop.stop()
             return
-        delay = min(worker.reconnect_max_s, _FIRST_BACKOFF_S * 2 ** min(self._attempt, 16))
+        failed = self._nodes[self._node][0]
+        self._node = (self._node + 1) % len(self._nodes)  # fail over: the next node of the cluster first
+        rounds = max(0, self._attempt - 1) // len(self._nodes)  # back off per round over every node
+        delay = min(worker.reconnect_max_s, _FIRST_BACKOFF_S * 2 ** min(rounds, 16))
         delay *= random.uniform(0.5, 1.0)  # jitter: a fleet of workers does not reconnect in step
-        log.warning("cannot reach RabbitMQ (%s); retrying in %.1f s", self._last_error, delay)
+        log.warning("cannot reach RabbitMQ at %s (%s); trying %s in %.1f s", failed, self._last_error,
+                    self._nodes[self._node][0], delay)
         self._ioloop.call_later(delay, self._connect)
 
     def _fail(self, error: InspectorError) -> None:

@@ -30,7 +30,7 @@ import torch
 from inspector import __version__
 from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
-from inspector.errors import FrameError, InspectorError, StateError
+from inspector.errors import FrameError, InspectorError, StateError, StoreUnavailable
 from inspector.messages import (
     Capture,
     encode,
@@ -41,12 +41,13 @@ from inspector.messages import (
     result_routing_key,
 )
 from inspector.plugin import decode_size
-from inspector.store import ModelStore
+from inspector.stores import open_store
 from inspector.timestamps import utc_now
 from inspector.worker.batcher import Batcher
 from inspector.worker.consumer import Consumer, Delivery, Outcome
 from inspector.worker.decode import DecodeLimits, decode_capture
 from inspector.worker.metrics import Metrics
+from inspector.worker.sdnotify import Notifier
 from inspector.worker.serving import ModelSet, Reloader, ServedModel, load_version, score_batch
 from inspector.worker.watchdog import Watchdog
 
@@ -93,7 +94,7 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or Metrics(settings.metrics)
         self.device = resolve_device(settings.device)
-        self.store = ModelStore(settings.store.path)
+        self.store = open_store(settings.store)
         self.models = ModelSet(settings.models, settings.default_model, settings.worker.routes)
         self.limits = DecodeLimits.from_settings(settings.worker)
         threads = settings.worker.decode_threads or max(1, os.cpu_count() or 1)
@@ -183,17 +184,19 @@ class Worker:
                 version = self.store.current(name)
                 if version is None:
                     log.warning("model %s has no version in %s: its frames get model_unavailable errors until "
-                                "`inspector refit --model %s` stores one", name, self.store.root, name)
+                                "`inspector refit --model %s` stores one", name, self.store.root, name,
+                                extra={"model": name})
                     continue
                 served = load_version(self.store, name, model_settings, self.device, version)
             except Exception as exc:  # noqa: BLE001 - one model that cannot load must not stop the others
                 self.metrics.model_reload(name, "failed")
-                if isinstance(exc, InspectorError) and version is not None:
+                if isinstance(exc, InspectorError) and not isinstance(exc, StoreUnavailable) and version is not None:
                     self._reloader.refused.add((name, version))  # its checks failed: not tried again
-                    log.error("model %s: version %s cannot serve: %s", name, version, exc)
+                    log.error("model %s: version %s cannot serve: %s", name, version, exc,
+                              extra={"model": name, "version": version})
                 else:  # may pass (a file system hiccup, CUDA out of memory): the reloader tries again
                     log.error("model %s: version %s failed to load (%r); tried again at the next store poll", name,
-                              version, exc)
+                              version, exc, extra={"model": name, "version": version})
                 continue
             self.models.put(served)
             self._model_in_service(served)
@@ -205,7 +208,8 @@ class Worker:
             )
         for served in in_service:
             log.info("model %s: %s version %s on %s, threshold %g", served.name, served.plugin_name,
-                     served.version, describe_device(self.device), served.threshold)
+                     served.version, describe_device(self.device), served.threshold,
+                     extra={"model": served.name, "version": served.version})
 
     def _model_in_service(self, served: ServedModel) -> None:
         self.metrics.set_model(served.name, served.plugin_name, served.version, served.threshold)
@@ -259,10 +263,12 @@ class Worker:
             log.warning("ignoring a malformed announcement on %s: %s", where, printable(repr(exc)))
             return
         if name not in self.settings.models:
-            log.info("announcement for model %s, which this worker does not serve; ignored", printable(name))
+            log.info("announcement for model %s, which this worker does not serve; ignored", printable(name),
+                     extra={"model": printable(name)})
             return
         log.info("announcement: model %s version %s (%s)", name, printable(str(message.get("version"))),
-                 printable(str(message.get("reason"))))
+                 printable(str(message.get("reason"))),
+                 extra={"model": name, "version": printable(str(message.get("version")))})
         self._reloader.request(name)
 
     def _on_settled(self, outcome: Outcome, acked: bool) -> None:
@@ -334,7 +340,8 @@ class Worker:
             self._answer_error(delivery, capture, exc.code, str(exc), model)
             return
         except Exception as exc:  # noqa: BLE001 - never lose a frame to a bug: answer it and log loudly
-            log.exception("frame %s: unexpected failure while decoding", capture.frame_id)
+            log.exception("frame %s: unexpected failure while decoding", capture.frame_id,
+                          extra={"frame_id": capture.frame_id, "line": capture.line_id, "camera": capture.camera_id})
             self._answer_error(delivery, capture, "image_undecodable", f"unexpected failure: {exc!r}", model)
             return
         self.metrics.stage("decode", time.perf_counter() - started)
@@ -368,7 +375,9 @@ class Worker:
                               model=None, routing_key="unknown.unknown", content_type=None, headers={}, body=b"",
                               captured_at=None, redelivered=delivery.redelivered)
         message = printable(message)
-        log.warning("frame %s from %s.%s: %s: %s", capture.frame_id, capture.line_id, capture.camera_id, code, message)
+        log.warning("frame %s from %s.%s: %s: %s", capture.frame_id, capture.line_id, capture.camera_id, code, message,
+                    extra={"frame_id": capture.frame_id, "line": capture.line_id, "camera": capture.camera_id,
+                           "error_code": code, **({"model": model.name, "version": model.version} if model else {})})
         body = result_body(capture, verdict="error", error=(code, message), inspected_at=utc_now(),
                            model=model.identity() if model else None,
                            threshold=model.threshold if model else None)
@@ -523,22 +532,29 @@ def run_worker(settings: Settings) -> int:
 
     metrics = Metrics(settings.metrics)
     worker = Worker(settings, metrics)
+    systemd = Notifier.from_environment(os.environ)  # Type=notify and WatchdogSec under systemd; else inert
+    worker.watchdog.on_healthy = systemd.watchdog
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         if settings.metrics.enabled:
             metrics.serve()
         worker.start(cancel=stop)
+        if not stop.is_set():
+            systemd.ready(f"serving: consuming {settings.worker.queue}")
         try:
             worker.wait(stop)
-        except WorkerUnhealthy:
+        except WorkerUnhealthy as exc:
             grace = min(settings.worker.shutdown_grace_s, 10.0)
             _exit_hard_after(grace + EXIT_MARGIN_S)
+            systemd.stopping(f"stopping: {exc}")
             worker.stop(grace_s=grace)
             raise
         else:
+            systemd.stopping("stopping: finishing the captures held")
             worker.stop()
     finally:
         metrics.close()
+        systemd.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

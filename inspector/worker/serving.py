@@ -20,7 +20,7 @@ import torch
 
 from inspector import topics
 from inspector.config import ModelSettings, RouteSettings
-from inspector.errors import FrameError, InspectorError, StateError
+from inspector.errors import FrameError, InspectorError, StateError, StoreUnavailable
 from inspector.messages import Capture
 from inspector.plugin import Plugin, get_plugin
 from inspector.store import ModelStore
@@ -64,6 +64,7 @@ def load_version(
             "model %s version %s was calibrated for threshold %s; models.%s.threshold = %s is used instead, so "
             "its false-reject rate differs from the calibrated %s", name, info.version, calibrated, name,
             settings.threshold, (info.manifest.get("calibration") or {}).get("target_false_reject"),
+            extra={"model": name, "version": info.version},
         )
     return ServedModel(name=name, plugin_name=info.plugin, version=info.version, threshold=settings.threshold,
                        plugin=plugin)
@@ -83,7 +84,7 @@ def score_batch(
         failures: list[str | None] = [None] * len(tensors)
     except Exception as exc:  # noqa: BLE001 - isolate the frame(s) at fault, one at a time
         log.warning("model %s version %s failed on a batch of %d (%r); scoring its frames one by one",
-                    model.name, model.version, len(tensors), exc)
+                    model.name, model.version, len(tensors), exc, extra={"model": model.name, "version": model.version})
         probability, raw, failures = np.full(len(tensors), np.nan), np.full(len(tensors), np.nan), []
         for i, tensor in enumerate(tensors):
             try:
@@ -236,7 +237,7 @@ class Reloader:
         try:
             version = self.store.current(name)
         except Exception as exc:  # noqa: BLE001 - an unreadable store must not stop the thread
-            log.error("model %s: cannot read the store's current version: %s", name, exc)
+            log.error("model %s: cannot read the store's current version: %s", name, exc, extra={"model": name})
             return None
         served = self.models.get(name)
         if version is None or (served is not None and served.version == version):
@@ -246,24 +247,26 @@ class Reloader:
         failures, not_before = self.retry_at.get((name, version), (0, 0.0))
         if time.monotonic() < not_before:
             return None
-        log.info("model %s: loading version %s", name, version)
+        log.info("model %s: loading version %s", name, version, extra={"model": name, "version": version})
         try:
             loaded = load_version(self.store, name, self.models.settings[name], self.device, version)
         except Exception as exc:  # noqa: BLE001 - whatever goes wrong, the old version keeps serving
             kept = f"version {served.version} keeps serving" if served else "no version is in service"
-            if isinstance(exc, InspectorError):
+            if isinstance(exc, InspectorError) and not isinstance(exc, StoreUnavailable):
                 self.refused.add((name, version))
-                log.error("model %s: version %s refused, %s: %s", name, version, kept, _reason(exc))
+                log.error("model %s: version %s refused, %s: %s", name, version, kept, _reason(exc),
+                          extra={"model": name, "version": version})
             else:
                 delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** failures)
                 self.retry_at[(name, version)] = (failures + 1, time.monotonic() + delay)
                 log.error("model %s: version %s failed to load, %s; tried again in %.0f s or later: %s", name,
-                          version, kept, delay, _reason(exc))
+                          version, kept, delay, _reason(exc), extra={"model": name, "version": version})
             self.on_outcome(name, "failed")
             return None
         self.retry_at.pop((name, version), None)
         self.models.put(loaded)
-        log.info("model %s: version %s in service (was %s)", name, version, served.version if served else "none")
+        log.info("model %s: version %s in service (was %s)", name, version, served.version if served else "none",
+                 extra={"model": name, "version": version})
         self.on_loaded(loaded)
         self.on_outcome(name, "success")
         return loaded

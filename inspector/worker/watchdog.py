@@ -39,10 +39,13 @@ class Watched:
 
 class Watchdog:
     """Watches the registered threads from a thread of its own; `problem` is None while all is well and
-    the first reason otherwise. `on_problem` is called once, when the first problem is seen."""
+    the first reason otherwise. `on_problem` is called once, when the first problem is seen; `on_healthy`
+    after every check that finds all well, until then (systemd's watchdog pings)."""
 
-    def __init__(self, on_problem: Callable[[str], None] = lambda reason: None) -> None:
+    def __init__(self, on_problem: Callable[[str], None] = lambda reason: None,
+                 on_healthy: Callable[[], None] = lambda: None) -> None:
         self.on_problem = on_problem
+        self.on_healthy = on_healthy
         self.problem: str | None = None
         self._watched: dict[str, Watched] = {}
         self._stop = threading.Event()
@@ -88,6 +91,11 @@ class Watchdog:
             except Exception:  # noqa: BLE001 - the watchdog itself must not die
                 log.exception("watchdog check failed")
                 continue
+            if problem is None and self.problem is None:
+                try:
+                    self.on_healthy()
+                except Exception:  # noqa: BLE001 - a failing hook must not stop the checks
+                    log.exception("the healthy-check hook failed")
             if problem is not None and self.problem is None:
                 self.problem = problem
                 log.error("unhealthy: %s; the worker exits so that its supervisor restarts it", problem)
