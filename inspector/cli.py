@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from inspector import __version__
+from inspector import __version__, logs
 from inspector.errors import ConfigError, InspectorError
 
 log = logging.getLogger("inspector")
@@ -25,7 +27,8 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="FILE",
-        help="TOML configuration (default: ./inspector.toml if present); INSPECTOR_* variables override it",
+        help="TOML configuration (default: the file INSPECTOR_CONFIG names, else ./inspector.toml if present); "
+        "INSPECTOR_* variables override it",
     )
 
 
@@ -78,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         "refit",
         help="fit a new model version from a folder of normal images, store it, announce it",
         description="Fit a new version of a model from a folder tree of images of good parts, calibrate "
-        "its threshold on a held-out share of them, write it to the model store as the current version "
-        "and announce it to the running workers.",
+        "its threshold on good images the fit did not see (a held-out share of them, or every image by "
+        "cross-fitting), write it to the model store as the current version and announce it to the running "
+        "workers.",
     )
     _add_config(refit)
     refit.add_argument("--data", type=Path, required=True, metavar="DIR", help="folder of good-part images (recursive)")
@@ -87,7 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     refit.add_argument("--target-false-reject", type=float, metavar="RATE",
                        help="false-reject rate on good parts to calibrate for (default: refit.target_false_reject)")
     refit.add_argument("--held-out", type=float, metavar="SHARE",
-                       help="share of images held out for calibration (default: refit.held_out_share)")
+                       help="calibrate on this share of the images held out of the fit (a plain hold-out; "
+                       "default: the automatic choice with refit.held_out_share)")
+    refit.add_argument("--calibration", choices=("auto", "cross-fit", "held-out"),
+                       help="cross-fit: every image scored by a model fitted without its fold, the model fitted on "
+                       "all; held-out: a share held out of the fit; auto (default): held out when that gives "
+                       "at least 200 images, else cross-fit")
+    refit.add_argument("--folds", type=int, metavar="K", default=5, help="folds of a cross-fit (default 5)")
     refit.add_argument("--no-calibrate", action="store_true",
                        help="keep the configured threshold and offset; use every image for the fit")
     refit.add_argument("--keep", type=int, metavar="N", help="keep only the newest N versions (never the current)")
@@ -245,7 +255,9 @@ def _cmd_refit(settings, args) -> int:
         target_false_reject=(
             args.target_false_reject if args.target_false_reject is not None else settings.refit.target_false_reject
         ),
-        held_out_share=args.held_out if args.held_out is not None else settings.refit.held_out_share,
+        held_out_share=args.held_out,
+        calibration=args.calibration,
+        folds=args.folds,
         keep=args.keep if args.keep is not None else settings.refit.keep,
         announce=not args.no_announce,
     )
@@ -257,12 +269,8 @@ def _cmd_refit(settings, args) -> int:
           f"{result.skipped} skipped")
     print(f"  time: {result.seconds:.1f} s, {result.images_per_second:.1f} images/s")
     if result.calibration:
-        c = result.calibration
-        boundary = c.get("boundary_log_density")  # DFKDE's; another plugin reports its own figures
-        where = f" at log-density {boundary:.3f}" if isinstance(boundary, (int, float)) else ""
-        print(f"  calibration: threshold {c.get('threshold')}{where} for a false-reject rate of "
-              f"{c.get('target_false_reject', 0):.2%} (held out: {c.get('held_out_false_reject', 0):.2%} "
-              f"of {c.get('held_out')})")
+        for line in _calibration_lines(result.calibration):
+            print(f"  {line}")
     else:
         print("  calibration: none; the configured threshold and offset are kept")
     if result.pruned:
@@ -275,10 +283,37 @@ def _cmd_refit(settings, args) -> int:
     return 0
 
 
-def _store(settings):
-    from inspector.store import ModelStore
+def _calibration_lines(c: dict) -> list[str]:
+    """A refit's calibration as an operator reads it: how, where the threshold went, and how fine it can be."""
+    scored, target = c.get("held_out", 0), c.get("target_false_reject", 0)
+    how = "automatic choice" if c.get("automatic") else "as asked"
+    if c.get("method") == "cross-fit":
+        reuse = ("backbone features extracted once and reused" if c.get("reused_embeddings")
+                 else "each fold fitted from the images")
+        method = (f"cross-fit ({how}): {c.get('folds')} folds over {scored} images, each scored by a model fitted "
+                  f"without its fold; the fold fits took {c.get('fold_seconds', 0):.1f} s ({reuse})")
+        reached = "out of fold"
+    else:
+        method = f"held-out ({how}): {scored} images held out of the fit and scored"
+        reached = "held out"
+    boundary = c.get("boundary_log_density")  # DFKDE's; another plugin reports its own figures
+    where = f" at log-density {boundary:.3f}" if isinstance(boundary, (int, float)) else ""
+    step = c.get("false_reject_resolution") or (1 / scored if scored else 0)
+    lines = [
+        f"calibration: {method}",
+        (f"  threshold {c.get('threshold')}{where} for a false-reject rate of {target:.2%} ({reached}: "
+         f"{c.get('held_out_false_reject', 0):.2%} of {scored})"),
+        (f"  resolution: false-reject rates in steps of 1/{scored} = {step:.2%}"
+         + (f"; {target:.2%} is finer than that, so the threshold rests on the lowest-scoring images"
+            if target < step else "")),
+    ]
+    return lines
 
-    return ModelStore(settings.store.path)
+
+def _store(settings):
+    from inspector.stores import open_store
+
+    return open_store(settings.store)
 
 
 def _cmd_models_list(settings, args) -> int:
@@ -395,25 +430,73 @@ def _cmd_config(settings, args) -> int:
     return 0
 
 
+def _variable(environ: Mapping[str, str], name: str) -> str | None:
+    """An INSPECTOR_* variable in any case, as the settings read theirs."""
+    return next((value for key, value in environ.items() if key.upper() == name), None)
+
+
+def config_path(option: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """The configuration file: `--config`, else the one INSPECTOR_CONFIG names (a container or unit cannot
+    always pass an option), else None (./inspector.toml when present)."""
+    from inspector.config import CONFIG_ENV
+
+    if option is not None:
+        return option
+    named = (_variable(environ, CONFIG_ENV) or "").strip()
+    if not named:
+        return None
+    path = Path(named).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{CONFIG_ENV}={named}: no such file; mount the configuration there, point "
+                          f"{CONFIG_ENV} at it, or unset {CONFIG_ENV} to use ./inspector.toml")
+    return path
+
+
+def _log_format_before_settings(option: Path | None, environ: Mapping[str, str]) -> str:
+    """The log format to report an early error in, before the configuration is known to be valid:
+    INSPECTOR_LOG_FORMAT, else the file's `log_format` when the file reads as TOML, else text."""
+    from inspector.config import CONFIG_ENV
+
+    value = _variable(environ, "INSPECTOR_LOG_FORMAT")
+    if value is None:
+        path = option or Path((_variable(environ, CONFIG_ENV) or "").strip() or "inspector.toml")
+        try:
+            value = tomllib.loads(path.expanduser().read_text()).get("log_format")
+        except (OSError, ValueError):
+            value = None
+    return "json" if isinstance(value, str) and value.strip().lower() == "json" else "text"
+
+
+def _report(log_format: str, message: str, *, error: bool = True) -> None:
+    """One line on stderr for the operator: `inspector: error: ...`, or a JSON object when the logs are JSON."""
+    if log_format == "json":
+        log.log(logging.ERROR if error else logging.WARNING, "%s", message)
+    else:
+        print(f"inspector: {'error: ' if error else ''}{message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # argparse itself exits 2 on bad usage
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_format = _log_format_before_settings(args.config, os.environ)
+    logs.configure(log_format)
     try:
         from inspector import config
 
-        settings = config.load(args.config, check_plugins=getattr(args, "check_plugins", True))
-        logging.getLogger().setLevel(settings.log_level)
+        settings = config.load(config_path(args.config, os.environ),
+                               check_plugins=getattr(args, "check_plugins", True))
+        log_format = settings.log_format
+        logs.configure(log_format, settings.log_level)
         logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))
         return args.func(settings, args)
     except InspectorError as exc:
-        print(f"inspector: error: {exc}", file=sys.stderr)
+        _report(log_format, str(exc))
         return exc.exit_code
     except OSError as exc:  # disk full, permission denied, a store path that is a file, ...
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"inspector: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        _report(log_format, f"{exc.strerror or exc}{where}")
         return 1
     except KeyboardInterrupt:
-        print("inspector: interrupted", file=sys.stderr)
+        _report(log_format, "interrupted", error=False)
         return 130
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from inspector.errors import ConfigError, WeightsError
-from plugins.dfkde import lite0
+from plugins.dfkde import backbones, lite0
 from plugins.dfkde.backbones import PACKAGED_WEIGHTS, available_layers, create_backbone
 
 LITE0 = "tf_efficientnet_lite0"
@@ -81,7 +81,7 @@ def test_packaged_weights_load_bn_statistics(lite0_backbone, lite0_source):
         "body.blocks.0.0.bn1.running_var": "_blocks.0._bn1.running_var",
         "body.blocks.1.1.bn2.running_mean": "_blocks.2._bn1.running_mean",
         "body.blocks.4.2.bn3.running_var": "_blocks.10._bn2.running_var",
-        "body.blocks.6.0.conv_pwl.weight": "_blocks.15._project_conv.weight",
+        "body.blocks.4.2.conv_pwl.weight": "_blocks.10._project_conv.weight",
     }
     for ours, theirs in samples.items():
         torch.testing.assert_close(state[ours], lite0_source[theirs], rtol=0, atol=0)
@@ -160,6 +160,50 @@ def test_channels_match_feature_info():
     info = timm.create_model("resnet18", features_only=True, pretrained=False).feature_info
     backbone = create_backbone("resnet18", ["act1", "layer1", "layer2"], "none")
     assert list(backbone.channels) == info.channels()[:3]
+
+
+# --- blocks after the last requested layer ---
+
+
+def _old_digest(module: torch.nn.Module) -> str:
+    """The digest versions were saved with before blocks were dropped: every extractor weight, by key."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize(("layers", "blocks"), [
+    (["blocks.0"], 1), (["blocks.1"], 2), (["blocks.2"], 3), (["blocks.4"], 5), (["blocks.6"], 7),
+    (["blocks.4", "blocks.2"], 5),
+])
+def test_blocks_after_the_last_layer_are_dropped_and_outputs_are_bit_identical(layers, blocks):
+    backbone = create_backbone(LITE0, layers, PACKAGED)
+    reference = create_backbone(LITE0, layers, PACKAGED, drop_unused=False).extractor
+    assert len(backbone.extractor.body.blocks) == blocks and len(reference.body.blocks) == 7
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, expected = backbone.extractor(x), reference(x)
+    assert len(got) == len(expected) == len(layers)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    # a version saved before blocks were dropped still matches its backbone
+    assert backbone.digest == _old_digest(reference)
+
+
+def test_mobilenet_blocks_are_dropped_too_and_other_extractors_left_alone():
+    torch.manual_seed(0)
+    backbone = create_backbone("mobilenetv3_small_100", ["blocks.1"], "none")
+    torch.manual_seed(0)
+    reference = create_backbone("mobilenetv3_small_100", ["blocks.1"], "none", drop_unused=False).extractor
+    assert len(backbone.extractor.body.blocks) == 2 < len(reference.body.blocks)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(backbone.extractor(x)[0], reference(x)[0])
+    resnet = timm.create_model("resnet18", features_only=True, out_indices=(1,), pretrained=False)
+    assert backbones.drop_unused_blocks(resnet) == 0
 
 
 # --- weight files ---

@@ -17,7 +17,9 @@ CPU = torch.device("cpu")
 
 
 def _plugin(**overrides):
-    settings = DfkdeSettings(backbone="resnet18", layers=["layer4"], weights="none", precision="fp32", **overrides)
+    """A random-weight ResNet-18 at 256 px: the conditions the sample line's defects were tuned to be found in."""
+    settings = DfkdeSettings(**({"backbone": "resnet18", "layers": ["layer4"], "weights": "none", "precision": "fp32",
+                                 "input_size": 256} | overrides))
     return DfkdePlugin.create(settings, CPU)
 
 
@@ -98,6 +100,38 @@ def test_too_few_images_says_how_many_are_needed():
     plugin = _plugin(n_comps=16)
     with pytest.raises(FitError, match="needs at least 18 images, got 5"):
         plugin.fit(_batches(plugin, samples.make_images(5, seed=6)))
+
+
+def test_embeddings_fit_and_score_as_the_images_do():
+    """Cross-fitting embeds once and refits PCA and the KDE per fold: that must be the model `fit` gives."""
+    images = samples.make_images(45, seed=8)
+    streamed = _plugin(n_comps=4, filter_count=30)
+    report = streamed.fit(_batches(streamed, images, size=7))
+    reused = _plugin(n_comps=4, filter_count=30)
+    embeddings = torch.cat([reused.embed(batch) for batch in _batches(reused, images, size=16)])
+    assert embeddings.shape == (45, 512) and embeddings.dtype == torch.float32
+    assert reused.fit_embeddings(embeddings) == report
+    assert torch.equal(reused.model.kde_model.whitened, streamed.model.kde_model.whitened)
+    batch = next(_batches(streamed, samples.make_images(6, defective=True, seed=9)))
+    direct, via = streamed.score(batch), reused.score_embeddings(reused.embed(batch))
+    np.testing.assert_allclose(via.raw, direct.raw, rtol=1e-6)
+    np.testing.assert_allclose(via.probability, direct.probability, rtol=1e-6)
+    with pytest.raises(FitError, match="needs at least 6 images, got 5"):
+        reused.fit_embeddings(embeddings[:5])
+
+
+def test_a_stored_version_keeps_its_settings_whatever_the_defaults_become(fitted, tmp_path):
+    """Loading reads the settings saved with the state and takes nothing from the configuration: a version
+    fitted before the defaults changed scores as it did."""
+    plugin, _ = fitted
+    plugin.save(tmp_path)
+    loaded = DfkdePlugin.load(tmp_path, CPU)
+    saved = plugin.describe()
+    assert loaded.describe() == saved
+    defaults = DfkdeSettings()
+    assert (saved["layers"], saved["n_comps"], saved["input_size"]) == (["layer4"], 16, 256)
+    assert (defaults.layers, defaults.n_comps, defaults.input_size) != (["layer4"], 16, 256)
+    assert loaded.model.n_components == 16 and loaded.model.input_size == 256
 
 
 def test_prepare_resizes_and_accepts_mono():

@@ -91,6 +91,9 @@ def test_refit_summary_and_manifest(refitted):
     assert manifest["source"] == str((work / "archive").resolve())
     calibration = manifest["calibration"]
     assert calibration["target_false_reject"] == 0.1 and calibration["threshold"] == 0.5
+    assert calibration["method"] == "held-out" and calibration["automatic"] is False  # --held-out asks for it
+    assert calibration["held_out_share"] == 0.3
+    assert calibration["false_reject_resolution"] == pytest.approx(1 / images["held_out"])
     assert calibration["held_out"] == images["held_out"]
     assert abs(calibration["held_out_false_reject"] - 0.1) <= 1.5 / images["held_out"]
     quantiles = calibration["held_out_log_density_quantiles"]
@@ -119,18 +122,20 @@ def test_calibrated_threshold_holds_on_fresh_good_images(refitted):
 
 
 def test_too_few_images_exits_1_and_writes_nothing(tmp_path):
-    _archive(tmp_path / "few", 12, seed=3)  # 15 image files, 12 of them readable
+    _archive(tmp_path / "few", 12, seed=3)  # 15 image files, 12 of them readable; n_comps 24 needs 26
     result = inspector("refit", "--data", "few", "--no-calibrate", "--no-announce", cwd=tmp_path)
     assert result.returncode == 1
-    assert "needs at least 18 images to fit; found 15 image files" in result.stderr
+    assert "needs at least 26 images to fit; found 15 image files" in result.stderr
     assert "Traceback" not in result.stderr
-    _archive(tmp_path / "unreadable", 16, seed=3)  # 19 files pass the count, 16 decode
+    _archive(tmp_path / "unreadable", 24, seed=3)  # 27 files pass the count, 24 decode
     result = inspector("refit", "--data", "unreadable", "--no-calibrate", "--no-announce", cwd=tmp_path)
     assert result.returncode == 1
-    assert "needs at least 18 images to fit; 16 usable of 19 image files" in result.stderr
+    assert "needs at least 26 images to fit; 24 usable of 27 image files" in result.stderr
     assert "(3 unreadable)" in result.stderr and "Traceback" not in result.stderr
     assert ModelStore(tmp_path / "models").names() == []
     result = inspector("refit", "--data", "few", "--no-announce", cwd=tmp_path)
+    assert result.returncode == 1 and "calibration needs at least 20 images" in result.stderr
+    result = inspector("refit", "--data", "few", "--held-out", "0.5", "--no-announce", cwd=tmp_path)
     assert result.returncode == 1 and "calibration needs at least 20 held-out images" in result.stderr
 
 
@@ -160,9 +165,12 @@ def test_sigkill_mid_refit_keeps_the_previous_version(refitted, tmp_path):
     environ.update(INSPECTOR_DEVICE="cpu", INSPECTOR_STORE__PATH=str(work / "models"))
     process = subprocess.Popen(
         [sys.executable, "-m", "inspector.cli", "refit", "--data", str(tmp_path / "bigger"), "--no-announce"],
-        cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    time.sleep(6)  # part-way through decoding and fitting
+    for line in process.stderr:  # the model is built and the images start to flow
+        if "refit 'default' from" in line:
+            break
+    time.sleep(1)  # part-way through decoding and fitting 400 images
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert store.current("default") == before

@@ -73,14 +73,21 @@ class ImageStream:
         self.skipped.append((path, reason))
 
     def batches(self, paths: Iterable[Path], size: int) -> Iterator[torch.Tensor]:
+        for _, batch in self.indexed_batches(paths, size):
+            yield batch
+
+    def indexed_batches(self, paths: Iterable[Path], size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Stacked batches of up to `size` usable images, each with the positions in `paths` of its images."""
+        indices: list[int] = []
         batch: list[torch.Tensor] = []
-        for tensor in self.images(paths):
+        for index, tensor in self.indexed(paths):
+            indices.append(index)
             batch.append(tensor)
             if len(batch) == size:
-                yield torch.stack(batch)
-                batch = []
+                yield indices, torch.stack(batch)
+                indices, batch = [], []
         if batch:
-            yield torch.stack(batch)
+            yield indices, torch.stack(batch)
 
 
 def _reason(exc: Exception) -> str:

@@ -1,12 +1,25 @@
 """`inspector refit`: a new model version from an archive of normal parts.
 
-scan the archive -> seeded split (fit / held out) -> decode in parallel, streaming
--> plugin.fit -> score the held-out images -> calibrate -> store.write -> announce.
+scan the archive -> choose the calibration -> decode in parallel, streaming -> plugin.fit
+-> score good images the fit did not see -> calibrate -> store.write -> announce.
+
+Calibration sets the threshold from good images, each scored by a model fitted without it:
+
+- held-out: a seeded share of the archive is left out of the fit and scored;
+- cross-fit: the archive is cut into k seeded folds and each fold is scored by a model fitted on
+  the other k - 1, so every image gets an out-of-sample score; the model stored is then fitted
+  on every image. A plugin that can embed images once (ReusesEmbeddings: DFKDE's backbone
+  features) refits only the cheap part per fold; any other plugin is fitted k + 1 times.
+
+The automatic choice holds out `refit.held_out_share` when that gives at least CROSS_FIT_BELOW
+images and cross-fits below that; `--held-out SHARE` asks for a plain hold-out and
+`--calibration` names the method.
 
 Decoding runs on a thread pool with a bounded window of images in flight, so the
-archive is never held in memory and the model is fed while the next images decode.
-A file that cannot be read is skipped with a warning that names it. Nothing is
-written to the store unless the fit and the calibration succeeded.
+archive is never held in memory (cross-fitting keeps one embedding per image) and the
+model is fed while the next images decode. A file that cannot be read is skipped with a
+warning that names it. Nothing is written to the store unless the fit and the
+calibration succeeded.
 """
 
 from __future__ import annotations
@@ -15,10 +28,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -29,15 +42,25 @@ from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import BrokerError, ConfigError, FitError
 from inspector.imagefiles import find_images
-from inspector.plugin import decode_size, get_plugin, score_all
-from inspector.store import ModelStore
+from inspector.plugin import FitReport, Plugin, Scores, decode_size, get_plugin, score_all
+from inspector.s3store import is_s3_url
+from inspector.stores import open_store
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.progress import Progress
 
 log = logging.getLogger(__name__)
 
-# Calibrating from fewer held-out images than this sets a threshold from noise.
+# Calibrating from fewer images than this sets a threshold from noise.
 MIN_HELD_OUT = 20
+# The automatic choice cross-fits when a hold-out would give fewer images than this: 200 are the
+# fewest that resolve the default target of 0.5% (one image in 200).
+CROSS_FIT_BELOW = 200
+DEFAULT_FOLDS = 5
+
+AUTO = "auto"
+CROSS_FIT = "cross-fit"
+HELD_OUT = "held-out"
+CALIBRATIONS = (AUTO, CROSS_FIT, HELD_OUT)
 
 
 @dataclass
@@ -46,7 +69,11 @@ class RefitOptions:
     model: str
     calibrate: bool = True
     target_false_reject: float = 0.005
-    held_out_share: float = 0.1
+    # A share asks for a plain hold-out of that share; None: `refit.held_out_share` under the automatic rule.
+    held_out_share: float | None = None
+    # AUTO, CROSS_FIT or HELD_OUT; None: HELD_OUT when a share is given, else AUTO.
+    calibration: str | None = None
+    folds: int = DEFAULT_FOLDS
     keep: int = 0
     announce: bool = True
 
@@ -68,89 +95,245 @@ class RefitResult:
         return (self.used + self.held_out) / self.seconds if self.seconds > 0 else 0.0
 
 
+@runtime_checkable
+class ReusesEmbeddings(Protocol):
+    """Optional plugin members for cheap cross-fitting: a fit that is a costly embedding of each image
+    followed by a cheap fit of the embeddings. `fit_embeddings` on the rows of some images, in their order,
+    must give the model that `fit` gives from those images, and `score_embeddings` what `score` gives."""
+
+    def embed(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+    def fit_embeddings(self, embeddings: torch.Tensor) -> FitReport: ...
+
+    def score_embeddings(self, embeddings: torch.Tensor) -> Scores: ...
+
+
 def split_held_out(paths: Sequence[Path], share: float, seed: int) -> tuple[list[Path], list[Path]]:
     """A seeded random `share` of the paths held out of the fit, for calibration."""
-    count = int(round(len(paths) * share))
+    count = held_out_count(len(paths), share)
     order = np.random.default_rng(seed).permutation(len(paths))
     held = set(order[:count].tolist())
     fit = [p for i, p in enumerate(paths) if i not in held]
     return fit, [paths[i] for i in sorted(held)]
 
 
+def held_out_count(found: int, share: float) -> int:
+    return round(found * share)
+
+
+def kfold(n: int, k: int, seed: int) -> list[np.ndarray]:
+    """The k folds of n items, seeded, each sorted: the test folds of scikit-learn's
+    KFold(n_splits=k, shuffle=True, random_state=seed), a RandomState permutation cut into k runs, the
+    first n % k of them one longer."""
+    if not 2 <= k <= n:
+        raise ValueError(f"{k} folds of {n} items: need 2 <= folds <= items")
+    order = np.random.RandomState(seed).permutation(n)
+    sizes = np.full(k, n // k)
+    sizes[: n % k] += 1
+    return [np.sort(part) for part in np.split(order, np.cumsum(sizes)[:-1])]
+
+
+class CalibrationChoice(NamedTuple):
+    method: str  # CROSS_FIT or HELD_OUT
+    share: float  # held out, for HELD_OUT
+    automatic: bool  # chosen by the rule, not asked for
+
+
+def choose_calibration(options: RefitOptions, found: int, configured_share: float) -> CalibrationChoice:
+    """The calibration for an archive of `found` images: the method asked for, a plain hold-out when a share
+    was given, else the automatic rule (held out when that gives at least CROSS_FIT_BELOW images)."""
+    share = options.held_out_share if options.held_out_share is not None else configured_share
+    method = options.calibration or (HELD_OUT if options.held_out_share is not None else AUTO)
+    if method != AUTO:
+        return CalibrationChoice(method, share, automatic=False)
+    held = held_out_count(found, share)
+    return CalibrationChoice(HELD_OUT if held >= CROSS_FIT_BELOW else CROSS_FIT, share, automatic=True)
+
+
+@dataclass
+class CrossFit:
+    """Cross-fitting's outcome: the plugin fitted on every usable image, and a score of each usable image
+    by a model fitted without its fold."""
+
+    report: FitReport
+    scores: Scores  # one per usable image, in the order of `positions`
+    positions: np.ndarray  # the index in `paths` of each scored image
+    folds: list[np.ndarray]
+    used: int
+    skipped: list[tuple[Path, str]]
+    fold_seconds: float  # the fold fits and their scoring: the cost beyond one ordinary fit
+    reused_embeddings: bool
+
+
+def cross_fit(plugin: Plugin, create: Callable[[], Plugin], paths: Sequence[Path], folds: list[np.ndarray],
+              stream: Callable[[], ImageStream], batch_size: int) -> CrossFit:
+    """Score each fold of `paths` with a model fitted on the others, then fit `plugin` on all of them.
+
+    A plugin that ReusesEmbeddings embeds every image once; any other is fitted afresh (`create`) per fold,
+    reading the images again each time.
+    """
+    if isinstance(plugin, ReusesEmbeddings):
+        return _cross_fit_embedded(plugin, paths, folds, stream, batch_size)
+    return _cross_fit_refitting(plugin, create, paths, folds, stream, batch_size)
+
+
+def _fold_labels(n: int, folds: list[np.ndarray]) -> np.ndarray:
+    labels = np.full(n, -1)
+    for j, fold in enumerate(folds):
+        labels[fold] = j
+    return labels
+
+
+def _cross_fit_embedded(plugin: ReusesEmbeddings, paths: Sequence[Path], folds: list[np.ndarray],
+                        stream: Callable[[], ImageStream], batch_size: int) -> CrossFit:
+    feed = stream()
+    positions: list[int] = []
+    rows: list[torch.Tensor] = []
+    for indices, batch in feed.indexed_batches(paths, batch_size):
+        positions += indices
+        rows.append(plugin.embed(batch))
+    _check_readable(feed.used, len(paths))
+    embeddings = torch.cat(rows)
+    fold_of = _fold_labels(len(paths), folds)[np.asarray(positions, dtype=np.int64)]
+    raw = np.empty(len(positions))
+    probability = np.empty(len(positions))
+    started = time.perf_counter()
+    for j in range(len(folds)):
+        inside = fold_of == j
+        if not inside.any():
+            continue  # every file of the fold was unreadable
+        _fit_fold(plugin.fit_embeddings, embeddings[torch.from_numpy(~inside)], j, len(folds))
+        scores = plugin.score_embeddings(embeddings[torch.from_numpy(inside)])
+        raw[inside], probability[inside] = scores.raw, scores.probability
+    fold_seconds = time.perf_counter() - started
+    report = plugin.fit_embeddings(embeddings)
+    return CrossFit(report=report, scores=Scores(probability=probability, raw=raw),
+                    positions=np.asarray(positions, dtype=np.int64), folds=folds, used=feed.used,
+                    skipped=feed.skipped, fold_seconds=fold_seconds, reused_embeddings=True)
+
+
+def _cross_fit_refitting(plugin: Plugin, create: Callable[[], Plugin], paths: Sequence[Path],
+                         folds: list[np.ndarray], stream: Callable[[], ImageStream], batch_size: int) -> CrossFit:
+    started = time.perf_counter()
+    raw = np.full(len(paths), np.nan)
+    probability = np.full(len(paths), np.nan)
+    fold_of = _fold_labels(len(paths), folds)
+    for j, fold in enumerate(folds):
+        fold_plugin = create()
+        rest = [path for path, label in zip(paths, fold_of) if label != j]
+        _fit_fold(fold_plugin.fit, stream().batches(rest, batch_size), j, len(folds))
+        for indices, batch in stream().indexed_batches([paths[i] for i in fold], batch_size):
+            scores = fold_plugin.score(batch)
+            raw[fold[indices]], probability[fold[indices]] = scores.raw, scores.probability
+    fold_seconds = time.perf_counter() - started
+    final = stream()
+    report = plugin.fit(final.batches(paths, batch_size))
+    _check_readable(final.used, len(paths))
+    positions = np.flatnonzero(~np.isnan(raw))
+    return CrossFit(report=report, scores=Scores(probability=probability[positions], raw=raw[positions]),
+                    positions=positions, folds=folds, used=final.used, skipped=final.skipped,
+                    fold_seconds=fold_seconds, reused_embeddings=False)
+
+
+def _fit_fold(fit: Callable[[Any], FitReport], data: Any, j: int, k: int) -> None:
+    try:
+        fit(data)
+    except FitError as exc:
+        raise FitError(f"cross-fitted calibration, fold {j + 1} of {k}: {exc}. Add images, raise --folds (each "
+                       "fold's fit then keeps more of them), or use --calibration held-out or --no-calibrate"
+                       ) from exc
+
+
+def _check_readable(used: int, found: int) -> None:
+    if used < MIN_HELD_OUT:
+        raise FitError(f"only {used} of {found} images could be read; cross-fitted calibration needs at least "
+                       f"{MIN_HELD_OUT}")
+
+
 def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
     """Fit, calibrate, store and announce a new version of `options.model`."""
-    if options.model not in settings.models:
-        raise ConfigError(f"--model {options.model!r} is not a configured model; configured: {sorted(settings.models)}")
-    if not 0 < options.target_false_reject < 1:
-        raise ConfigError(f"--target-false-reject {options.target_false_reject}: must be between 0 and 1")
-    if not 0 <= options.held_out_share < 1:
-        raise ConfigError(f"--held-out {options.held_out_share}: must be at least 0 and below 1")
+    _check_options(settings, options)
     model_settings = settings.models[options.model]
     refit = settings.refit
     started = time.perf_counter()
     paths = find_images(options.data)
-    _check_store_writable(settings.store.path)
-    share = options.held_out_share if options.calibrate else 0.0
-    fit_paths, held_paths = split_held_out(paths, share, refit.seed)
-    if options.calibrate and len(held_paths) < MIN_HELD_OUT:
-        raise FitError(
-            f"calibration needs at least {MIN_HELD_OUT} held-out images; {options.held_out_share:.0%} of the "
-            f"{len(paths)} images found under {options.data} is {len(held_paths)}. Add images, raise "
-            "--held-out, or use --no-calibrate to keep the configured threshold"
-        )
+    _check_store_writable(settings)
+    choice = choose_calibration(options, len(paths), refit.held_out_share)
+    share = choice.share
 
     device = resolve_device(settings.device)
     plugin_cls = get_plugin(model_settings.plugin)
-    plugin = plugin_cls.create(settings.plugin_settings(model_settings.plugin), device)
-    log.info("refit %r from %d images under %s (%d held out) with %s on %s", options.model, len(paths),
-             options.data, len(held_paths), model_settings.plugin, describe_device(device))
-    if len(fit_paths) < plugin.min_images:
-        raise FitError(
-            f"{model_settings.plugin} needs at least {plugin.min_images} images to fit; found "
-            f"{len(fit_paths)} image files under {options.data}"
-            + (f" after holding out {len(held_paths)} for calibration" if held_paths else "")
-        )
-
+    plugin_settings = settings.plugin_settings(model_settings.plugin)
+    plugin = plugin_cls.create(plugin_settings, device)
     workers = refit.decode_workers or max(1, os.cpu_count() or 1)
-    with Progress(len(paths), "refit") as progress:
-        fit_stream = ImageStream(plugin.prepare, workers, refit.max_image_pixels, progress, decode_size(plugin))
-        try:
-            report = plugin.fit(fit_stream.batches(fit_paths, refit.batch_size))
-        except FitError as exc:
-            if fit_stream.used >= plugin.min_images:
-                raise
-            raise FitError(
-                f"{model_settings.plugin} needs at least {plugin.min_images} images to fit; "
-                f"{fit_stream.used} usable of {len(fit_paths)} image files under {options.data} "
-                f"({len(fit_stream.skipped)} unreadable)"
-            ) from exc
-        held_stream = ImageStream(plugin.prepare, workers, refit.max_image_pixels, progress, decode_size(plugin))
-        held_scores = score_all(plugin, held_stream.batches(held_paths, refit.batch_size))
-    skipped = fit_stream.skipped + held_stream.skipped
-    calibration = None
-    if options.calibrate:
-        if held_stream.used < MIN_HELD_OUT:
-            raise FitError(f"only {held_stream.used} held-out images could be read; calibration needs {MIN_HELD_OUT}")
-        calibration = plugin.calibrate(held_scores, model_settings.threshold, options.target_false_reject)
-        calibration["held_out"] = held_stream.used
-        if held_stream.used * options.target_false_reject < 1:
-            log.warning("a false-reject rate of %s cannot be resolved from %d held-out images: the threshold "
-                        "rests on the few lowest-scoring ones; hold out at least %d images for it",
-                        options.target_false_reject, held_stream.used, math.ceil(1 / options.target_false_reject))
+
+    def stream(progress: Progress) -> Callable[[], ImageStream]:
+        return lambda: ImageStream(plugin.prepare, workers, refit.max_image_pixels, progress, decode_size(plugin))
+
+    if options.calibrate and choice.method == CROSS_FIT:
+        _check_cross_fit(paths, options, plugin.min_images, model_settings.plugin)
+        folds = kfold(len(paths), options.folds, refit.seed)
+        log.info("refit %r from %d images under %s, calibrated by cross-fitting %d folds, with %s on %s",
+                 options.model, len(paths), options.data, options.folds, model_settings.plugin,
+                 describe_device(device))
+        passes = 1 if isinstance(plugin, ReusesEmbeddings) else options.folds + 1
+        with Progress(passes * len(paths), "refit") as progress:
+            crossed = cross_fit(plugin, lambda: plugin_cls.create(plugin_settings, device), paths, folds,
+                                stream(progress), refit.batch_size)
+        report, skipped, held_out = crossed.report, crossed.skipped, 0
+        calibration = plugin.calibrate(crossed.scores, model_settings.threshold, options.target_false_reject)
+        calibration |= {"folds": options.folds, "fold_seed": refit.seed,
+                        "fold_seconds": round(crossed.fold_seconds, 3),
+                        "reused_embeddings": crossed.reused_embeddings}
+        scored = len(crossed.positions)
+    else:
+        fit_paths, held_paths = split_held_out(paths, share if options.calibrate else 0.0, refit.seed)
+        _check_held_out(paths, fit_paths, held_paths, options, share, plugin.min_images, model_settings.plugin)
+        log.info("refit %r from %d images under %s (%d held out) with %s on %s", options.model, len(paths),
+                 options.data, len(held_paths), model_settings.plugin, describe_device(device))
+        with Progress(len(paths), "refit") as progress:
+            fit_stream = stream(progress)()
+            try:
+                report = plugin.fit(fit_stream.batches(fit_paths, refit.batch_size))
+            except FitError as exc:
+                if fit_stream.used >= plugin.min_images:
+                    raise
+                raise FitError(
+                    f"{model_settings.plugin} needs at least {plugin.min_images} images to fit; "
+                    f"{fit_stream.used} usable of {len(fit_paths)} image files under {options.data} "
+                    f"({len(fit_stream.skipped)} unreadable)"
+                ) from exc
+            held_stream = stream(progress)()
+            held_scores = score_all(plugin, held_stream.batches(held_paths, refit.batch_size))
+        skipped, held_out, calibration = fit_stream.skipped + held_stream.skipped, held_stream.used, None
+        scored = held_stream.used
+        if options.calibrate:
+            if scored < MIN_HELD_OUT:
+                raise FitError(f"only {scored} held-out images could be read; calibration needs {MIN_HELD_OUT}")
+            calibration = plugin.calibrate(held_scores, model_settings.threshold, options.target_false_reject)
+            calibration |= {"held_out_share": share}
+    if calibration is not None:
+        calibration |= {"method": choice.method, "automatic": choice.automatic, "held_out": scored,
+                        "false_reject_resolution": 1.0 / scored}
+        if scored * options.target_false_reject < 1:
+            log.warning("a false-reject rate of %s cannot be resolved from %d calibration images (steps of 1/%d "
+                        "= %.2g): the threshold rests on the few lowest-scoring ones; %d images would resolve it",
+                        options.target_false_reject, scored, scored, 1.0 / scored,
+                        math.ceil(1 / options.target_false_reject))
 
     manifest = {
         "plugin": model_settings.plugin,
         "settings": plugin.describe(),
         "threshold": model_settings.threshold,
         "images": {"found": len(paths), "used": report.images, "embeddings": report.embeddings,
-                   "held_out": held_stream.used, "skipped": len(skipped)},
+                   "held_out": held_out, "skipped": len(skipped)},
         "source": str(options.data.resolve()),
         "calibration": calibration,
         "device": str(device),
         "inspector_version": __version__,
         "torch_version": torch.__version__,
     }
-    store = ModelStore(settings.store.path)
+    store = open_store(settings.store)
     info = store.write(options.model, plugin.save, manifest)
     pruned = store.prune(options.model, options.keep) if options.keep else []
     seconds = time.perf_counter() - started
@@ -163,12 +346,66 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
         except BrokerError as exc:
             log.warning("%s", exc)
     return RefitResult(version=info.version, found=len(paths), used=report.images, skipped=len(skipped),
-                       held_out=held_stream.used, seconds=seconds, calibration=calibration, announced=announced,
+                       held_out=held_out, seconds=seconds, calibration=calibration, announced=announced,
                        pruned=pruned)
 
 
-def _check_store_writable(root: Path) -> None:
-    """Fail before an hour of fitting, not after it, when the store cannot take the result."""
+def _check_options(settings: Settings, options: RefitOptions) -> None:
+    if options.model not in settings.models:
+        raise ConfigError(f"--model {options.model!r} is not a configured model; configured: {sorted(settings.models)}")
+    if not 0 < options.target_false_reject < 1:
+        raise ConfigError(f"--target-false-reject {options.target_false_reject}: must be between 0 and 1")
+    if options.held_out_share is not None and not 0 <= options.held_out_share < 1:
+        raise ConfigError(f"--held-out {options.held_out_share}: must be at least 0 and below 1")
+    if options.calibration is not None and options.calibration not in CALIBRATIONS:
+        raise ConfigError(f"--calibration {options.calibration!r}: must be one of {', '.join(CALIBRATIONS)}")
+    if options.calibration == CROSS_FIT and options.held_out_share is not None:
+        raise ConfigError("--held-out sets the share of a held-out calibration, and --calibration cross-fit holds "
+                          "nothing out: give one of them")
+    if options.folds < 2:
+        raise ConfigError(f"--folds {options.folds}: cross-fitting needs at least 2 folds")
+
+
+def _check_cross_fit(paths: Sequence[Path], options: RefitOptions, min_images: int, plugin: str) -> None:
+    found = len(paths)
+    if found < max(MIN_HELD_OUT, options.folds):
+        raise FitError(
+            f"calibration needs at least {MIN_HELD_OUT} images (and one per fold); found {found} image files under "
+            f"{options.data}. Add images, or use --no-calibrate to keep the configured threshold"
+        )
+    smallest_fit = found - math.ceil(found / options.folds)
+    if smallest_fit < min_images:
+        raise FitError(
+            f"{plugin} needs at least {min_images} images to fit, and cross-fitting {options.folds} folds of the "
+            f"{found} image files under {options.data} leaves {smallest_fit} for a fold's fit. Add images, raise "
+            "--folds, or use --no-calibrate"
+        )
+
+
+def _check_held_out(paths: Sequence[Path], fit_paths: Sequence[Path], held_paths: Sequence[Path],
+                    options: RefitOptions, share: float, min_images: int, plugin: str) -> None:
+    if options.calibrate and len(held_paths) < MIN_HELD_OUT:
+        raise FitError(
+            f"calibration needs at least {MIN_HELD_OUT} held-out images; {share:.0%} of the "
+            f"{len(paths)} images found under {options.data} is {len(held_paths)}. Add images, raise "
+            "--held-out, use --calibration cross-fit (every image scored out of sample), or --no-calibrate to "
+            "keep the configured threshold"
+        )
+    if len(fit_paths) < min_images:
+        raise FitError(
+            f"{plugin} needs at least {min_images} images to fit; found "
+            f"{len(fit_paths)} image files under {options.data}"
+            + (f" after holding out {len(held_paths)} for calibration" if held_paths else "")
+        )
+
+
+def _check_store_writable(settings: Settings) -> None:
+    """Fail before an hour of fitting, not after it, when the store cannot take the result: a folder that
+    cannot be written, or an S3 store that cannot be reached, has no bucket or refuses the credentials."""
+    if is_s3_url(settings.store.path):
+        open_store(settings.store).names()
+        return
+    root = Path(settings.store.path)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"store.path {root}: not a folder")
     try:

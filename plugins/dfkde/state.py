@@ -8,7 +8,6 @@ weights would give silently wrong verdicts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from inspector.errors import StateError
+from plugins.dfkde.backbones import weights_digest
 from plugins.dfkde.model import DfkdeModel
 
 STATE_FILE = "state.safetensors"
@@ -36,12 +36,8 @@ _TENSORS = {
 
 
 def backbone_digest(model: DfkdeModel) -> str:
-    """sha256 of the feature extractor's parameters and buffers, in key order."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.feature_extractor.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """sha256 of the backbone's weights as loaded, before any unused blocks were dropped (see backbones)."""
+    return model.backbone.digest or weights_digest(model.feature_extractor)
 
 
 def model_settings(model: DfkdeModel) -> dict[str, Any]:
