@@ -8,7 +8,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 SAMPLE := sample-line
 
-.PHONY: setup run sample-model demo test test-slow bench clean
+.PHONY: setup run sample-model demo test test-slow bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,13 @@ bench: setup
 	$(BIN)/python bench/kde_scoring.py --repeats 21
 	$(BIN)/python bench/backbone_precision.py --rounds 15
 	$(BIN)/python bench/refit_throughput.py --images 256
+
+# On a CUDA machine, under 10 minutes: the cuda tests, bench at batches 16-128 in fp32 and fp16, fp16's tolerance
+# and AUROC, CPU against GPU JPEG decode, the null-plugin ceiling; writes gpu-check.json and prints a table.
+# Fails (never skips) without CUDA; `scripts/gpu-check --device cpu` is a dry run of the plumbing.
+gpu-check: setup
+	@scripts/local-rabbitmq || echo "gpu-check: no RabbitMQ here; the whole-path steps will say not available"
+	$(BIN)/python scripts/gpu-check
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(SAMPLE)

@@ -135,7 +135,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", metavar="NAME", help="the model to evaluate (default: default_model)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     evaluate.add_argument("--batch-size", type=int, metavar="N", help="images per batch (default: worker.batch_size)")
+    evaluate.add_argument("--report", type=Path, metavar="FILE.html",
+                          help="also write one self-contained HTML page: ROC curve, score histograms, confusion, "
+                          "recall per kind, and galleries of false rejects, missed defects and closest calls")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    explain = commands.add_parser(
+        "explain",
+        help="draw where the model sees the anomaly: an overlay and a 16-bit map per image, and their results",
+        description="Score every image under the --data paths with the current version of a model, the way the "
+        "worker does, and write into --out, per image, NAME.png (the image with its anomaly map laid over it and "
+        "the verdict, probability and model version written above it) and NAME.map.png (the map alone, 16-bit "
+        "greyscale at the image's size, 0 = normal), plus results.jsonl with each image's result in the "
+        "worker's shape. NAME is the file's path under its --data argument, folders joined by '__'. Needs no "
+        "broker. Exit 2 when the model's plugin draws no maps.",
+    )
+    _add_config(explain)
+    explain.add_argument("--data", type=Path, nargs="+", required=True, metavar="PATH",
+                         help="image files or folders (recursive)")
+    explain.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write into (created)")
+    explain.add_argument("--model", metavar="NAME", help="the model to explain with (default: default_model)")
+    explain.set_defaults(func=_cmd_explain)
 
     publish = commands.add_parser(
         "publish",
@@ -199,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--resolution", type=int, default=1024, metavar="PX",
                        help="side of the square generated frames (default 1024)")
     bench.add_argument("--encoding", default="jpeg,png", metavar="LIST",
-                       help="comma list of jpeg, png, bmp, tiff, webp (default jpeg,png)")
+                       help="comma list of jpeg, png, bmp, tiff, webp, mono8 (raw image/x-raw), each with an "
+                       "optional :PX for a resolution of its own, e.g. jpeg,mono8,jpeg:256 (default jpeg,png)")
     bench.add_argument("--frames", type=int, metavar="N",
                        help="frames in the saturation backlog (default: about 6 s of work at the rates measured)")
     bench.add_argument("--half-load-s", type=float, default=15.0, metavar="S",
@@ -208,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N (default: the configured device)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     bench.add_argument("--skip-broker", action="store_true", help="stages 1 and 2 only; needs no RabbitMQ")
+    bench.add_argument("--plugin", metavar="NAME",
+                       help="score with this plugin instead of the default model's; `null` (a fixed score, no work) "
+                       "measures the frame path's own ceiling")
     bench.set_defaults(func=_cmd_bench)
 
     config = commands.add_parser("config", help="check the configuration and print it as JSON")
@@ -362,10 +386,24 @@ def _cmd_evaluate(settings, args) -> int:
     from inspector.tools.evaluate import EvaluateOptions, run_evaluate
 
     batch_size = args.batch_size if args.batch_size is not None else settings.worker.batch_size
+    if args.report is not None and args.report.expanduser().is_dir():
+        raise ConfigError(f"--report {args.report}: a folder; name the HTML file to write, "
+                          f"e.g. {args.report}/report.html")
     options = EvaluateOptions(data=args.data.expanduser(), model=args.model or settings.default_model,
-                              batch_size=batch_size)
+                              batch_size=batch_size, report=args.report.expanduser() if args.report else None)
     result = run_evaluate(settings, options)
     print(json.dumps(result.as_dict(), indent=2, allow_nan=False) if args.json else result.table())
+    if options.report is not None:
+        print(f"report: {options.report}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _cmd_explain(settings, args) -> int:
+    from inspector.tools.explain import ExplainOptions, run_explain
+
+    options = ExplainOptions(data=[path.expanduser() for path in args.data], out=args.out.expanduser(),
+                             model=args.model or settings.default_model, batch_size=settings.worker.batch_size)
+    print(run_explain(settings, options).line())
     return 0
 
 
@@ -409,7 +447,7 @@ def _cmd_bench(settings, args) -> int:
     options = BenchOptions(
         resolution=args.resolution, encodings=[e.strip().lower() for e in args.encoding.split(",") if e.strip()],
         frames=args.frames, half_load_s=args.half_load_s, batch_size=args.batch_size, device=args.device,
-        skip_broker=args.skip_broker,
+        skip_broker=args.skip_broker, plugin=args.plugin,
     )
     report = run_bench(settings, options)
     print(json.dumps(report.as_dict(), indent=2, allow_nan=False) if args.json else report.table())

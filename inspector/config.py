@@ -173,6 +173,50 @@ class MetricsSettings(_Section):
     max_label_values: int = Field(100, ge=1, description="distinct values per message label before 'other'")
 
 
+class EvidenceSettings(_Section):
+    """The reject archive: which frames the worker keeps, with their result and map, and for how long."""
+
+    enabled: bool = Field(False, description="keep the evidence of the frames chosen below")
+    path: str = Field("evidence", min_length=1, description="a folder, or s3://bucket/prefix")
+    keep: list[Literal["pass", "fail", "error"]] = Field(
+        default_factory=lambda: ["fail", "error"], description="verdicts whose every frame is kept")
+    pass_share: float = Field(0.0, ge=0.0, le=1.0, description="share of passes kept besides, sampled by frame id")
+    maps: bool = Field(True, description="keep each scored frame's anomaly map (when its plugin draws them)")
+    retention_days: int = Field(30, ge=0, description="frames older than this are pruned; 0 = kept for ever")
+    max_bytes: int = Field(10 * 1024**3, ge=0, description="oldest frames are pruned past this size; 0 = no cap")
+    queue_size: int = Field(256, ge=1, le=1_000_000, description="frames waiting to be written at most")
+    queue_bytes: int = Field(256 * 1024 * 1024, ge=1, description="capture bytes waiting to be written at most")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_text(cls, value: Any) -> Any:
+        """A folder or s3://bucket/prefix, kept as text (a Path would fold `s3://` into `s3:/`)."""
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, str) and value.startswith("s3:"):
+            bucket, _, prefix = value[len("s3://"):].partition("/") if value.startswith("s3://") else ("", "", "")
+            if not re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", bucket):
+                raise ValueError("an S3 location is written s3://bucket/prefix, the bucket 3 to 63 lower-case "
+                                 "letters, digits, '.' and '-'")
+            if prefix.strip("/") and any(p in ("", ".", "..") for p in prefix.strip("/").split("/")):
+                raise ValueError("the key prefix of an S3 location must be plain words separated by '/'")
+        return value
+
+    @field_validator("keep")
+    @classmethod
+    def _distinct(cls, keep: list[str]) -> list[str]:
+        if len(set(keep)) != len(keep):
+            raise ValueError("names a verdict twice; list each of 'fail', 'error', 'pass' at most once")
+        return keep
+
+    @model_validator(mode="after")
+    def _pass_share_or_pass(self) -> "EvidenceSettings":
+        if "pass" in self.keep and self.pass_share > 0:
+            raise ValueError(f"evidence.keep has 'pass', which keeps every pass, and evidence.pass_share is "
+                             f"{self.pass_share:g}: drop one of them")
+        return self
+
+
 class ModelSettings(_Section):
     plugin: str = Field("dfkde", description="the plugin that scores this model's frames")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="anomaly probability at or over which a frame fails")
@@ -199,6 +243,7 @@ class Settings(BaseSettings):
     refit: RefitSettings = RefitSettings()
     worker: WorkerSettings = WorkerSettings()
     metrics: MetricsSettings = MetricsSettings()
+    evidence: EvidenceSettings = EvidenceSettings()
     default_model: str = Field("default", pattern=MODEL_NAME_PATTERN)
     models: dict[str, ModelSettings] = Field(default_factory=lambda: {"default": ModelSettings()})
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -105,3 +106,26 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     if image.mode == "F":
         raise ValueError("floating-point pixels (mode F); use 8- or 16-bit images")
     return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
+
+
+MAP_LEVELS = 65535  # an anomaly map's 16-bit PNG: round(map x MAP_LEVELS), 0 = normal
+MAP_PNG_LEVEL = 1  # zlib level: half the CPU of the default 6 for a quarter more bytes (smooth maps pack well)
+
+
+def map_image(values: np.ndarray) -> Image.Image:
+    """An anomaly map (float, height x width, 0 = normal .. 1) as a 16-bit greyscale image (mode I;16):
+    round(map x 65535), NaN as 0. The one encoding of a map that the worker's archive and the tools write,
+    so other tools read both alike."""
+    array = np.asarray(values, dtype=np.float64)  # rounded from the exact value, not a float32 product
+    if array.ndim != 2:
+        raise ValueError(f"an anomaly map must be 2-d, got shape {array.shape}")
+    levels = np.rint(np.clip(np.nan_to_num(array, nan=0.0), 0.0, 1.0) * MAP_LEVELS).astype(np.uint16)
+    image = Image.fromarray(levels)
+    return image if image.mode == "I;16" else image.convert("I;16")
+
+
+def map_png(values: np.ndarray) -> bytes:
+    """`map_image` encoded as PNG bytes."""
+    out = io.BytesIO()
+    map_image(values).save(out, format="PNG", compress_level=MAP_PNG_LEVEL)
+    return out.getvalue()

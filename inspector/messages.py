@@ -186,13 +186,16 @@ def result_body(
     model: dict[str, str] | None = None,
     error: tuple[str, str] | None = None,
     inspected_at: str,
+    evidence: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The contract's Result body. `error` is (code, message) and only goes with verdict 'error'."""
+    """The contract's Result body. `error` is (code, message) and only goes with verdict 'error'.
+    `evidence` (where the frame is kept) appears only when given: a worker that keeps nothing sends
+    the same fields as ever."""
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
     if (verdict == "error") != (error is not None):
         raise ValueError("an error result needs an error, and only an error result has one")
-    return {
+    body = {
         "schema": RESULT_SCHEMA,
         "frame_id": capture.frame_id,
         "line_id": capture.line_id,
@@ -208,6 +211,9 @@ def result_body(
         "error": {"code": error[0], "message": error[1]} if error else None,
         "meta": capture.meta,
     }
+    if evidence is not None:
+        body["evidence"] = evidence
+    return body
 
 
 def result_routing_key(verdict: str, line_id: str, camera_id: str) -> str:

@@ -9,7 +9,7 @@ and two plugins under one name are an error, not a warning.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
@@ -31,6 +31,20 @@ class Scores:
 
     probability: np.ndarray
     raw: np.ndarray
+
+
+@dataclass(frozen=True)
+class Explained:
+    """A batch's scores together with what its anomaly maps need, kept by the plugin.
+
+    `map_of(index, (width, height))` is the anomaly map of image `index` of the batch at that size: a
+    float32 height x width array in [0, 1], 0 = normal, on one scale for every image a fitted model
+    scores (never normalised per image, so a good part's map stays dark). It is meant to be cheap and
+    is called off the scoring thread, only for the frames that need a map; it must be thread safe.
+    """
+
+    scores: Scores
+    map_of: Callable[[int, tuple[int, int]], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -88,8 +102,28 @@ class Plugin(Protocol):
         """Optional: the smallest (width, height) the plugin needs from a decoder, so that a JPEG may be
         decoded at reduced scale. None (and a plugin without it) means full size."""
 
+    def explain(self, batch: torch.Tensor) -> Explained:
+        """Optional: score a stacked batch exactly as `score` does, keeping what its anomaly maps need.
+        A plugin without it gives verdicts without maps."""
 
-OPTIONAL_MEMBERS = frozenset({"decode_size"})
+
+OPTIONAL_MEMBERS = frozenset({"decode_size", "explain"})
+
+
+def can_explain(plugin: Any) -> bool:
+    """Whether a plugin draws anomaly maps (`explain` is optional)."""
+    return callable(getattr(plugin, "explain", None))
+
+
+def anomaly_maps(plugin: Any, batch: torch.Tensor, sizes: list[tuple[int, int]]) -> tuple[Scores, list[np.ndarray]]:
+    """Scores and one anomaly map per image of a stacked batch, each at its (width, height); the tools'
+    way to ask for maps of every image. Raises PluginError when the plugin draws none."""
+    if not can_explain(plugin):
+        raise PluginError(f"plugin {getattr(plugin, 'name', plugin)!r} draws no anomaly maps (it has no `explain`)")
+    explained = plugin.explain(batch)
+    if len(sizes) != len(explained.scores.raw):
+        raise ValueError(f"{len(sizes)} sizes for a batch of {len(explained.scores.raw)}")
+    return explained.scores, [explained.map_of(i, size) for i, size in enumerate(sizes)]
 
 
 def decode_size(plugin: Any) -> tuple[int, int] | None:

@@ -88,7 +88,7 @@ class S3ModelStore:
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = _make_client()
+            self._client = make_client()
         return self._client
 
     # -- reading ---------------------------------------------------------------------------
@@ -389,7 +389,7 @@ class _Conflict(Exception):
     """A conditional write lost: the object changed, or already existed."""
 
 
-def _make_client() -> Any:
+def make_client() -> Any:
     """A boto3 S3 client configured by the standard AWS environment, with short timeouts and few retries:
     a worker asks again at its next poll rather than hanging on a store that is away."""
     try:

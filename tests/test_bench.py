@@ -103,3 +103,53 @@ def test_bad_options_are_usage_errors(options: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)) as caught:
         BenchOptions(**options).check()
     assert caught.value.exit_code == 2
+
+
+def test_the_null_plugin_bench_measures_the_path_per_stage_and_rabbitmq_alone(tmp_path: Path) -> None:
+    from inspector.tools.bench.cpu_stages import STAGES
+
+    before = bench_queues()
+    result = bench(tmp_path, "--plugin", "null", "--resolution", "96", "--encoding", "mono8,jpeg:64", "--frames", "24",
+                   "--half-load-s", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["settings"]["plugin"] == "null" and report["targets"] == []
+    assert report["frames"]["resolutions"] == {"mono8": 96, "jpeg:64": 64}
+    assert report["frames"]["bytes"]["mono8"] == 96 * 96  # one byte a pixel, as a mono camera sends it
+    for kind in ("mono8", "jpeg:64"):
+        run = report["broker"][kind]
+        saturation, alone = run["saturation"], run["rabbitmq_alone"]
+        assert (saturation["missing"], saturation["errors"], saturation["duplicates"]) == (0, 0, 0)
+        cpu = saturation["cpu"]
+        assert list(cpu["stages_us"]) == [stage for stage, _, _ in STAGES]
+        assert all(value >= 0 for value in cpu["stages_us"].values())
+        assert cpu["stages_us"]["decode"] > 0 and cpu["stages_us"]["pika I/O"] > 0
+        # the stages share out the threads' CPU: wrapped stages plus each thread's remainder
+        assert abs(sum(cpu["stages_us"].values()) - cpu["total_us"]) <= 0.1 * len(STAGES) + 0.01 * cpu["total_us"]
+        assert abs(sum(cpu["threads_us"].values()) - cpu["total_us"]) <= 0.5
+        assert cpu["without_image_decode_us"] == pytest.approx(cpu["total_us"] - cpu["stages_us"]["decode"], abs=0.2)
+        assert cpu["wrapped_calls_per_frame"] >= 8  # consume, hand-off, parse, decode, prepare, result, publish, ...
+        assert (alone["frames"], alone["received"], alone["failure"]) == (24, 24, None)
+        assert alone["frames_per_second"] > 0 and alone["cpu_us"] > 0
+    table = bench(tmp_path, "--plugin", "null", "--resolution", "64", "--encoding", "jpeg", "--frames", "8",
+                  "--half-load-s", "1")
+    assert table.returncode == 0, table.stderr
+    assert "null plugin" in table.stdout and "3r RabbitMQ alone" in table.stdout and "pika I/O" in table.stdout
+    assert "targets" not in table.stdout.splitlines()  # no model: nothing to hold the path to
+    assert bench_queues() <= before  # its queues, the RabbitMQ-alone one included, are deleted
+
+
+def test_an_unknown_plugin_is_a_usage_error_naming_those_installed(tmp_path: Path) -> None:
+    result = bench(tmp_path, "--plugin", "nosuch", "--skip-broker")
+    assert result.returncode == 2
+    assert "nosuch" in result.stderr and "null" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("encodings", "message"), [
+    (["jpeg:abc"], "must be a number of pixels"),
+    (["jpeg:16"], "at least"),
+    (["raw:64"], "--encoding 'raw'"),
+])
+def test_bad_frame_kinds_are_usage_errors(encodings: list, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        BenchOptions(encodings=encodings).check()

@@ -109,7 +109,7 @@ def test_embeddings_fit_and_score_as_the_images_do():
     report = streamed.fit(_batches(streamed, images, size=7))
     reused = _plugin(n_comps=4, filter_count=30)
     embeddings = torch.cat([reused.embed(batch) for batch in _batches(reused, images, size=16)])
-    assert embeddings.shape == (45, 512) and embeddings.dtype == torch.float32
+    assert embeddings.shape == (45, 2 * 512) and embeddings.dtype == torch.float32  # pooled, then mean squares
     assert reused.fit_embeddings(embeddings) == report
     assert torch.equal(reused.model.kde_model.whitened, streamed.model.kde_model.whitened)
     batch = next(_batches(streamed, samples.make_images(6, defective=True, seed=9)))

@@ -33,6 +33,13 @@ def fit_store(root: Path, plugin: dict | None = None) -> Path:
     return root / "models"
 
 
+def tool_config(root: Path, store: Path) -> Path:
+    """An inspector.toml for the admin tools: the CPU, a store, the tests' model input size."""
+    path = root / "inspector.toml"
+    path.write_text(f'device = "cpu"\n[store]\npath = "{store}"\n[plugins.dfkde]\ninput_size = {SIZE}\n')
+    return path
+
+
 def _toml(root: Path, extra: dict, text: str = "") -> Path:
     """A config file: the DFKDE defaults at a small input size on the CPU, plus `extra` tables and `text`."""
     lines = ['device = "cpu"', "[plugins.dfkde]", f"input_size = {SIZE}", text]

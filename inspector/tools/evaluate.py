@@ -38,6 +38,7 @@ from inspector.stores import open_store
 from inspector.tools.figures import Figures, figures
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.progress import Progress
+from inspector.tools.report import ScoredImage, write_report
 from inspector.worker.decode import DecodeLimits, decode_capture
 from inspector.worker.serving import ServedModel, load_version, score_batch
 
@@ -129,6 +130,7 @@ class EvaluateOptions:
     data: Path
     model: str
     batch_size: int
+    report: Path | None = None  # also write the HTML page of tools/report.py there
 
 
 @dataclass
@@ -234,7 +236,7 @@ def _json_clean(value: Any) -> Any:
     return value
 
 
-def _load_current(settings: Settings, name: str, device: torch.device) -> ServedModel:
+def load_current(settings: Settings, name: str, device: torch.device) -> ServedModel:
     """The current version of `name`, verified and warmed up; StateError (exit 1) when none is stored."""
     store = open_store(settings.store)
     if store.current(name) is None:
@@ -259,7 +261,7 @@ def run_evaluate(settings: Settings, options: EvaluateOptions) -> Evaluation:
     test_set = scan_test_set(options.data)
     labelled = test_set.labelled()
     device = resolve_device(settings.device)
-    served = _load_current(settings, options.model, device)
+    served = load_current(settings, options.model, device)
     log.info("evaluate model %s version %s on %s: %d images under %s (%d good, %d defective in %d kinds)",
              served.name, served.version, describe_device(device), len(labelled), options.data,
              len(test_set.good), len(labelled) - len(test_set.good), len(test_set.kinds))
@@ -292,8 +294,19 @@ def run_evaluate(settings: Settings, options: EvaluateOptions) -> Evaluation:
         empty = "good/" if len(good) == 0 else "any defect folder"
         raise InspectorError(f"--data {options.data}: no image in {empty} could be scored ({left_out} files left "
                              "out, each named in a warning above); no figures to give")
-    return Evaluation(
+    evaluation = Evaluation(
         model=served.identity(), device=str(device), data=options.data, found=len(paths),
         unreadable=stream.skipped, unscored=unscored, seconds=seconds,
         figures=figures(good, kinds, served.threshold),
     )
+    if options.report is not None:
+        started = time.perf_counter()
+        images = [ScoredImage(path=path, relative=path.relative_to(options.data).as_posix(), kind=label,
+                              probability=float(p)) for (label, path), p in zip(labelled, probability)]
+        calibration = open_store(settings.store).info(served.name, served.version).manifest.get("calibration")
+        write_report(options.report, evaluation.as_dict(), images, served, calibration,
+                     read=functools.partial(read_like_a_capture, limits=limits, min_size=decode_size(served.plugin)),
+                     read_full=functools.partial(read_like_a_capture, limits=limits, min_size=None),
+                     batch_size=options.batch_size, workers=workers)
+        log.info("report written to %s in %.1f s", options.report, time.perf_counter() - started)
+    return evaluation

@@ -46,6 +46,7 @@ from inspector.timestamps import utc_now
 from inspector.worker.batcher import Batcher
 from inspector.worker.consumer import Consumer, Delivery, Outcome
 from inspector.worker.decode import DecodeLimits, decode_capture
+from inspector.worker.evidence import Evidence
 from inspector.worker.metrics import Metrics
 from inspector.worker.sdnotify import Notifier
 from inspector.worker.serving import ModelSet, Reloader, ServedModel, load_version, score_batch
@@ -85,6 +86,7 @@ class _Prepared:
     capture: Capture
     model: ServedModel
     tensor: torch.Tensor
+    size: tuple[int, int] | None = None  # (width, height) as decoded: where an anomaly map is drawn
 
 
 class Worker:
@@ -121,6 +123,8 @@ class Worker:
                             lambda: self._scoring or self._prepared.qsize() > 0, limit_s=limit)
         self.watchdog.watch("decode", lambda: True, lambda: self._decoding > 0, limit_s=limit)
         self.watchdog.watch("reload", self._reloader.is_alive, lambda: False, limit_s=limit)
+        self.evidence = Evidence(settings.evidence, self.metrics)
+        self.evidence.watch(self.watchdog, limit)
         self.metrics.health = lambda: self.watchdog.problem
         self.metrics.thread_stalls = self.watchdog.stalls
         self.consumer.on_unroutable = self.metrics.result_unroutable
@@ -134,6 +138,7 @@ class Worker:
         self._load_models()
         self._scorer.start()
         self._reloader.start()
+        self.evidence.start()
         self.consumer.start()
         self.watchdog.start()
         while not self.consumer.connected.wait(0.1):
@@ -176,6 +181,7 @@ class Worker:
         self._decoders.shutdown(wait=False, cancel_futures=True)
         self._scorer.join(timeout=left())
         self._reloader.stop(timeout=left())
+        self.evidence.stop(timeout=left())
 
     def _load_models(self) -> None:
         for name, model_settings in self.settings.models.items():
@@ -345,7 +351,7 @@ class Worker:
             self._answer_error(delivery, capture, "image_undecodable", f"unexpected failure: {exc!r}", model)
             return
         self.metrics.stage("decode", time.perf_counter() - started)
-        self._prepared.put(_Prepared(delivery, capture, model, tensor))
+        self._prepared.put(_Prepared(delivery, capture, model, tensor, (image.shape[1], image.shape[0])))
 
     def _check_age(self, capture: Capture) -> None:
         limit = self.settings.worker.max_frame_age_s
@@ -378,15 +384,20 @@ class Worker:
         log.warning("frame %s from %s.%s: %s: %s", capture.frame_id, capture.line_id, capture.camera_id, code, message,
                     extra={"frame_id": capture.frame_id, "line": capture.line_id, "camera": capture.camera_id,
                            "error_code": code, **({"model": model.name, "version": model.version} if model else {})})
-        body = result_body(capture, verdict="error", error=(code, message), inspected_at=utc_now(),
+        inspected_at = utc_now()
+        kept = self.evidence.ticket(capture, "error", inspected_at, delivery.body)
+        body = result_body(capture, verdict="error", error=(code, message), inspected_at=inspected_at,
                            model=model.identity() if model else None,
-                           threshold=model.threshold if model else None)
-        return Outcome(
+                           threshold=model.threshold if model else None, evidence=kept and kept.where)
+        outcome = Outcome(
             delivery=delivery, routing_key=result_routing_key("error", capture.line_id, capture.camera_id),
             result=encode(body), frame_id=capture.frame_id, dead_letter=(code, message),
             record=self._record(delivery, capture, model.name if model else "none", "error",
                                 None, code, None),
         )
+        if kept is not None:
+            kept.send(outcome.result)
+        return outcome
 
     def _record(self, delivery: Delivery, capture: Capture, model: str, verdict: str, probability: float | None,
                 reason: str | None, queue_wait_s: float | None) -> _Record:
@@ -462,25 +473,31 @@ class Worker:
         model = batch[0].model
         started = time.perf_counter()
         waits = [self._queue_wait(p) for p in batch]
-        probability, raw, failures = score_batch(model, [p.tensor for p in batch],
+        scoring, maps = self.evidence.explaining(model, len(batch))  # maps drawn only for frames kept
+        probability, raw, failures = score_batch(scoring, [p.tensor for p in batch],
                                                  functools.partial(stack_for, self.device))
         self.metrics.stage("infer", time.perf_counter() - started)
         self.metrics.batch(model.name, len(batch))
         inspected_at = utc_now()
         outcomes = []
-        for prepared, p, r, failure, wait in zip(batch, probability, raw, failures, waits):
+        for i, (prepared, p, r, failure, wait) in enumerate(zip(batch, probability, raw, failures, waits)):
             capture = prepared.capture
             if failure is not None:
                 self._answer_error(prepared.delivery, capture, "scoring_failed", failure, model)
                 continue
             verdict = "fail" if p >= model.threshold else "pass"
+            kept = self.evidence.ticket(capture, verdict, inspected_at, prepared.delivery.body, maps.of(i),
+                                        prepared.size)
             body = result_body(capture, verdict=verdict, probability=float(p), score=float(r),
-                               threshold=model.threshold, model=model.identity(), inspected_at=inspected_at)
+                               threshold=model.threshold, model=model.identity(), inspected_at=inspected_at,
+                               evidence=kept and kept.where)
             outcomes.append(Outcome(
                 delivery=prepared.delivery, routing_key=result_routing_key(verdict, capture.line_id, capture.camera_id),
                 result=encode(body), frame_id=capture.frame_id,
                 record=self._record(prepared.delivery, capture, model.name, verdict, float(p), None, wait),
             ))
+            if kept is not None:
+                kept.send(outcomes[-1].result)
         self.scored += len(outcomes)
         if outcomes:
             self.consumer.submit(outcomes)

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 VERDICTS = ("pass", "fail", "error")
 STAGES = ("decode", "infer", "publish")
 RELOAD_OUTCOMES = ("success", "failed")
+EVIDENCE_DROPPED = ("queue_full", "write_failed")  # why a frame chosen for the archive was not kept
+EVIDENCE_PRUNED = ("age", "size")  # evidence.retention_days, evidence.max_bytes
 OTHER = "other"
 
 PROBABILITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
@@ -275,6 +277,24 @@ class Metrics:
         self.build_info = Gauge(
             "inspector_build_info", "Versions of this worker (always 1).", ["version", "python", "torch"], registry=r
         )
+        self.evidence_kept = Counter(
+            "inspector_evidence_kept_total", "Frames written to the evidence archive, by verdict.", ["verdict"],
+            registry=r,
+        )  # fmt: skip
+        self.evidence_dropped = Counter(
+            "inspector_evidence_dropped_total", "Frames chosen for the evidence archive and not kept, by reason.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.evidence_bytes = Counter(
+            "inspector_evidence_bytes_total", "Bytes written to the evidence archive.", registry=r
+        )
+        self.evidence_pruned = Counter(
+            "inspector_evidence_pruned_total", "Frames removed from the evidence archive, by reason (age, size).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.evidence_queue = Gauge(
+            "inspector_evidence_queue_depth", "Frames waiting to be written to the evidence archive.", registry=r
+        )
         r.register(GpuMemoryCollector(self.throttle))
         r.register(ThreadStallCollector(self))
         register_runtime_collectors(r)
@@ -288,6 +308,12 @@ class Metrics:
             self.dead_letters.labels(reason=code)
         for stage in STAGES:
             self.stages.labels(stage=stage)
+        for verdict in VERDICTS:
+            self.evidence_kept.labels(verdict=verdict)
+        for reason in EVIDENCE_DROPPED:
+            self.evidence_dropped.labels(reason=reason)
+        for reason in EVIDENCE_PRUNED:
+            self.evidence_pruned.labels(reason=reason)
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -452,6 +478,32 @@ class Metrics:
     @_guarded()
     def batch(self, model: str, size: int) -> None:
         self.batch_size.labels(model=self._cap("model", model)).observe(size)
+
+    # -- the evidence archive -----------------------------------------------------------------
+
+    @_guarded()
+    def evidence_written(self, verdict: str, size: int) -> None:
+        """A frame's files are all in the archive: `size` bytes of them."""
+        if verdict not in VERDICTS:
+            raise ValueError(f"verdict {verdict!r} is not one of {VERDICTS}")
+        self.evidence_kept.labels(verdict=verdict).inc()
+        self.evidence_bytes.inc(size)
+
+    @_guarded()
+    def evidence_not_kept(self, reason: str) -> None:
+        if reason not in EVIDENCE_DROPPED:
+            raise ValueError(f"reason {reason!r} is not one of {EVIDENCE_DROPPED}")
+        self.evidence_dropped.labels(reason=reason).inc()
+
+    @_guarded()
+    def evidence_removed(self, reason: str, frames: int) -> None:
+        if reason not in EVIDENCE_PRUNED:
+            raise ValueError(f"reason {reason!r} is not one of {EVIDENCE_PRUNED}")
+        self.evidence_pruned.labels(reason=reason).inc(frames)
+
+    @_guarded()
+    def set_evidence_queue(self, frames: int) -> None:
+        self.evidence_queue.set(frames)
 
 
 class _Server(ThreadingHTTPServer):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from inspector.errors import FitError
 from plugins.dfkde.backbones import Backbone, create_backbone
 from plugins.dfkde.kde import GaussianKDE
+from plugins.dfkde.maps import LocalStats
 from plugins.dfkde.pca import PCA
 
 PRE_PROCESSING = ("scale", "norm")
@@ -86,6 +87,9 @@ class DfkdeModel(nn.Module):
         self.register_buffer("max_length", torch.empty(0))
         self.pca_model = PCA(n_components=n_comps)
         self.kde_model = GaussianKDE()
+        # What the anomaly maps need (plugins/dfkde/maps.py); fitted by the plugin alongside PCA and the KDE,
+        # and absent from states saved before maps existed.
+        self.local_stats = LocalStats()
 
     @property
     def feature_dim(self) -> int:
@@ -117,14 +121,23 @@ class DfkdeModel(nn.Module):
         return torch.autocast(device_type=device.type, dtype=dtype)
 
     @torch.inference_mode()
-    def get_features(self, batch: Tensor) -> Tensor:
-        """Pooled features of each requested layer, concatenated along channels: B x feature_dim."""
+    def get_feature_maps(self, batch: Tensor) -> list[Tensor]:
+        """The requested layers' spatial feature maps, float32, each B x C x h x w (deepest smallest)."""
         self.feature_extractor.eval()
         x = self.normalise_input(batch).contiguous(memory_format=torch.channels_last)
         with self._autocast(x.device):
             maps = self.feature_extractor(x)
-        pooled = [F.adaptive_avg_pool2d(m.float(), 1).flatten(1) for m in maps]
-        return torch.cat(pooled, dim=1)
+        return [m.float() for m in maps]
+
+    @staticmethod
+    def pool(maps: Sequence[Tensor]) -> Tensor:
+        """Feature maps -> each layer averaged over its grid, concatenated along channels: B x feature_dim."""
+        return torch.cat([F.adaptive_avg_pool2d(m, 1).flatten(1) for m in maps], dim=1)
+
+    @torch.inference_mode()
+    def get_features(self, batch: Tensor) -> Tensor:
+        """Pooled features of each requested layer, concatenated along channels: B x feature_dim."""
+        return self.pool(self.get_feature_maps(batch))
 
     # -- fit --------------------------------------------------------------------------------
 
@@ -196,8 +209,15 @@ class DfkdeModel(nn.Module):
     @torch.inference_mode()
     def score(self, batch: Tensor) -> tuple[Tensor, Tensor]:
         """Images -> (anomaly probabilities, log-densities), one pass."""
-        log_density = self.evaluate(self.get_features(batch), as_log_likelihood=True)
-        return self.to_probability(log_density), log_density
+        probability, log_density, _ = self.score_with_maps(batch)
+        return probability, log_density
+
+    @torch.inference_mode()
+    def score_with_maps(self, batch: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """`score`, also giving the feature maps the pooled features came from (for anomaly maps)."""
+        maps = self.get_feature_maps(batch)
+        log_density = self.evaluate(self.pool(maps), as_log_likelihood=True)
+        return self.to_probability(log_density), log_density, maps
 
     def forward(self, batch: Tensor) -> Tensor:
         return self.score(batch)[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -13,8 +13,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torchvision.transforms.v2 import functional as TF
 
-from inspector.errors import ConfigError, FitError
-from inspector.plugin import FitReport, Scores
+from inspector.errors import ConfigError, FitError, PluginError
+from inspector.plugin import Explained, FitReport, Scores
+from plugins.dfkde.maps import LocalStats, draw
 from plugins.dfkde.model import DfkdeModel
 from plugins.dfkde.state import load_state, model_settings, read_settings, save_state
 
@@ -126,51 +127,84 @@ class DfkdePlugin:
         return TF.resize(chw, [size, size], antialias=True).contiguous()
 
     def fit(self, batches: Iterable[torch.Tensor]) -> FitReport:
-        """Stream batches through the backbone, keeping a seeded reservoir of `filter_count` embeddings.
+        """Stream batches through the backbone, keeping a seeded reservoir of `filter_count` embeddings
+        for PCA and the KDE, and sums over every image for the anomaly maps' statistics.
 
         Memory stays at filter_count x features however large the archive is.
         """
-        reservoir = self._reservoir()
+        reservoir, sums = self._reservoir(), _Sums()
         for batch in batches:
-            reservoir.add(self.embed(batch))
-        return self._fit_reservoir(reservoir)
+            self._add(self.embed(batch), reservoir, sums)
+        return self._fit_reservoir(reservoir, sums)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        """The backbone's features of a batch of prepared images (B x features, float32, on the CPU).
+        """The backbone's features of a batch of prepared images: B x (2 x features), float32, on the CPU:
+        the pooled features (what the KDE sees), then each channel's mean square over the image (what the
+        anomaly maps' statistics are summed from, see plugins/dfkde/maps.py).
 
         The backbone is nearly all the cost of a fit; cross-fitted calibration embeds each image once and
         refits only PCA and the KDE per fold (fit_embeddings, score_embeddings).
         """
-        return self.model.get_features(batch.to(self.device, non_blocking=True)).cpu()
+        maps = self.model.get_feature_maps(batch.to(self.device, non_blocking=True))
+        return torch.cat([self.model.pool(maps), LocalStats.moments(maps)], dim=1).cpu()
 
     def fit_embeddings(self, embeddings: torch.Tensor) -> FitReport:
-        """Fit PCA and the KDE to rows of `embed`, in the order of their images: the same model that `fit`
-        gives from those images (the same seeded reservoir sees the same rows in the same order)."""
-        reservoir = self._reservoir()
-        reservoir.add(embeddings)
-        return self._fit_reservoir(reservoir)
+        """Fit PCA, the KDE and the maps' statistics to rows of `embed`, in the order of their images: the
+        same model that `fit` gives from those images (the same seeded reservoir sees the same rows in the
+        same order, and the same sums are taken)."""
+        reservoir, sums = self._reservoir(), _Sums()
+        self._add(self._check_rows(embeddings), reservoir, sums)
+        return self._fit_reservoir(reservoir, sums)
 
     def score(self, batch: torch.Tensor) -> Scores:
         probability, log_density = self.model.score(batch.to(self.device, non_blocking=True))
         return _scores(probability, log_density)
 
+    @property
+    def explain(self) -> Callable[[torch.Tensor], Explained] | None:
+        """Scores with anomaly maps (inspector.plugin's optional `explain`), for a model fitted with the maps'
+        statistics; None for one saved before maps existed, so that `can_explain` says no (refit it)."""
+        return self._explain if self.model.local_stats.fitted else None
+
+    def _explain(self, batch: torch.Tensor) -> Explained:
+        """`score`'s very numbers (the same pass), keeping the batch's feature maps for `map_of`."""
+        probability, log_density, maps = self.model.score_with_maps(batch.to(self.device, non_blocking=True))
+        return Explained(scores=_scores(probability, log_density), map_of=_MapDrawer(self.model, maps))
+
     @torch.inference_mode()
     def score_embeddings(self, embeddings: torch.Tensor) -> Scores:
         """Scores of rows of `embed`: what `score` gives for their images."""
-        log_density = self.model.evaluate(embeddings.to(self.device), as_log_likelihood=True)
+        pooled = self._check_rows(embeddings)[:, : self.model.feature_dim]
+        log_density = self.model.evaluate(pooled.to(self.device), as_log_likelihood=True)
         return _scores(self.model.to_probability(log_density), log_density)
+
+    def _check_rows(self, embeddings: torch.Tensor) -> torch.Tensor:
+        width = 2 * self.model.feature_dim
+        if embeddings.ndim != 2 or embeddings.shape[1] != width:
+            raise ValueError(f"expected rows of `embed` (N x {width}), got {tuple(embeddings.shape)}")
+        return embeddings
+
+    def _add(self, rows: torch.Tensor, reservoir: _Reservoir, sums: _Sums) -> None:
+        reservoir.add(rows[:, : self.model.feature_dim].contiguous())  # a copy: the wide rows are not kept
+        sums.add(rows)
 
     def _reservoir(self) -> _Reservoir:
         return _Reservoir(self.model.filter_count or None, seed=self.model.seed)
 
-    def _fit_reservoir(self, reservoir: _Reservoir) -> FitReport:
+    def _fit_reservoir(self, reservoir: _Reservoir, sums: _Sums) -> FitReport:
         if reservoir.seen < self.min_images:
             raise FitError(
                 f"DFKDE with n_comps={self.model.n_components} needs at least {self.min_images} "
                 f"images, got {reservoir.seen}"
             )
+        d = self.model.feature_dim
+        try:
+            local = LocalStats().fit(sums.total[:d], sums.total[d:], sums.count).to(self.device)
+        except ValueError as exc:
+            raise FitError(f"DFKDE fit failed: {exc}") from exc
         with _one_cpu_thread():
             self.model.fit(reservoir.sample().to(self.device))
+        self.model.local_stats = local
         return FitReport(images=reservoir.seen, embeddings=reservoir.kept)
 
     def calibrate(self, held_out: Scores, threshold: float, target_false_reject: float) -> dict[str, Any]:
@@ -217,8 +251,44 @@ def _one_cpu_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+class _MapDrawer:
+    """A batch's `map_of`: its feature maps, kept from the scoring pass, drawn into one image's map on request.
+    Reads only tensors nobody changes, so any thread may call it."""
+
+    MAX_SIDE = 1 << 14
+
+    def __init__(self, model: DfkdeModel, maps: list[torch.Tensor]) -> None:
+        self.stats = model.local_stats
+        self.input_size = model.input_size
+        self.maps = maps
+
+    def __call__(self, index: int, size: tuple[int, int]) -> np.ndarray:
+        count = self.maps[0].shape[0]
+        if not 0 <= index < count:
+            raise PluginError(f"anomaly map of image {index} asked of a batch of {count}")
+        width, height = (int(v) for v in size)
+        if not (0 < width <= self.MAX_SIDE and 0 < height <= self.MAX_SIDE):
+            raise PluginError(f"anomaly map size {width}x{height}: each side must be 1..{self.MAX_SIDE}")
+        with torch.inference_mode():
+            distance = self.stats.distance([m[index : index + 1] for m in self.maps])[0]
+            return draw(distance, (width, height), self.input_size)
+
+
 def _scores(probability: torch.Tensor, log_density: torch.Tensor) -> Scores:
     return Scores(probability=probability.double().cpu().numpy(), raw=log_density.double().cpu().numpy())
+
+
+class _Sums:
+    """Column sums of embedding rows in float64, and how many rows."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        summed = rows.double().sum(0)
+        self.total = summed if self.total is None else self.total + summed
+        self.count += rows.shape[0]
 
 
 class _Reservoir:

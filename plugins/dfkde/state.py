@@ -33,6 +33,12 @@ _TENSORS = {
     "kde.bw_transform": ("kde_model", "bw_transform"),
     "kde.log_norm": ("kde_model", "log_norm"),
 }
+# The anomaly maps' statistics: saved when fitted; a state saved before maps existed has none, loads all the
+# same and scores as before, and its plugin draws no maps.
+_OPTIONAL_TENSORS = {
+    "local.mean": ("local_stats", "mean"),
+    "local.variance": ("local_stats", "variance"),
+}
 
 
 def backbone_digest(model: DfkdeModel) -> str:
@@ -65,6 +71,9 @@ def save_state(model: DfkdeModel, folder: Path, plugin: dict[str, Any] | None = 
     tensors = {"max_length": model.max_length.reshape(1)}
     for key, (part, attr) in _TENSORS.items():
         tensors[key] = getattr(getattr(model, part), attr)
+    if model.local_stats.fitted:
+        for key, (part, attr) in _OPTIONAL_TENSORS.items():
+            tensors[key] = getattr(getattr(model, part), attr)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(folder / STATE_FILE))
     meta = {"format": FORMAT, "settings": model_settings(model), "backbone_digest": backbone_digest(model),
             "plugin": dict(plugin or {})}
@@ -108,6 +117,15 @@ def load_state(folder: Path, device: torch.device, precision: str | None = None)
         )
     model.max_length = tensors["max_length"].reshape(())
     for key, (part, attr) in _TENSORS.items():
+        setattr(getattr(model, part), attr, tensors[key])
+    present = [key for key in _OPTIONAL_TENSORS if key in tensors]
+    if present and len(present) != len(_OPTIONAL_TENSORS):
+        raise StateError(f"{folder / STATE_FILE}: has {present} of the anomaly maps' tensors but not all")
+    for key in present:
+        part, attr = _OPTIONAL_TENSORS[key]
+        if tensors[key].shape != (model.feature_dim,):
+            raise StateError(f"{folder / STATE_FILE}: {key} has shape {tuple(tensors[key].shape)}, "
+                             f"not ({model.feature_dim},) for the backbone's features")
         setattr(getattr(model, part), attr, tensors[key])
     if model.pca_model.components.shape != (model.feature_dim, model.n_components):
         raise StateError(f"{folder}: PCA shape {tuple(model.pca_model.components.shape)} does not fit the backbone")

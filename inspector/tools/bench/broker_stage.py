@@ -2,7 +2,9 @@
 
 On the run's own exchanges and queues (deleted at the end), a publisher and a collector with a
 connection each: (a) saturation, a backlog queued before a fresh worker starts; (b) half load,
-frames paced evenly at half the saturation rate, with latency from publication to result.
+frames paced evenly at half the saturation rate, with latency from publication to result. The saturation
+run measures the worker's CPU per frame and stage (cpu_stages); after it, the same frames go through
+RabbitMQ alone, consumed and acked by a plain pika consumer, for what the broker and pika take by themselves.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import pika
 import pika.exceptions
 import torch
 
-from inspector.broker import blocking_connection
+from inspector.broker import blocking_connection, connection_parameters
 from inspector.config import Settings
 from inspector.errors import BrokerError
+from inspector.plugin import get_plugin
 from inspector.timestamps import rfc3339
+from inspector.tools.bench.cpu_stages import CpuStages
 from inspector.tools.bench.frames import Frames
 from inspector.tools.bench.model_stages import RawMeter
 from inspector.tools.bench.options import BenchOptions
@@ -155,16 +159,18 @@ class Publisher:
         except pika.exceptions.AMQPError:
             pass
 
-    def publish(self, frame_id: str, body: bytes, content_type: str) -> None:
+    def publish(self, frame_id: str, body: bytes, content_type: str, headers: dict[str, Any] | None = None,
+                queue: str | None = None) -> None:
+        """One frame to the captures exchange, or straight into `queue` (the default exchange)."""
         now = datetime.now(timezone.utc)
         properties = pika.BasicProperties(
             content_type=content_type, message_id=frame_id, delivery_mode=2, timestamp=int(now.timestamp()),
-            headers={"captured_at": rfc3339(now)},
+            headers={"captured_at": rfc3339(now), **(headers or {})},
         )
+        exchange, key = (self.settings.broker.exchanges.captures, ROUTING_KEY) if queue is None else ("", queue)
         self.published[frame_id] = time.perf_counter()
         try:
-            self.channel.basic_publish(self.settings.broker.exchanges.captures, ROUTING_KEY, body, properties,
-                                       mandatory=True)
+            self.channel.basic_publish(exchange, key, body, properties, mandatory=True)
         except pika.exceptions.UnroutableError:
             raise BrokerError(f"frame {frame_id} was unroutable: no queue is bound to "
                               f"{self.settings.broker.exchanges.captures}") from None
@@ -206,8 +212,9 @@ def broker_stage(settings: Settings, frames: list[Frames], options: BenchOptions
             saturation["ratio_to_raw"] = round(rate / reference, 4) if rate else None
             saturation["expected_frames_per_second"] = round(
                 _expected(reference, decode[f.encoding]["frames_per_second"], device), 3)
+            alone = _rabbitmq_alone(settings, f, count)
             half = _half_load(settings, collector, f, rate, options.half_load_s)
-            out[f.encoding] = {"saturation": saturation, "half_load": half}
+            out[f.encoding] = {"saturation": saturation, "rabbitmq_alone": alone, "half_load": half}
     finally:
         if collector is not None:
             collector.stop()
@@ -229,10 +236,13 @@ def _backlog(expected_rate: float, frame_bytes: int, batch_size: int) -> int:
     return max(min(4 * batch_size, MAX_FRAMES), min(count, MAX_FRAMES, BACKLOG_BYTES // max(1, frame_bytes)))
 
 
-def _with_worker(settings: Settings, body: Callable[[Worker], Any]) -> Any:
+def _with_worker(settings: Settings, body: Callable[[Worker], Any],
+                 prepare: Callable[[Worker], None] | None = None) -> Any:
     """Start a worker in this process (it runs its own threads), run `body(worker)`, stop it. A worker that
-    fails to start has stopped its threads itself and raises."""
+    fails to start has stopped its threads itself and raises. `prepare(worker)` runs before it starts."""
     worker = Worker(settings)
+    if prepare is not None:
+        prepare(worker)
     worker.start()
     try:
         return body(worker)
@@ -259,19 +269,105 @@ def _saturation(settings: Settings, collector: Collector, frames: Frames, count:
     log.info("stage 3a: %d %s frames published as a backlog, then a worker drains it", count, frames.encoding)
     with Publisher(settings) as publisher:
         for i, frame_id in enumerate(ids):
-            publisher.publish(frame_id, frames.body(i), frames.content_type)
+            publisher.publish(frame_id, frames.body(i), frames.content_type, frames.headers)
+    profile = CpuStages()
 
-    def drain(worker: Worker) -> tuple[float, dict[str, Any]]:
+    def drain(worker: Worker) -> tuple[float, dict[str, Any], dict[str, Any]]:
         started = time.perf_counter()  # the worker consumes from here on
         collector.wait(RESULT_TIMEOUT_S + 3 * count / max(expected_rate, 0.1))
-        return started, _batching(worker)
+        return started, _batching(worker), profile.figures(count)  # while the worker's threads still run
 
-    started, batching = _with_worker(settings, drain)
+    plugin = get_plugin(settings.models[settings.default_model].plugin)
+    try:
+        started, batching, cpu = _with_worker(settings, drain, lambda worker: profile.install(worker, plugin))
+    finally:
+        profile.restore()
     times, counts = collector.tally()
     seconds = max(times.values()) - started if times else None
     rate = len(times) / seconds if seconds else None
     return {"frames": count, "seconds": round(seconds, 3) if seconds else None,
-            "frames_per_second": round(rate, 3) if rate else None, **batching, **counts}
+            "frames_per_second": round(rate, 3) if rate else None, **batching, **counts, "cpu": cpu}
+
+
+class PlainConsumer:
+    """RabbitMQ alone: a plain pika consumer (a SelectConnection, as the worker's, manual acks and the worker's
+    prefetch) that acks every message as it arrives and does nothing else; its thread's CPU is pika's."""
+
+    def __init__(self, settings: Settings, queue: str, count: int) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.count = count
+        self.received = 0
+        self.seconds: float | None = None
+        self.cpu_seconds: float | None = None
+        self.failure: str | None = None
+        self._started = self._cpu_started = 0.0
+        self._connection: pika.SelectConnection | None = None
+
+    def run(self, timeout_s: float) -> None:
+        """Consume `count` messages on this thread; returns when done, failed or after `timeout_s`."""
+        self._connection = pika.SelectConnection(
+            connection_parameters(self.settings.broker, self.settings.broker.urls[0]),
+            on_open_callback=lambda c: c.channel(on_open_callback=self._on_channel),
+            on_open_error_callback=lambda _c, error: self._stop(f"could not connect: {error!r}"),
+            on_close_callback=lambda *_: self._connection.ioloop.stop(),
+        )
+        self._connection.ioloop.call_later(timeout_s, lambda: self._stop(f"timed out after {timeout_s:.0f} s"))
+        self._connection.ioloop.start()
+
+    def _on_channel(self, channel: Any) -> None:
+        channel.basic_qos(prefetch_count=self.settings.worker.prefetch,
+                          callback=lambda _frame: self._consume(channel))
+
+    def _consume(self, channel: Any) -> None:
+        self._started, self._cpu_started = time.perf_counter(), time.thread_time()
+        channel.basic_consume(self.queue, self._on_message)
+
+    def _on_message(self, channel: Any, method: Any, _properties: Any, _body: bytes) -> None:
+        channel.basic_ack(method.delivery_tag)
+        self.received += 1
+        if self.received == self.count:
+            self.seconds = time.perf_counter() - self._started
+            self.cpu_seconds = time.thread_time() - self._cpu_started
+            self._stop(None)
+
+    def _stop(self, failure: str | None) -> None:
+        if failure is not None and self.seconds is None:
+            self.failure = failure
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+        elif self._connection is not None:
+            self._connection.ioloop.stop()
+
+
+def _rabbitmq_alone(settings: Settings, frames: Frames, count: int) -> dict[str, Any]:
+    """The same frames through RabbitMQ with no worker: `count` published into a quorum queue of their own
+    (as the worker's), then consumed and acked by a PlainConsumer; frames/s and its CPU per frame."""
+    queue = f"{settings.worker.queue}.alone"
+    connection = blocking_connection(settings.broker)
+    try:
+        connection.channel().queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    finally:
+        connection.close()
+    log.info("RabbitMQ alone: %d %s frames into %s, then a plain pika consumer acks them", count, frames.encoding,
+             queue)
+    try:
+        with Publisher(settings) as publisher:
+            for i in range(count):
+                publisher.publish(f"alone-{i:06d}", frames.body(i), frames.content_type, frames.headers, queue)
+        consumer = PlainConsumer(settings, queue, count)
+        consumer.run(RESULT_TIMEOUT_S + count / 100)
+    finally:
+        connection = blocking_connection(settings.broker)
+        try:
+            connection.channel().queue_delete(queue)
+        finally:
+            connection.close()
+    seconds = consumer.seconds
+    return {"frames": count, "received": consumer.received, "seconds": round(seconds, 3) if seconds else None,
+            "frames_per_second": round(count / seconds, 3) if seconds else None,
+            "cpu_us": round(1e6 * consumer.cpu_seconds / count, 1) if consumer.cpu_seconds is not None else None,
+            "failure": consumer.failure}
 
 
 def _half_load(settings: Settings, collector: Collector, frames: Frames, saturation_rate: float | None,
@@ -290,7 +386,7 @@ def _half_load(settings: Settings, collector: Collector, frames: Frames, saturat
             started = time.perf_counter()
             for i, frame_id in enumerate(ids):
                 publisher.sleep(started + i / rate - time.perf_counter() if rate > 0 else 0.0)
-                publisher.publish(frame_id, frames.body(i), frames.content_type)
+                publisher.publish(frame_id, frames.body(i), frames.content_type, frames.headers)
             published = time.perf_counter() - started
         collector.wait(RESULT_TIMEOUT_S + 4 * settings.worker.batch_size / max(rate, 0.1))
         return publisher, started, published, _batching(worker)

@@ -8,7 +8,7 @@ import logging
 import os
 import statistics
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ from PIL import Image
 
 from inspector.errors import ConfigError
 from inspector.tools import samples
-from inspector.tools.bench.options import ENCODINGS, BenchOptions
+from inspector.tools.bench.options import ENCODINGS, BenchOptions, split_kind
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,14 @@ DISTINCT_FRAMES = 8  # generated frames per run, cycled through
 
 @dataclass
 class Frames:
-    """The run's frames of one encoding: encoded bodies (cycled through) and their content type."""
+    """The run's frames of one kind (an encoding, at a resolution): bodies (cycled through), their content
+    type and the headers a camera sends with them (a raw frame's width, height and pixel format)."""
 
-    encoding: str
+    encoding: str  # the --encoding entry, e.g. `jpeg` or `jpeg:256`
     content_type: str
     bodies: list[bytes]
+    headers: dict[str, Any] = field(default_factory=dict)
+    resolution: int = 0
 
     @property
     def mean_bytes(self) -> int:
@@ -40,21 +43,34 @@ class Frames:
 
 
 def make_frames(options: BenchOptions, max_bytes: int) -> list[Frames]:
-    """DISTINCT_FRAMES generated good frames, encoded once in every encoding asked for."""
+    """DISTINCT_FRAMES generated good frames per resolution, encoded once in every encoding asked for."""
     log.info("generating %d frames of %dx%d, encoded as %s", DISTINCT_FRAMES, options.resolution,
              options.resolution, ", ".join(options.encodings))
-    images = samples.make_images(DISTINCT_FRAMES, seed=7, size=options.resolution)
+    images: dict[int, list[np.ndarray]] = {}
     out = []
     with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-        for encoding in options.encodings:
+        for kind in options.encodings:
+            encoding, size = split_kind(kind, options.resolution)
+            if size not in images:
+                images[size] = samples.make_images(DISTINCT_FRAMES, seed=7, size=size)
             fmt, content_type, params = ENCODINGS[encoding]
-            bodies = list(pool.map(functools.partial(_encode, fmt=fmt, params=params), images))
+            headers: dict[str, Any] = {}
+            if fmt == "RAW":
+                bodies = [_grey(image) for image in images[size]]
+                headers = {"width": size, "height": size, "pixel_format": params["pixel_format"]}
+            else:
+                bodies = list(pool.map(functools.partial(_encode, fmt=fmt, params=params), images[size]))
             largest = max(len(b) for b in bodies)
             if largest > max_bytes:
-                raise ConfigError(f"--resolution {options.resolution}: a {encoding} frame is {largest} bytes, over "
+                raise ConfigError(f"--resolution {size}: a {encoding} frame is {largest} bytes, over "
                                   f"worker.max_image_bytes ({max_bytes}); the worker would refuse it")
-            out.append(Frames(encoding, content_type, bodies))
+            out.append(Frames(kind, content_type, bodies, headers, size))
     return out
+
+
+def _grey(image: np.ndarray) -> bytes:
+    """An 8-bit grey frame as a mono camera sends it (ITU-R 601 luma, as PIL's convert("L"))."""
+    return Image.fromarray(image).convert("L").tobytes()
 
 
 def _encode(image: np.ndarray, fmt: str, params: dict[str, Any]) -> bytes:

@@ -74,17 +74,18 @@ def measure_decode(plugin: Plugin, frames: Frames, limits: DecodeLimits, threads
     decode_s, prepare_s, full_s = [], [], []
     for body in frames.bodies:
         t0 = time.perf_counter()
-        image = decode_capture(body, frames.content_type, {}, limits, decode_size(plugin))
+        image = decode_capture(body, frames.content_type, frames.headers, limits, decode_size(plugin))
         t1 = time.perf_counter()
         plugin.prepare(image)
         decode_s.append(t1 - t0)
         prepare_s.append(time.perf_counter() - t1)
         t2 = time.perf_counter()  # the baseline: decoding in full, then the resize in prepare
-        plugin.prepare(decode_capture(body, frames.content_type, {}, limits))
+        plugin.prepare(decode_capture(body, frames.content_type, frames.headers, limits))
         full_s.append(time.perf_counter() - t2)
 
     def work(i: int) -> None:
-        plugin.prepare(decode_capture(frames.body(i), frames.content_type, {}, limits, decode_size(plugin)))
+        plugin.prepare(decode_capture(frames.body(i), frames.content_type, frames.headers, limits,
+                                      decode_size(plugin)))
 
     done, submitted = 0, 0
     pending: list[Future] = []

@@ -17,7 +17,19 @@ ENCODINGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "bmp": ("BMP", "image/bmp", {}),
     "tiff": ("TIFF", "image/tiff", {}),
     "webp": ("WEBP", "image/webp", {"quality": 90}),
+    "mono8": ("RAW", "image/x-raw", {"pixel_format": "mono8"}),  # a camera's raw 8-bit grey frame, no encoding
 }
+KIND_SEPARATOR = ":"  # `jpeg:256`: that encoding at its own resolution (a small frame beside the large ones)
+
+
+def split_kind(kind: str, resolution: int) -> tuple[str, int]:
+    """(encoding, resolution) of an --encoding entry such as `jpeg` or `jpeg:256`; ValueError when malformed."""
+    name, _, size = kind.partition(KIND_SEPARATOR)
+    if not size:
+        return name, resolution
+    if not (size.isascii() and size.isdigit()) or len(size) > 6:
+        raise ValueError(f"--encoding {kind!r}: the resolution after {KIND_SEPARATOR!r} must be a number of pixels")
+    return name, int(size)
 
 
 @dataclass
@@ -29,15 +41,23 @@ class BenchOptions:
     batch_size: int | None = None  # None: worker.batch_size
     device: str | None = None  # None: the configured device
     skip_broker: bool = False
+    plugin: str | None = None  # None: the default model's plugin; `null` measures the frame path alone
 
     def check(self) -> None:
         if self.resolution < samples._MIN_SIZE:
             raise ConfigError(f"--resolution {self.resolution}: must be at least {samples._MIN_SIZE}")
         if not self.encodings:
             raise ConfigError(f"--encoding: name at least one of {', '.join(ENCODINGS)}")
-        for name in self.encodings:
+        for kind in self.encodings:
+            try:
+                name, size = split_kind(kind, self.resolution)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
             if name not in ENCODINGS:
-                raise ConfigError(f"--encoding {name!r}: not one of {', '.join(ENCODINGS)}")
+                raise ConfigError(f"--encoding {name!r}: not one of {', '.join(ENCODINGS)} (each may end in "
+                                  f"{KIND_SEPARATOR}PX for its own resolution, e.g. jpeg{KIND_SEPARATOR}256)")
+            if size < samples._MIN_SIZE:
+                raise ConfigError(f"--encoding {kind!r}: the resolution must be at least {samples._MIN_SIZE}")
         if len(set(self.encodings)) != len(self.encodings):
             raise ConfigError("--encoding: an encoding is named twice")
         if self.frames is not None and not 1 <= self.frames <= 100_000:

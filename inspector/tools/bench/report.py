@@ -14,6 +14,7 @@ from inspector import __version__
 SCHEMA = "inspector.bench/1"
 THROUGHPUT_TARGET = 0.85  # whole path at saturation / raw plugin
 LATENCY_TARGET = 3.0  # p99 / p50 at half load
+NULL_PLUGIN = "null"  # no model: the run measures the frame path's own ceiling
 
 
 @dataclass
@@ -28,8 +29,11 @@ class BenchReport:
 
     @property
     def targets(self) -> list[dict[str, Any]]:
-        """The two targets per encoding, with pass/fail; empty when the broker stage was skipped."""
+        """The two targets per encoding, with pass/fail; empty when the broker stage was skipped or the plugin is
+        `null` (no model to hold the path to)."""
         out: list[dict[str, Any]] = []
+        if self.settings.get("plugin") == NULL_PLUGIN:
+            return out
         for encoding, run in (self.broker or {}).items():
             ratio = run["saturation"]["ratio_to_raw"]
             out.append({"target": "throughput", "encoding": encoding, "value": ratio, "limit": THROUGHPUT_TARGET,
@@ -72,7 +76,8 @@ class BenchReport:
             (f"machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} threads); "
              f"device {device}"),
             (f"model: {s['plugin']} {s['backbone']} at {s['input_size']} px, {s['precision']}; a throwaway fitted "
-             f"on {s['fit_images']} generated frames"),
+             f"on {s['fit_images']} generated frames" if s["plugin"] != NULL_PLUGIN else
+             "model: the null plugin (a fixed score, no work): the frame path's own ceiling"),
             (f"worker policy: batches of up to {s['batch_size']}, waiting {s['max_batch_wait_ms']:g} ms at most; "
              f"{s['decode_threads']} decode threads; prefetch {s['prefetch']}"),
             "",
@@ -80,6 +85,7 @@ class BenchReport:
              f"{'lost':>6}"),
             _row("1  raw plugin", "-", raw["images_per_second"], "images/s"),
         ]
+        cpu_lines: list[str] = []
         notes = [(f"  1  batches of {raw['batch_size']}; the median of {len(raw['measurements'])} measurements "
                   f"of {raw['window_s']:g} s: {', '.join(f'{r:.2f}' for r in raw['measurements'])} images/s")]
         for encoding, d in self.decode.items():
@@ -95,8 +101,15 @@ class BenchReport:
                      f"; {sat['ratio_to_raw']:.1%} of the raw plugin's {sat['raw_images_per_second']:.2f} "
                      f"measured just before and after; model and decoding alone predict "
                      f"{sat['expected_frames_per_second']:.2f}")
+            if s["plugin"] == NULL_PLUGIN:
+                ratio = ""
             notes.append(f"  3a {encoding}: {sat['frames']} frames queued, drained in {_seconds(sat['seconds'])}"
                          f"{ratio}; {_batches(sat)}{_losses(sat)}")
+            if sat.get("cpu"):
+                cpu_lines.append(_cpu_row(encoding, f["bytes"][encoding], sat, run.get("rabbitmq_alone")))
+            alone = run.get("rabbitmq_alone")
+            if alone:
+                lines.append(_row("3r RabbitMQ alone", encoding, alone["frames_per_second"], "frames/s"))
             lat = half["latency_ms"]
             lines.append(_row("3b whole path, half load", encoding, half["frames_per_second"], "frames/s",
                               latency=(lat["p50"], lat["p95"], lat["p99"]), lost=_lost(half)))
@@ -108,7 +121,11 @@ class BenchReport:
         if self.broker is None:
             lines.append("  3  whole path through the broker: skipped (--skip-broker)")
         lines += ["", *notes]
-        if self.broker is not None:
+        if cpu_lines:
+            lines += ["", "CPU per frame in 3a, microseconds (thread CPU time: the worker's threads; 3r: the plain "
+                      "consumer's)", "  " + "  ".join(f"{h:>{w}}" for h, w in _CPU_COLUMNS), *cpu_lines,
+                      *_cpu_legend(self.broker)]
+        if self.targets:
             lines += ["", "targets"]
             for t in self.targets:
                 value = ("n/a" if t["value"] is None else
@@ -122,6 +139,32 @@ def _row(stage: str, encoding: str, rate: float | None, unit: str,
     cells = "".join("     n/a" if v is None else f"{v:>8.0f}" for v in latency) if latency else " " * 24
     return (f"  {stage:<28}{encoding:<10}{'n/a' if rate is None else f'{rate:.2f}':>9}  {unit:<9}{cells}"
             f"{'' if lost is None else f'{lost:>6}'}").rstrip()
+
+
+_CPU_HEADINGS = ("kind", "KiB", "consume", "hand-off", "parse", "decode", "prepare", "dec.other", "batch", "score",
+                 "result", "publish", "confirm", "ack", "settled", "pika I/O", "total", "no-decode", "3r")
+_CPU_COLUMNS = tuple((h, 9 if i else 10) for i, h in enumerate(_CPU_HEADINGS))
+_CPU_STAGES = ("consume", "hand-off", "parse", "decode", "prepare", "decode other", "batch", "score", "result encode",
+               "publish", "confirm", "ack", "settled", "pika I/O")
+
+
+def _cpu_row(encoding: str, frame_bytes: int, sat: dict[str, Any], alone: dict[str, Any] | None) -> str:
+    cpu = sat["cpu"]
+    cells = [f"{encoding:>10}", f"{frame_bytes / 1024:>9.0f}"]
+    cells += [f"{cpu['stages_us'][stage]:>9.1f}" for stage in _CPU_STAGES]
+    cells += [f"{cpu['total_us']:>9.1f}", f"{cpu['without_image_decode_us']:>9.1f}"]
+    cells.append(f"{alone['cpu_us']:>9.1f}" if alone and alone.get("cpu_us") is not None else f"{'n/a':>9}")
+    return "  " + "  ".join(cells)
+
+
+def _cpu_legend(broker: dict[str, dict[str, Any]] | None) -> list[str]:
+    first = next(iter((broker or {}).values()))["saturation"]["cpu"]
+    return [
+        "  no-decode: the path's own cost, every worker thread's CPU less the decode of the image itself; "
+        "3r: RabbitMQ alone, a plain pika consumer's CPU to take and ack one frame",
+        f"  stages are wrapped with a thread-CPU clock for the run: {first['wrapped_calls_per_frame']:.1f} wrapped "
+        f"calls a frame at about {first['wrapper_us_per_call']:.1f} us each are included",
+    ]
 
 
 def _lost(phase: dict[str, Any]) -> int:

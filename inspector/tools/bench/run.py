@@ -34,14 +34,14 @@ import torch
 from inspector.broker import blocking_connection
 from inspector.config import ExchangeSettings, Settings, StoreSettings
 from inspector.devices import resolve_device
-from inspector.errors import BrokerError, ConfigError
+from inspector.errors import BrokerError, ConfigError, PluginError
 from inspector.plugin import decode_size, get_plugin
 from inspector.store import ModelStore
 from inspector.tools import samples
 from inspector.tools.bench.broker_stage import broker_stage
 from inspector.tools.bench.frames import DISTINCT_FRAMES, make_frames
 from inspector.tools.bench.model_stages import DECODE_WINDOW_S, RAW_WINDOW_S, RawMeter, measure_decode
-from inspector.tools.bench.options import BenchOptions
+from inspector.tools.bench.options import BenchOptions, split_kind
 from inspector.tools.bench.report import BenchReport, machine
 from inspector.tools.refit import RefitOptions, run_refit
 from inspector.worker.decode import DecodeLimits, decode_capture
@@ -61,16 +61,23 @@ def run_bench(settings: Settings, options: BenchOptions) -> BenchReport:
     device = resolve_device(options.device or settings.device)
     name = settings.default_model
     model_settings = settings.models[name]
+    if options.plugin is not None:
+        try:
+            get_plugin(options.plugin)
+        except PluginError as exc:
+            raise ConfigError(f"--plugin {options.plugin!r}: {exc}") from None
+        model_settings = model_settings.model_copy(update={"plugin": options.plugin})
     prefix = f"bench-{secrets.token_hex(4)}"
     worker = settings.worker.model_copy(update={
         "batch_size": options.batch_size or settings.worker.batch_size,
         "queue": f"{prefix}.captures", "dead_letter_queue": f"{prefix}.dead", "binding_keys": ["#"], "routes": [],
         "start_timeout_s": min(settings.worker.start_timeout_s, 30.0),
     })
-    pixels = options.resolution * options.resolution
-    if pixels > worker.max_image_pixels:
-        raise ConfigError(f"--resolution {options.resolution}: {pixels} pixels, over worker.max_image_pixels "
-                          f"({worker.max_image_pixels}); the worker would refuse every frame")
+    for kind in options.encodings:
+        size = split_kind(kind, options.resolution)[1]
+        if size * size > worker.max_image_pixels:
+            raise ConfigError(f"--resolution {size}: {size * size} pixels, over worker.max_image_pixels "
+                              f"({worker.max_image_pixels}); the worker would refuse every frame")
     if not options.skip_broker:
         _check_broker(settings)
 
@@ -95,8 +102,9 @@ def run_bench(settings: Settings, options: BenchOptions) -> BenchReport:
             log.info("stage 2: decode + prepare of %s frames on %d threads, %g s", f.encoding, threads,
                      DECODE_WINDOW_S)
             decode[f.encoding] = measure_decode(served.plugin, f, limits, threads)
-        decoded = [decode_capture(b, frames[0].content_type, {}, limits, decode_size(served.plugin))
-                   for b in frames[0].bodies]
+        first = frames[0]
+        decoded = [decode_capture(b, first.content_type, first.headers, limits, decode_size(served.plugin))
+                   for b in first.bodies]
         raw = RawMeter(served.plugin, decoded, worker.batch_size, device)
         log.info("stage 1: the raw plugin on prepared tensors, batches of %d on %s, %g s",
                  worker.batch_size, device, RAW_WINDOW_S)
@@ -116,7 +124,8 @@ def run_bench(settings: Settings, options: BenchOptions) -> BenchReport:
                 "prefetch": worker.prefetch,
             },
             frames={"resolution": options.resolution, "encodings": list(options.encodings),
-                    "distinct": DISTINCT_FRAMES, "bytes": {f.encoding: f.mean_bytes for f in frames}},
+                    "distinct": DISTINCT_FRAMES, "bytes": {f.encoding: f.mean_bytes for f in frames},
+                    "resolutions": {f.encoding: f.resolution for f in frames}},
             raw=raw.summary(), decode=decode, broker=broker,
         )
     report.seconds = time.perf_counter() - started
