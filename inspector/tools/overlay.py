@@ -4,8 +4,9 @@ colour and the verdict written above it, and the map alone as a 16-bit greyscale
 Pure functions of arrays. Pillow draws; matplotlib lends a colour map and its DejaVu font (no figure
 is made, so no backend is involved). A map is on one scale for every image a model scores (0 =
 normal, 1 = as anomalous as the plugin's scale goes), so the colour means the same on every overlay;
-values at or under MAP_FLOOR are left uncoloured, so a good part looks clean. The colour's opacity
-ramps up quickly past the floor, so a weak but real finding still shows; its hue says how strong it is.
+values at or under MAP_FLOOR (what good parts' maps reach) are left uncoloured, so a good part looks
+clean. The colour's opacity ramps up past the floor, so a weak but real finding still shows; its hue
+says how strong it is.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-MAP_FLOOR = 0.01  # map values at or under this are not drawn: a good part's map, 0 or nearly, stays invisible
-MAP_ALPHA = 0.5  # opacity of the colour; it ramps from 0 at MAP_FLOOR to this at ALPHA_FULL
-ALPHA_FULL = 0.05
+# Map values at or under MAP_FLOOR are not drawn. Good parts' maps are not 0: on magnetic-tile (DFKDE, the
+# shipped settings) their median pixel is 0.013, their 99th percentile 0.078 and their maximum 0.097 at the
+# median tile; a floor of 0.01 coloured most of every good tile. At 0.1 the median good tile stays clean and
+# only what stands out from good texture is coloured.
+MAP_FLOOR = 0.1
+MAP_ALPHA = 0.55  # opacity of the colour; it ramps from 0 at MAP_FLOOR to this at ALPHA_FULL
+ALPHA_FULL = 0.25
 COLOUR_FULL = 0.5  # the colour runs from blue (0) to dark red (COLOUR_FULL and over), on every overlay alike
 COLOURMAP = "turbo"
 MIN_WIDTH = 384  # narrower images are enlarged for the overlay, so the header stays readable

@@ -55,7 +55,7 @@ FRAME_OVERHEAD = 8 + 14 + 1024  # frame header and end, content-header fields, a
 KEPT_RAW_PROPERTIES = 32 * 1024  # undecodable properties up to this size travel with the dead letter (base64)
 UNROUTABLE_PREFIX = "unroutable."
 RECV_BYTES = 256 * 1024  # one socket read at most (pika's own is 4 KiB): two body frames at RabbitMQ's frame_max
-CONSUME_BYTES = 1024 * 1024  # read per readable event before the IOLoop serves its timers and callbacks again
+CONSUME_BYTES = RECV_BYTES  # read per readable event before the IOLoop serves its timers and callbacks again
 MERGED_WRITE_BYTES = 64 * 1024  # writes up to this size are merged into one send (results, acks; not dead letters)
 
 
