@@ -144,3 +144,42 @@ def test_a_failing_batch_is_rescored_frame_by_frame_to_find_the_frame_at_fault()
     assert np.isnan(probability[1]) and "out of memory" in failures[1]
     assert np.isnan(probability[2]) and "gave probability nan" in failures[2]
     assert failures[0] is None and failures[3] is None
+
+
+def test_maps_come_through_the_same_scoring_and_each_frame_keeps_its_own_after_a_retry():
+    from inspector.plugin import Explained
+    from inspector.worker.serving import explain_batch
+
+    class Drawing:
+        """Scores like Picky (a frame of 9s fails any batch it is in); frame i's map is filled with its value."""
+
+        def score(self, batch):
+            raise AssertionError("with maps asked for, the worker scores through explain")
+
+        def explain(self, batch):
+            if (batch == 9).any():
+                raise RuntimeError("out of memory")
+            values = batch.flatten(1)[:, 0].numpy().astype(float)
+            scores = Scores(probability=values / 10, raw=values)
+            return Explained(scores, lambda i, size: np.full(size[::-1], values[i] / 10, np.float32))
+
+    model = ServedModel(name="m", plugin_name="drawing", version="v", threshold=0.5, plugin=Drawing())
+    frames = [torch.full((1, 2, 2), v, dtype=torch.uint8) for v in (1, 9, 3)]
+    probability, raw, failures, maps = explain_batch(model, frames)
+    np.testing.assert_allclose(probability, [0.1, np.nan, 0.3])
+    assert failures[0] is None and "out of memory" in failures[1] and failures[2] is None
+    assert maps[1] is None
+    assert maps[0]((3, 2)).shape == (2, 3) and float(maps[0]((3, 2)).max()) == pytest.approx(0.1)
+    assert float(maps[2]((4, 4)).min()) == pytest.approx(0.3)  # its own map, drawn by its own one-frame call
+
+    healthy = [frames[0], frames[2]]
+    _, _, _, maps = explain_batch(model, healthy)
+    assert [float(m((1, 1))[0, 0]) for m in maps] == pytest.approx([0.1, 0.3])
+    class Blind:
+        def score(self, batch):
+            return Drawing().explain(batch).scores
+
+    without = ServedModel(name="m", plugin_name="blind", version="v", threshold=0.5, plugin=Blind())
+    probability, _, failures, maps = explain_batch(without, healthy)  # a plugin that draws no maps: scores, no maps
+    np.testing.assert_allclose(probability, [0.1, 0.3])
+    assert failures == [None, None] and maps == [None, None]

@@ -251,13 +251,17 @@ def load_current(settings: Settings, name: str, device: torch.device) -> ServedM
     return load_version(store, name, settings.models[name], device)
 
 
+def check_model_and_batch(settings: Settings, model: str, batch_size: int) -> None:
+    """The --model and --batch-size of a tool that scores files (evaluate, explain), checked before any work."""
+    if model not in settings.models:
+        raise ConfigError(f"--model {model!r} is not a configured model; configured: {', '.join(sorted(settings.models))}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be 1 or more")
+
+
 def run_evaluate(settings: Settings, options: EvaluateOptions) -> Evaluation:
     """Score every image of the labelled folder with the model's current version and compute the figures."""
-    if options.model not in settings.models:
-        raise ConfigError(f"--model {options.model!r} is not a configured model; configured: "
-                          f"{', '.join(sorted(settings.models))}")
-    if options.batch_size < 1:
-        raise ConfigError(f"--batch-size {options.batch_size}: must be 1 or more")
+    check_model_and_batch(settings, options.model, options.batch_size)
     test_set = scan_test_set(options.data)
     labelled = test_set.labelled()
     device = resolve_device(settings.device)

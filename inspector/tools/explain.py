@@ -29,7 +29,7 @@ from inspector.errors import ConfigError, InspectorError, PluginError
 from inspector.imagefiles import find_images, is_image_file, map_image
 from inspector.plugin import can_explain, decode_size
 from inspector.timestamps import utc_now
-from inspector.tools.evaluate import load_current, read_like_a_capture
+from inspector.tools.evaluate import check_model_and_batch, load_current, read_like_a_capture
 from inspector.tools.maps import Answer, answers, full_size
 from inspector.tools.overlay import Header, overlay
 from inspector.tools.progress import Progress
@@ -150,11 +150,7 @@ def _write(out: Path, name: str, answer: Answer, served: ServedModel, source: st
 
 def run_explain(settings: Settings, options: ExplainOptions) -> ExplainSummary:
     """Score and explain every image under the --data paths with the model's current version into --out."""
-    if options.model not in settings.models:
-        raise ConfigError(f"--model {options.model!r} is not a configured model; configured: "
-                          f"{', '.join(sorted(settings.models))}")
-    if options.batch_size < 1:
-        raise ConfigError(f"--batch-size {options.batch_size}: must be 1 or more")
+    check_model_and_batch(settings, options.model, options.batch_size)
     files = collect(options.data)
     device = resolve_device(settings.device)
     served = load_current(settings, options.model, device)

@@ -3,8 +3,8 @@
 
 Files are read by the caller's `read` (the worker's capture decoding, in the tools), prepared on a
 thread pool as evaluate does (tools/imagestream.py), and scored in batches by the plugin's `explain`,
-which scores exactly as `score` does; a plugin without `explain` is scored by the worker's
-`score_batch` and its images get no map. Every file gets an answer: one that cannot be read or scored
+which scores exactly as `score` does, through the worker's own `explain_batch`; a plugin without
+`explain` gets no maps. Every file gets an answer: one that cannot be read or scored
 comes back with an error code from inspector/errors.py, as the worker would answer it.
 """
 
@@ -24,7 +24,7 @@ from inspector.plugin import can_explain
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.overlay import checked_map
 from inspector.tools.progress import Progress
-from inspector.worker.serving import ServedModel, score_batch
+from inspector.worker.serving import ServedModel, explain_batch
 
 log = logging.getLogger(__name__)
 
@@ -104,49 +104,19 @@ def _file_size(path: Path) -> tuple[int, int]:
 
 def _scored(served: ServedModel, pending: list[Answer], tensors: list[torch.Tensor],
             explain: bool) -> Iterator[Answer]:
-    """Score the readable answers of `pending` (one tensor each, in order); yield all of them in order."""
+    """Score the readable answers of `pending` (one tensor each, in order) as the worker does, each with its
+    map at its file's own size when `explain`; yield all of them in order."""
     readable = [answer for answer in pending if answer.error is None]
     if readable:
-        if explain:
-            _explain(served, readable, tensors)
-        else:
-            probability, raw, failures = score_batch(served, tensors)
-            for answer, p, r, failure in zip(readable, probability, raw, failures):
-                _settle(answer, p, r, failure)
+        probability, raw, failures, maps = explain_batch(served, tensors, maps=explain)
+        for answer, p, r, failure, draw in zip(readable, probability, raw, failures, maps):
+            if failure is None and draw is not None:
+                try:
+                    answer.map = checked_map(draw(answer.size), answer.size)
+                except Exception as exc:  # noqa: BLE001 - a bad map is the plugin's failure on this frame
+                    failure = f"{served.plugin_name} drew no usable map: {exc}"
+            _settle(answer, p, r, failure)
     yield from pending
-
-
-def _explain(served: ServedModel, readable: list[Answer], tensors: list[torch.Tensor]) -> None:
-    """The batch through the plugin's `explain`; when it fails, frame by frame to find the frame at
-    fault, as score_batch does. Each map is drawn at its file's own size."""
-    try:
-        _explain_batch(served, readable, tensors)
-    except Exception as exc:  # noqa: BLE001 - isolate the frame(s) at fault, one at a time
-        log.warning("model %s version %s failed to explain a batch of %d (%r); explaining its frames one by one",
-                    served.name, served.version, len(tensors), exc)
-        for answer, tensor in zip(readable, tensors):
-            try:
-                _explain_batch(served, [answer], [tensor])
-            except Exception as one:  # noqa: BLE001 - this frame's answer says why
-                _settle(answer, np.nan, np.nan, f"{served.plugin_name} failed on this frame: {one!r}")
-
-
-def _explain_batch(served: ServedModel, readable: list[Answer], tensors: list[torch.Tensor]) -> None:
-    explained = served.plugin.explain(torch.stack(tensors))
-    probability = np.asarray(explained.scores.probability, float)
-    raw = np.asarray(explained.scores.raw, float)
-    if probability.shape != (len(tensors),) or raw.shape != (len(tensors),):
-        raise ValueError(f"a batch of {len(tensors)} gave {probability.shape} probabilities and {raw.shape} scores")
-    for i, (answer, p, r) in enumerate(zip(readable, probability, raw)):
-        failure = None
-        if not (np.isfinite(p) and np.isfinite(r) and 0.0 <= p <= 1.0):
-            failure = f"{served.plugin_name} gave probability {p} and score {r}"
-        else:
-            try:
-                answer.map = checked_map(explained.map_of(i, answer.size), answer.size)
-            except Exception as exc:  # noqa: BLE001 - a bad map is the plugin's failure on this frame
-                failure = f"{served.plugin_name} drew no usable map: {exc}"
-        _settle(answer, p, r, failure)
 
 
 def _settle(answer: Answer, probability: float, raw: float, failure: str | None) -> None:

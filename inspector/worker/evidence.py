@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,9 @@ from PIL import Image
 from inspector.config import EvidenceSettings
 from inspector.imagefiles import map_png as encode_map_png
 from inspector.messages import FRAME_ID_MAX_BYTES, SOURCE_ID_MAX_BYTES, Capture, clean_id
-from inspector.plugin import can_explain
 from inspector.s3store import is_s3_url, parse_s3_url
 from inspector.s3store import make_client as make_s3_client
 from inspector.worker.metrics import Metrics
-from inspector.worker.serving import ServedModel
 from inspector.worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -144,42 +142,6 @@ def image_size(body: bytes, content_type: str | None, fallback: tuple[int, int] 
         except Exception:  # noqa: BLE001 - not an image after all: the decoded size serves
             pass
     return fallback
-
-
-class _Explaining:
-    """A plugin whose `score` is its `explain`: the same scores, and each call's `map_of` kept."""
-
-    def __init__(self, plugin: Any) -> None:
-        self._plugin = plugin
-        self.calls: list[tuple[Callable[[int, tuple[int, int]], np.ndarray], int]] = []
-
-    def score(self, batch: Any) -> Any:
-        explained = self._plugin.explain(batch)
-        self.calls.append((explained.map_of, len(batch)))
-        return explained.scores
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._plugin, name)
-
-
-class Maps:
-    """The maps of one scored batch, if its plugin drew them; `of(i)` draws frame i's at a given size."""
-
-    def __init__(self, explaining: _Explaining | None = None, size: int = 0) -> None:
-        self._explaining = explaining
-        self._size = size
-
-    def of(self, index: int) -> Callable[[tuple[int, int]], np.ndarray] | None:
-        """A function of (width, height) giving frame `index`'s map, or None: no maps, or the batch was
-        scored again frame by frame after a failure (then which call drew which frame is not worth the risk)."""
-        calls = self._explaining.calls if self._explaining is not None else ()
-        if len(calls) != 1 or calls[0][1] != self._size:
-            return None
-        map_of = calls[0][0]
-        return lambda size: map_of(index, size)
-
-
-NO_MAPS = Maps()
 
 
 # -- storage ---------------------------------------------------------------------------------------
@@ -350,13 +312,11 @@ class Evidence:
 
     # -- on the scoring thread (and the error path): quick, never blocks on I/O --------------------
 
-    def explaining(self, model: ServedModel, size: int) -> tuple[ServedModel, Maps]:
-        """The model to score a batch of `size` with, and where its maps will be: the model itself and no
-        maps unless maps are kept and its plugin draws them; then one whose `score` is `explain`."""
-        if not (self.enabled and self._needs_maps and can_explain(model.plugin)):
-            return model, NO_MAPS
-        explaining = _Explaining(model.plugin)
-        return replace(model, plugin=explaining), Maps(explaining, size)
+    @property
+    def wants_maps(self) -> bool:
+        """Whether kept frames carry maps: scored frames may be kept and evidence.maps is on. The scoring
+        thread then scores through the plugin's `explain` (the same scores; serving.explain_batch)."""
+        return self.enabled and self._needs_maps
 
     def ticket(self, capture: Capture, verdict: str, inspected_at: str, original: bytes,
                draw: Callable[[tuple[int, int]], np.ndarray] | None = None,

@@ -49,7 +49,7 @@ from inspector.worker.decode import DecodeLimits, decode_capture
 from inspector.worker.evidence import Evidence
 from inspector.worker.metrics import Metrics
 from inspector.worker.sdnotify import Notifier
-from inspector.worker.serving import ModelSet, Reloader, ServedModel, load_version, score_batch
+from inspector.worker.serving import ModelSet, Reloader, ServedModel, explain_batch, load_version
 from inspector.worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -473,20 +473,20 @@ class Worker:
         model = batch[0].model
         started = time.perf_counter()
         waits = [self._queue_wait(p) for p in batch]
-        scoring, maps = self.evidence.explaining(model, len(batch))  # maps drawn only for frames kept
-        probability, raw, failures = score_batch(scoring, [p.tensor for p in batch],
-                                                 functools.partial(stack_for, self.device))
+        probability, raw, failures, maps = explain_batch(model, [p.tensor for p in batch],  # drawn only if kept
+                                                         functools.partial(stack_for, self.device),
+                                                         maps=self.evidence.wants_maps)
         self.metrics.stage("infer", time.perf_counter() - started)
         self.metrics.batch(model.name, len(batch))
         inspected_at = utc_now()
         outcomes = []
-        for i, (prepared, p, r, failure, wait) in enumerate(zip(batch, probability, raw, failures, waits)):
+        for prepared, p, r, failure, wait, draw in zip(batch, probability, raw, failures, waits, maps):
             capture = prepared.capture
             if failure is not None:
                 self._answer_error(prepared.delivery, capture, "scoring_failed", failure, model)
                 continue
             verdict = "fail" if p >= model.threshold else "pass"
-            kept = self.evidence.ticket(capture, verdict, inspected_at, prepared.delivery.body, maps.of(i),
+            kept = self.evidence.ticket(capture, verdict, inspected_at, prepared.delivery.body, draw,
                                         prepared.size)
             body = result_body(capture, verdict=verdict, probability=float(p), score=float(r),
                                threshold=model.threshold, model=model.identity(), inspected_at=inspected_at,

@@ -7,6 +7,7 @@ warm-up batch gives finite scores; until then, and for ever if it fails, the old
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -22,7 +23,7 @@ from inspector import topics
 from inspector.config import ModelSettings, RouteSettings
 from inspector.errors import FrameError, InspectorError, StateError, StoreUnavailable
 from inspector.messages import Capture
-from inspector.plugin import Plugin, get_plugin
+from inspector.plugin import Plugin, can_explain, get_plugin
 from inspector.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ def load_version(
                        plugin=plugin)
 
 
+MapOf = Callable[[tuple[int, int]], np.ndarray]  # (width, height) -> one frame's anomaly map
+
+
 def score_batch(
     model: ServedModel, tensors: list[torch.Tensor], stack: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack
 ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
@@ -79,34 +83,57 @@ def score_batch(
     the plugin fails on, or whose score is not finite or whose probability is outside [0, 1], gets NaN
     and the reason. The worker and `inspector evaluate` both score this way.
     """
+    probability, raw, failures, _ = explain_batch(model, tensors, stack, maps=False)
+    return probability, raw, failures
+
+
+def explain_batch(
+    model: ServedModel, tensors: list[torch.Tensor], stack: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack,
+    maps: bool = True,
+) -> tuple[np.ndarray, np.ndarray, list[str | None], list[MapOf | None]]:
+    """`score_batch` through the plugin's `explain` (the same scores), plus, per frame, a function of (width,
+    height) that draws its anomaly map later; None for a frame not scored. With `maps` False, or a plugin
+    that draws none, it is `score_batch` and every map is None. The frame-by-frame retry keeps each frame's
+    own map, so the worker and the tools get maps the same way."""
+    explain = maps and can_explain(model.plugin)
+    size = len(tensors)
     try:
-        probability, raw = _score(model, stack(tensors), len(tensors))
-        failures: list[str | None] = [None] * len(tensors)
+        probability, raw, map_of = _score(model, stack(tensors), size, explain)
+        failures: list[str | None] = [None] * size
+        drawn = [None if map_of is None else functools.partial(map_of, i) for i in range(size)]
     except Exception as exc:  # noqa: BLE001 - isolate the frame(s) at fault, one at a time
         log.warning("model %s version %s failed on a batch of %d (%r); scoring its frames one by one",
-                    model.name, model.version, len(tensors), exc, extra={"model": model.name, "version": model.version})
-        probability, raw, failures = np.full(len(tensors), np.nan), np.full(len(tensors), np.nan), []
+                    model.name, model.version, size, exc, extra={"model": model.name, "version": model.version})
+        probability, raw, failures, drawn = np.full(size, np.nan), np.full(size, np.nan), [], []
         for i, tensor in enumerate(tensors):
             try:
-                p, r = _score(model, stack([tensor]), 1)
+                p, r, map_of = _score(model, stack([tensor]), 1, explain)
                 probability[i], raw[i] = p[0], r[0]
                 failures.append(None)
+                drawn.append(None if map_of is None else functools.partial(map_of, 0))
             except Exception as one:  # noqa: BLE001 - this frame's answer says why
                 failures.append(f"{model.plugin_name} failed on this frame: {one!r}")
+                drawn.append(None)
     for i, (p, r) in enumerate(zip(probability, raw)):
         if failures[i] is None and not (np.isfinite(p) and np.isfinite(r) and 0.0 <= p <= 1.0):
             failures[i] = f"{model.plugin_name} gave probability {p} and score {r}"
         if failures[i] is not None:
             probability[i] = raw[i] = np.nan
-    return probability, raw, failures
+            drawn[i] = None
+    return probability, raw, failures, drawn
 
 
-def _score(model: ServedModel, batch: torch.Tensor, size: int) -> tuple[np.ndarray, np.ndarray]:
-    scores = model.plugin.score(batch)
+def _score(model: ServedModel, batch: torch.Tensor, size: int,
+           explain: bool) -> tuple[np.ndarray, np.ndarray, Callable[[int, tuple[int, int]], np.ndarray] | None]:
+    if explain:
+        explained = model.plugin.explain(batch)
+        scores, map_of = explained.scores, explained.map_of
+    else:
+        scores, map_of = model.plugin.score(batch), None
     probability, raw = np.array(scores.probability, float), np.array(scores.raw, float)
     if probability.shape != (size,) or raw.shape != (size,):
         raise StateError(f"a batch of {size} gave {probability.shape} probabilities and {raw.shape} scores")
-    return probability, raw
+    return probability, raw, map_of
 
 
 def warm_up(plugin: Plugin) -> None:
