@@ -2,6 +2,7 @@
 decode turned into a delivery the worker can still answer. No broker."""
 
 import struct
+import time
 
 import pika
 import pika.frame
@@ -65,3 +66,19 @@ def test_a_frame_that_is_not_a_content_header_is_not_salvaged():
     method = struct.pack(">BHL", pika.spec.FRAME_METHOD, 1, 4) + b"\0\0\0\0" + bytes([pika.spec.FRAME_END])
     assert _salvage_header(method, ValueError("x")) is None
     assert _salvage_header(b"\x02\x00", ValueError("x")) is None  # too short to read
+
+
+def test_trimming_a_dead_letter_with_a_full_frame_of_headers_is_one_pass():
+    """26,000 void headers (a capture that fills a frame with them) were dropped one at a time, the whole
+    table re-encoded after each: ~10 s of broker-thread time per capture, enough for a burst to starve
+    heartbeats. Now each header is measured once."""
+    headers = {f"h{i:05d}": None for i in range(26_000)}
+    properties = pika.BasicProperties(headers=headers, content_type="x" * 200)
+    started = time.perf_counter()
+    trimmed = _dead_letter_properties(outcome(properties), budget=4096)
+    elapsed = time.perf_counter() - started
+    assert _encoded_size(trimmed) <= 4096
+    kept = [key for key in trimmed.headers if key.startswith("h")]
+    assert trimmed.headers["x-inspector-headers-dropped"] == len(headers) - len(kept)
+    assert len(kept) > 100  # what fits is kept, not everything dropped
+    assert elapsed < 1.0, f"trimming took {elapsed:.2f} s"

@@ -29,12 +29,13 @@ import random
 import struct
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pika
+import pika.data
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
@@ -44,6 +45,7 @@ from inspector.broker import connection_parameters
 from inspector.config import Settings, redact_url
 from inspector.errors import BrokerError, ConfigError, InspectorError
 from inspector.messages import RESULT_SCHEMA, printable
+from inspector.worker.ledger import ENDED, HELD, Entry, Ledger
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,10 @@ UNROUTABLE_PREFIX = "unroutable."
 RECV_BYTES = 256 * 1024  # one socket read at most (pika's own is 4 KiB): two body frames at RabbitMQ's frame_max
 CONSUME_BYTES = RECV_BYTES  # read per readable event before the IOLoop serves its timers and callbacks again
 MERGED_WRITE_BYTES = 64 * 1024  # writes up to this size are merged into one send (results, acks; not dead letters)
+RESUME_SHARE = 0.75  # paused over worker.max_inflight_bytes, consuming resumes below this share of it
+MAX_RESULT_REFUSALS = 3  # a capture whose result the broker refused this often is dead-lettered, not requeued
+REFUSALS_REMEMBERED = 4096  # frames whose refusals are counted (the oldest forgotten first)
+SIZES_REMEMBERED = 64  # the prefetch follows the largest of this many recent capture bodies
 
 
 class UndecodableProperties(pika.BasicProperties):
@@ -241,6 +247,9 @@ class Consumer:
         self.unroutable = 0  # results kept in the dead-letter exchange because no queue took them
         self.last_tick = time.monotonic()  # the IOLoop's last heartbeat, for the watchdog
         self.on_unroutable: Callable[[], None] = lambda: None
+        self.on_budget: Callable[[Ledger], None] = lambda ledger: None  # after every change of the books
+        self.on_refused: Callable[[str], None] = lambda outcome: None  # "requeued" or "given_up"
+        self.ledger = Ledger(settings.worker.max_inflight_bytes, RESUME_SHARE)
         self.connected = threading.Event()
         self.stopped = threading.Event()
         self._nodes = [(redact_url(url), connection_parameters(settings.broker, url)) for url in settings.broker.urls]
@@ -256,9 +265,12 @@ class Consumer:
         self._stopping = False
         self._stop_deadline: float | None = None
         self._last_error = "no attempt yet"
-        self._paused = False
         self._nack_streak = 0
-        self._reset_generation_state()
+        self._refusals: OrderedDict[str, int] = OrderedDict()  # frame id -> results refused so far
+        self._sizes: deque[int] = deque(maxlen=SIZES_REMEMBERED)
+        self._prefetch = 0  # the prefetch of the consumer now registered (0: none)
+        self._not_consuming_since: float | None = None  # connected, not paused, not stopping, yet no consumer
+        self._publish_id = f"{random.getrandbits(48):012x}"  # this process's results' message_id prefix
 
     # -- called from other threads ---------------------------------------------------------
 
@@ -282,24 +294,61 @@ class Consumer:
 
     # -- called on the broker thread (from on_delivery / on_settled) ---------------------------
 
-    def pause(self) -> None:
-        """Take no new deliveries until `resume` (the in-flight byte budget is spent); kept across
-        reconnects. Deliveries already on their way still arrive and are served."""
-        if self._paused:
-            return
-        self._paused = True
-        log.warning("captures held in memory are over worker.max_inflight_bytes: taking no more until some are "
-                    "answered")
+    def pause_reason(self) -> str | None:
+        """Why no captures are taken now, or None while consuming (read from any thread)."""
+        ledger = self.ledger
+        if not ledger.paused:
+            return None
+        return (f"{ledger.bytes} bytes of {ledger.frames} captures held, over worker.max_inflight_bytes "
+                f"({ledger.max_bytes}); consuming again at {int(ledger.max_bytes * RESUME_SHARE)}")
+
+    def stuck_for(self) -> float:
+        """Seconds the worker has taken no captures without a reason (connected, not paused, not stopping,
+        no consumer registered): 0 while all is well. Over a limit, a bug: the watchdog makes it loud."""
+        since = self._not_consuming_since
+        if since is None:
+            return 0.0
+        return max(0.0, time.monotonic() - since)
+
+    def _pause(self) -> None:
+        """Take no new deliveries: the in-flight byte budget is spent. Kept across reconnects. Deliveries
+        already on their way still arrive (at most one prefetch window, which follows the frames' size)."""
+        log.warning("captures held in memory are over worker.max_inflight_bytes (%s): taking no more until some "
+                    "are answered", self.pause_reason())
+        self._cancel_consumer()
+
+    def _cancel_consumer(self) -> None:
         if self._channel is not None and self._channel.is_open and self._consumer_tag:
             self._channel.basic_cancel(self._consumer_tag)
-            self._consumer_tag = None
+        self._consumer_tag, self._prefetch = None, 0
 
-    def resume(self) -> None:
-        if not self._paused:
+    def _budget_changed(self) -> None:
+        """After any change of the books: resume when the budget allows, and tell the worker (metrics)."""
+        if self.ledger.should_resume():
+            log.info("captures held in memory are back under budget: consuming again")
+            self._consume()
+        self._note_consuming()
+        try:
+            self.on_budget(self.ledger)
+        except Exception:  # noqa: BLE001 - metrics must not break the books
+            log.exception("reporting the in-flight budget failed")
+
+    def _note_consuming(self) -> None:
+        ledger = self.ledger
+        without_cause = not ledger.paused or ledger.bytes <= ledger.max_bytes * RESUME_SHARE
+        idle = (self._channel is not None and not self._stopping and without_cause
+                and self._consumer_tag is None and self.connected.is_set())
+        if not idle:
+            self._not_consuming_since = None
+        elif self._not_consuming_since is None:
+            self._not_consuming_since = time.monotonic()
+
+    def _end(self, entry: Entry, how: str, outcome: Outcome | None, acked: bool) -> None:
+        """End a delivery's life on the books (once: a second end releases nothing and tells no one)."""
+        if not self.ledger.end(entry, how):
             return
-        self._paused = False
-        log.info("captures held in memory are back under budget: consuming again")
-        self._consume()
+        if outcome is not None:
+            self.on_settled(outcome, acked)
 
     # -- the broker thread ------------------------------------------------------------------
 
@@ -319,13 +368,8 @@ class Consumer:
 
     def _tick(self) -> None:
         self.last_tick = time.monotonic()
+        self._note_consuming()
         self._ioloop.call_later(TICK_S, self._tick)
-
-    def _reset_generation_state(self) -> None:
-        self._unacked: OrderedDict[int, None] = OrderedDict()  # delivery tags in delivery order
-        self._waiting: dict[int, list[Any]] = {}  # delivery tag -> [publishes unconfirmed, outcome, nacked]
-        self._sequence = 0
-        self._sequence_tags: OrderedDict[int, int] = OrderedDict()  # publish sequence -> delivery tag
 
     def _connect(self) -> None:
         if self._stopping:
@@ -361,6 +405,7 @@ class Consumer:
 
     def _on_channel_open(self, channel: Any) -> None:
         self._channel = channel
+        self.ledger.connected()
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
         channel.add_on_return_callback(self._on_return)
@@ -381,7 +426,6 @@ class Consumer:
                 "x-delivery-limit": worker.delivery_limit,
             }, callback=done),
             *(functools.partial(_bind, worker.queue, ex.captures, key) for key in worker.binding_keys),
-            lambda ch, done: ch.basic_qos(prefetch_count=worker.prefetch, callback=done),
             lambda ch, done: ch.queue_declare("", exclusive=True, auto_delete=True, callback=done),
         ]
         return steps
@@ -405,8 +449,8 @@ class Consumer:
         channel.basic_consume(control_queue, self._on_control_message, auto_ack=True)
         if self._stopping:
             return
+        self.generation = self.ledger.generation
         self._consume()
-        self.generation += 1
         self._ever_connected = True
         self._attempt = 0
         log.info("connected to %s; consuming %s (prefetch %d)", self._nodes[self._node][0],
@@ -415,24 +459,53 @@ class Consumer:
         self.on_connection(True)
 
     def _consume(self) -> None:
+        """Register the capture consumer, its prefetch sized so that one window of deliveries fits the
+        byte budget (see `prefetch_for`). basic.qos applies to consumers registered after it."""
         channel = self._channel
-        if self._paused or self._stopping or self._consumer_tag or channel is None or not channel.is_open:
+        if self.ledger.paused or self._stopping or self._consumer_tag or channel is None or not channel.is_open:
             return
-        self._consumer_tag = channel.basic_consume(self.settings.worker.queue, self._on_message)
+        worker = self.settings.worker
+        self._prefetch = prefetch_for(worker.prefetch, worker.max_inflight_bytes, self._largest_recent())
+        channel.basic_qos(prefetch_count=self._prefetch)
+        self._consumer_tag = channel.basic_consume(worker.queue, self._on_message)
+
+    def _largest_recent(self) -> int:
+        """The largest capture body of late; before any, the configured prefetch stands."""
+        return max(self._sizes) if self._sizes else 1
+
+    def _grow_prefetch(self) -> None:
+        """Frames shrank since the prefetch was cut to fit large ones: register the consumer anew with a
+        prefetch twice or more the current one. (It shrinks by itself: large frames spend the budget, the
+        pause cancels the consumer, and it comes back with a prefetch sized to them.) Deliveries already
+        made stay with the channel; any the broker sends before the cancel is done are requeued by pika."""
+        worker = self.settings.worker
+        wanted = prefetch_for(worker.prefetch, worker.max_inflight_bytes, self._largest_recent())
+        if self._consumer_tag and wanted >= self._prefetch * 2:
+            log.info("captures of up to %d bytes: prefetch %d -> %d", self._largest_recent(), self._prefetch, wanted)
+            self._cancel_consumer()
+            self._consume()
 
     def _on_message(self, channel: Any, method: Basic.Deliver, properties: pika.BasicProperties, body: bytes) -> None:
-        self._unacked[method.delivery_tag] = None
+        if not self.ledger.live:  # pika delivers nothing after a close; if it did, the broker redelivers it
+            return
+        entry, crossed = self.ledger.take(method.delivery_tag, len(body))
+        self._sizes.append(len(body))
+        if crossed:
+            self._pause()
+        else:
+            self._grow_prefetch()
         try:
             self.on_delivery(Delivery(
-                generation=self.generation, tag=method.delivery_tag, exchange=method.exchange,
+                generation=entry.generation, tag=method.delivery_tag, exchange=method.exchange,
                 routing_key=method.routing_key, properties=properties, body=body,
                 redelivered=bool(method.redelivered), received_at=time.time(),
             ))
         except Exception:  # noqa: BLE001 - never hold a capture nobody will answer
             log.exception("handing a delivery to the worker failed; it is returned to the queue")
-            self._unacked.pop(method.delivery_tag, None)
+            self.ledger.end(entry, "returned")
             if channel.is_open:
                 channel.basic_nack(method.delivery_tag, requeue=True)
+        self._budget_changed()
 
     def _on_control_message(self, _channel: Any, method: Basic.Deliver, _properties: Any, body: bytes) -> None:
         try:
@@ -444,37 +517,47 @@ class Consumer:
 
     @_survive
     def _publish(self, outcomes: list[Outcome]) -> None:
-        channel = self._channel
-        for outcome in outcomes:
-            delivery = outcome.delivery
-            if (channel is None or not channel.is_open or delivery.generation != self.generation
-                    or delivery.tag not in self._unacked):
-                self.on_settled(outcome, False)  # from a lost connection: the broker redelivers it
-                continue
-            if outcome.result is None:
-                self._reject(channel, outcome, "no result could be built")
-                continue
-            try:
-                published = self._publish_one(channel, outcome)
-            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError, OSError) as exc:
-                log.warning("publishing the result of frame %s failed (%s); the capture will be redelivered",
-                            outcome.frame_id, _describe_error(exc))
-                self.on_settled(outcome, False)
-                continue
-            except Exception as exc:  # noqa: BLE001 - the message, not the connection: answer it once
-                self._reject(channel, outcome, _describe_error(exc))
-                continue
-            entry = self._waiting.setdefault(delivery.tag, [0, outcome, False])
-            entry[0] += published
-            entry[1] = outcome
+        try:
+            for outcome in outcomes:
+                self._publish_outcome(outcome)
+        finally:
+            self._budget_changed()
 
-    def _publish_one(self, channel: Any, outcome: Outcome) -> int:
-        """The result (mandatory: a result no queue takes comes back, see _on_return) and any dead letter;
-        how many publishes await a confirm. Both are marshalled before either is sent, so a message pika
-        refuses (a field over an AMQP limit) sends nothing."""
+    def _publish_outcome(self, outcome: Outcome) -> None:
+        channel = self._channel
+        delivery = outcome.delivery
+        entry = self.ledger.find(delivery.generation, delivery.tag)
+        if entry is None or channel is None or not channel.is_open:
+            stale = self.ledger.held(delivery.generation, delivery.tag)
+            if stale is not None and stale.state == HELD:  # from a lost connection: the broker redelivers it
+                self._end(stale, "stale", outcome, False)
+            elif stale is None:
+                log.debug("frame %s: an answer for a delivery already settled; ignored", outcome.frame_id)
+            return
+        entry.outcome = outcome
+        if outcome.result is None:
+            self._reject(channel, entry, "no result could be built")
+            return
+        try:
+            self._publish_one(channel, entry)
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError, OSError) as exc:
+            log.warning("publishing the result of frame %s failed (%s); the capture will be redelivered",
+                        outcome.frame_id, _describe_error(exc))
+            if entry.state == HELD:  # nothing went out: no confirm will end it
+                self._end(entry, "stale", outcome, False)
+        except Exception as exc:  # noqa: BLE001 - the message, not the connection: answer it once
+            self._reject(channel, entry, _describe_error(exc))
+
+    def _publish_one(self, channel: Any, entry: Entry) -> None:
+        """The result (mandatory: a result no queue takes comes back, see _on_return) and any dead letter,
+        each on the books as a publish awaiting its confirm. Both are marshalled before either is sent, so a
+        message pika refuses (a field over an AMQP limit) sends nothing. The result's message_id names this
+        publish, so a return finds its own capture even when two captures share a frame id."""
+        outcome: Outcome = entry.outcome
         delivery = outcome.delivery
         result_properties = pika.BasicProperties(
             content_type="application/json", delivery_mode=2, correlation_id=outcome.frame_id,
+            message_id=f"{self._publish_id}.{entry.generation}.{self.ledger.next_sequence()}",
             timestamp=int(time.time()), type=RESULT_SCHEMA,
         )
         dead_properties = None
@@ -484,24 +567,22 @@ class Consumer:
             dead_properties.encode()
         channel.basic_publish(self.settings.broker.exchanges.results, outcome.routing_key, outcome.result,
                               result_properties, mandatory=True)
-        self._track(delivery.tag)
+        self.ledger.publish(entry)
         if dead_properties is None:
-            return 1
+            return
         channel.basic_publish(self.settings.broker.exchanges.dead, delivery.routing_key, delivery.body,
                               dead_properties)
-        self._track(delivery.tag)
-        return 2
+        self.ledger.publish(entry)
 
-    def _reject(self, channel: Any, outcome: Outcome, why: str) -> None:
+    def _reject(self, channel: Any, entry: Entry, why: str) -> None:
         """Nack the capture without requeue: its queue's dead-letter exchange keeps it, untouched, with the
         broker's x-death header. The last resort when no result can be published for it."""
+        outcome: Outcome = entry.outcome
         log.error("frame %s: no result can be published (%s); the capture goes to %s", outcome.frame_id, why,
                   self.settings.broker.exchanges.dead)
-        tag = outcome.delivery.tag
-        self._unacked.pop(tag, None)
-        channel.basic_nack(tag, requeue=False)
+        channel.basic_nack(entry.tag, requeue=False)
         outcome.record = None  # no result went out: counted as an internal error, not as its verdict
-        self.on_settled(outcome, True)
+        self._end(entry, "dead-lettered", outcome, True)
         self._maybe_finish_stop()
 
     def _properties_budget(self) -> int:
@@ -514,15 +595,15 @@ class Consumer:
         """A result no queue took (nothing bound on the results exchange for its routing key): keep it on
         the dead-letter exchange, where `inspection.dead` holds it, before its capture is acked. The
         broker sends the return before the confirm of that publish, so the capture waits for this one."""
-        tag = next((tag for tag, entry in self._waiting.items() if entry[1].frame_id == properties.correlation_id),
-                   None)
+        entry = self.ledger.by_sequence(_publish_sequence(properties.message_id, self._publish_id,
+                                                          self.ledger.generation))
         self.unroutable += 1
         self.on_unroutable()
         if self.unroutable == 1 or self.unroutable % 1000 == 0:
             log.warning("results exchange %s has no queue for %r (%d results so far): they are kept in %s; bind "
                         "a queue for the results", self.settings.broker.exchanges.results, method.routing_key[:100],
                         self.unroutable, self.settings.broker.exchanges.dead)
-        if tag is None or channel is not self._channel or not channel.is_open:
+        if entry is None or entry.state == ENDED or channel is not self._channel or not channel.is_open:
             return
         key = UNROUTABLE_PREFIX + method.routing_key
         if len(key.encode()) > 255:
@@ -533,79 +614,89 @@ class Consumer:
                                     correlation_id=properties.correlation_id, timestamp=properties.timestamp,
                                     type=properties.type, headers=headers)
         channel.basic_publish(self.settings.broker.exchanges.dead, key, body, kept)
-        self._track(tag)
-        self._waiting[tag][0] += 1
-
-    def _track(self, delivery_tag: int) -> None:
-        self._sequence += 1
-        self._sequence_tags[self._sequence] = delivery_tag
+        self.ledger.publish(entry)
 
     @_survive
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
-        acked = isinstance(method, Basic.Ack)
-        tags: list[int] = []
-        if method.multiple:
-            while self._sequence_tags and next(iter(self._sequence_tags)) <= method.delivery_tag:
-                tags.append(self._sequence_tags.popitem(last=False)[1])
-        elif method.delivery_tag in self._sequence_tags:
-            tags.append(self._sequence_tags.pop(method.delivery_tag))
-        ready: list[int] = []
-        for tag in tags:
-            entry = self._waiting.get(tag)
-            if entry is None:
-                continue
-            entry[0] -= 1
-            entry[2] = entry[2] or not acked
-            if entry[0] == 0:
-                ready.append(tag)
-        if ready:
-            self._settle(ready)
+        done = self.ledger.confirm(method.delivery_tag, bool(method.multiple), isinstance(method, Basic.Ack))
+        if done:
+            try:
+                self._settle(done)
+            finally:
+                self._budget_changed()
 
-    def _settle(self, tags: list[int]) -> None:
+    def _settle(self, entries: list[Entry]) -> None:
         channel = self._channel
-        done = {tag: self._waiting.pop(tag) for tag in tags}
-        refused = [(tag, outcome) for tag, (_, outcome, nacked) in done.items() if nacked]
+        refused = [entry for entry in entries if entry.nacked]
+        confirmed = [entry for entry in entries if not entry.nacked]
         if refused:
-            self._requeue_later(refused)
-        elif done:
+            self._refused(channel, refused)
+        elif confirmed:
             self._nack_streak = 0
-        ackable = {tag for tag, (_, _, nacked) in done.items() if not nacked}
-        last, count = None, 0
-        while self._unacked and next(iter(self._unacked)) in ackable:
-            last = self._unacked.popitem(last=False)[0]
-            ackable.discard(last)
-            count += 1
+        last, multiple, alone = self.ledger.ack_plan(confirmed)
         if last is not None:
-            channel.basic_ack(last, multiple=count > 1)
-        for tag in ackable:
+            channel.basic_ack(last, multiple=multiple)
+        for tag in alone:
             channel.basic_ack(tag)
-            self._unacked.pop(tag, None)
-        for _, outcome, nacked in done.values():
-            if not nacked:
-                self.on_settled(outcome, True)
+        for entry in confirmed:
+            self._end(entry, "acked", entry.outcome, True)
         self._maybe_finish_stop()
 
-    def _requeue_later(self, refused: list[tuple[int, Outcome]]) -> None:
-        """The broker could not take a result (nack): requeue its capture after a pause that grows while
-        refusals go on, so a broker in trouble is not hammered with the same captures."""
+    def _refused(self, channel: Any, entries: list[Entry]) -> None:
+        """The broker refused a result (a nack: a queue at its length limit with reject-publish, a broker in
+        trouble). The result may have reached every other queue, so each retry repeats it there: a capture
+        is requeued after a growing pause at most MAX_RESULT_REFUSALS - 1 times, then dead-lettered."""
+        again: list[Entry] = []
+        for entry in entries:
+            frame_id = entry.outcome.frame_id
+            refusals = self._refusals.pop(frame_id, 0) + 1
+            if refusals < MAX_RESULT_REFUSALS:
+                self._refusals[frame_id] = refusals
+                while len(self._refusals) > REFUSALS_REMEMBERED:
+                    self._refusals.popitem(last=False)
+                self.ledger.refuse(entry)
+                again.append(entry)
+                continue
+            log.error("RabbitMQ refused the result of frame %s %d times (is a results queue full with "
+                      "x-overflow reject-publish?); the capture goes to %s instead of being scored again",
+                      entry.outcome.frame_id, refusals, self.settings.broker.exchanges.dead)
+            channel.basic_nack(entry.tag, requeue=False)
+            self._notify_refused("given_up")
+            self._end(entry, "given-up", entry.outcome, False)
+        if again:
+            self._requeue_later(again)
+
+    def _notify_refused(self, outcome: str) -> None:
+        try:
+            self.on_refused(outcome)
+        except Exception:  # noqa: BLE001 - metrics must not break the books
+            log.exception("counting a refused result failed")
+
+    def _requeue_later(self, refused: list[Entry]) -> None:
+        """Requeue after a pause that grows while refusals go on, so a broker in trouble is not hammered
+        with the same captures."""
         delay = min(NACK_BACKOFF_MAX_S, _FIRST_BACKOFF_S * 2 ** min(self._nack_streak, 16))
         self._nack_streak += 1
-        generation = self.generation
-        for _, outcome in refused:
+        for entry in refused:
             log.warning("RabbitMQ refused the result of frame %s; the capture is requeued in %.1f s",
-                        outcome.frame_id, delay)
-        self._ioloop.call_later(delay, functools.partial(self._requeue, generation, refused))
+                        entry.outcome.frame_id, delay)
+        self._ioloop.call_later(delay, functools.partial(self._requeue, refused))
 
     @_survive
-    def _requeue(self, generation: int, refused: list[tuple[int, Outcome]]) -> None:
+    def _requeue(self, refused: list[Entry]) -> None:
         channel = self._channel
-        for tag, outcome in refused:
-            if generation == self.generation and channel is not None and channel.is_open and tag in self._unacked:
-                channel.basic_nack(tag, requeue=True)
-                self._unacked.pop(tag, None)
-            self.on_settled(outcome, False)
-        self._maybe_finish_stop()
+        try:
+            for entry in refused:
+                if entry.state == ENDED:  # its connection was lost meanwhile: already redelivered
+                    continue
+                if channel is not None and channel.is_open and entry.generation == self.ledger.generation:
+                    channel.basic_nack(entry.tag, requeue=True)
+                self._notify_refused("requeued")
+                self._end(entry, "requeued", entry.outcome, False)
+            self._maybe_finish_stop()
+        finally:
+            self._budget_changed()
 
     # -- stopping and losing the connection ---------------------------------------------------
 
@@ -614,20 +705,18 @@ class Consumer:
         if self._stopping and self._stop_deadline is not None and deadline >= self._stop_deadline:
             return
         self._stopping, self._stop_deadline = True, deadline
-        if self._channel is not None and self._channel.is_open and self._consumer_tag:
-            self._channel.basic_cancel(self._consumer_tag)
-            self._consumer_tag = None
+        self._cancel_consumer()
         self._ioloop.call_later(max(0.0, grace_s), self._grace_over)
         self._maybe_finish_stop()
 
     def _grace_over(self) -> None:
-        if self._unacked:
+        if self.ledger.unacked():
             log.warning("shutdown grace period over with %d captures unsettled; the broker will redeliver them",
-                        len(self._unacked))
+                        self.ledger.unacked())
         self._close()
 
     def _maybe_finish_stop(self) -> None:
-        if self._stopping and not self._unacked:
+        if self._stopping and not self.ledger.unacked():
             self._close()
 
     def _close(self) -> None:
@@ -656,11 +745,14 @@ class Consumer:
             self._connection.close()
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
-        self._connection, self._channel, self._consumer_tag = None, None, None
+        self._connection, self._channel, self._consumer_tag, self._prefetch = None, None, None, 0
         self._last_error = _describe_error(reason)
-        held = len(self._unacked)
-        self._reset_generation_state()
+        held = self.ledger.unacked()
+        for entry in self.ledger.lose_connection():  # answered, not yet confirmed: the broker redelivers them
+            if entry.outcome is not None:
+                self.on_settled(entry.outcome, False)
         self.connected.clear()
+        self._budget_changed()
         self.on_connection(False)
         if self._stopping:
             log.info("connection closed")
@@ -732,16 +824,32 @@ def _dead_letter_properties(outcome: Outcome, budget: int) -> pika.BasicProperti
         )
 
     properties = build(headers, 0)
+    full = _encoded_size(properties)
+    if full <= budget:
+        return properties
+    # One pass: an AMQP table's size is the sum of its items' sizes, so each header is measured once
+    # and the largest are dropped until the rest fit (re-encoding the table per drop was quadratic).
+    sizes = {key: _item_size(key, value) for key, value in headers.items()}
+    excess = full - budget + 64  # room for the dropped count's own header (under 40 bytes)
+    dropped = 0
+    for key in sorted(sizes, key=sizes.__getitem__, reverse=True):
+        if excess <= 0:
+            break
+        excess -= sizes.pop(key)
+        dropped += 1
+    properties = build({key: headers[key] for key in sizes}, dropped)
     if _encoded_size(properties) <= budget:
         return properties
-    by_size = sorted(headers, key=lambda key: _encoded_size(pika.BasicProperties(headers={key: headers[key]})),
-                     reverse=True)
-    for dropped, key in enumerate(by_size, start=1):
-        del headers[key]
-        properties = build(headers, dropped)
-        if _encoded_size(properties) <= budget:
-            return properties
-    return build({}, len(by_size))
+    return build({}, len(headers))
+
+
+def _item_size(key: str, value: Any) -> int:
+    """What one header adds to an encoded table; a header pika cannot encode counts as too large to keep."""
+    try:
+        pieces: list[bytes] = []
+        return pika.data.encode_short_string(pieces, key) + pika.data.encode_value(pieces, value)
+    except Exception:  # noqa: BLE001 - dropped first
+        return 1 << 30
 
 
 def _encoded_size(properties: pika.BasicProperties) -> int:
@@ -771,3 +879,21 @@ def _describe_error(error: BaseException) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else repr(error)
 
+
+
+def prefetch_for(configured: int, budget: int, largest: int) -> int:
+    """The prefetch that keeps one window of deliveries within the byte budget: the broker sends up to
+    this many captures before any is acked, and a pause cannot call back what is already on its way.
+    Never over worker.prefetch, never under 1."""
+    return max(1, min(configured, budget // max(1, largest)))
+
+
+def _publish_sequence(message_id: str | None, prefix: str, generation: int) -> int:
+    """The publish sequence number a returned result's message_id names, or 0 (no publish has 0)."""
+    head = f"{prefix}.{generation}."
+    if not message_id or not message_id.startswith(head):
+        return 0
+    try:
+        return int(message_id[len(head):])
+    except ValueError:
+        return 0
