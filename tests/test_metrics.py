@@ -314,7 +314,7 @@ def test_concurrent_calls_lose_no_count():
 def test_idle_connections_cannot_pin_threads_and_are_hung_up_on(served, monkeypatch):
     from inspector.worker import metrics as metrics_module
 
-    monkeypatch.setattr(metrics_module._Handler, "timeout", 1.0)
+    monkeypatch.setattr(metrics_module, "HTTP_REQUEST_DEADLINE_S", 1.0)
     metrics, base = served
     host, port = base.removeprefix("http://").split(":")
     threads_before = threading.active_count()
@@ -340,3 +340,192 @@ def test_healthz_and_readyz_say_why_the_worker_is_unhealthy(served):
     assert request(f"{base}/readyz")[:2] == (503, "the scoring thread has stopped\n")
     metrics.thread_stalls = lambda: {"scoring": 42.0, "broker": 0.0}
     assert value(scrape(base), "inspector_thread_stall_seconds", thread="scoring") == 42.0
+
+
+# -- slow clients ------------------------------------------------------------------------------
+
+
+def _trickle(sockets, stop, every_s):
+    """Send one byte of a request line to each socket every `every_s`, until `stop` (as a slow client does)."""
+    line = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10_000
+    position = 0
+    while not stop.wait(every_s):
+        for connection in sockets:
+            try:
+                connection.sendall(line[position : position + 1])
+            except OSError:
+                pass  # hung up on: what the server should do
+        position = (position + 1) % len(line)
+
+
+def _open(base, count):
+    host, port = base.removeprefix("http://").split(":")
+    return [socket.create_connection((host, int(port))) for _ in range(count)]
+
+
+def test_trickling_clients_cannot_keep_the_health_endpoints_unanswered(served):
+    """More slow clients than connection slots, each sending a byte well within any per-recv timeout:
+    /healthz, /readyz and /metrics still answer at once."""
+    from inspector.worker import metrics as metrics_module
+
+    metrics, base = served
+    metrics.set_broker_connected(True)
+    metrics.set_model("default", "dfkde", "v1", 0.5)
+    slow = _open(base, metrics_module.HTTP_MAX_CONNECTIONS + 4)
+    stop = threading.Event()
+    trickler = threading.Thread(target=_trickle, args=(slow, stop, 0.2), daemon=True)
+    trickler.start()
+    try:
+        time.sleep(0.5)  # every slot taken by a client that is still sending its request
+        for path, expected in (("/healthz", (200, "ok\n")), ("/readyz", (200, "ready\n"))):
+            started = time.monotonic()
+            assert request(f"{base}{path}")[:2] == expected
+            assert time.monotonic() - started < 2.0, path
+        started = time.monotonic()
+        assert value(scrape(base), "inspector_broker_connected") == 1
+        assert time.monotonic() - started < 2.0
+    finally:
+        stop.set()
+        trickler.join()
+        for connection in slow:
+            connection.close()
+
+
+def test_a_request_that_trickles_is_hung_up_on_at_its_deadline(served, monkeypatch):
+    """The deadline is for the whole request head, not for each read: a byte every 0.2 s does not extend it."""
+    from inspector.worker import metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "HTTP_REQUEST_DEADLINE_S", 1.0, raising=False)
+    _, base = served
+    (connection,) = _open(base, 1)
+    connection.settimeout(0.2)
+    started, closed_after = time.monotonic(), None
+    line = b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 1000
+    try:
+        for byte in line:
+            try:
+                connection.sendall(bytes([byte]))
+                if connection.recv(1024) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                pass  # still open, nothing said: keep trickling
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+            if time.monotonic() - started > 4.0:
+                break
+    finally:
+        connection.close()
+    assert closed_after is not None and closed_after < 1.0 + 1.0
+
+
+def test_a_huge_request_head_is_refused_without_being_kept(served):
+    """A request head over HTTP_MAX_REQUEST_BYTES (here 60 headers of 4 KiB, each line and the count within
+    the HTTP parser's own limits) is not read to its end nor answered: 16 of them cannot hold 100 MB."""
+    _, base = served
+    (connection,) = _open(base, 1)
+    connection.settimeout(5)
+    answer = b""
+    try:
+        connection.sendall(b"GET /healthz HTTP/1.1\r\n")
+        for _ in range(60):
+            connection.sendall(b"X-Pad: " + b"a" * 4089 + b"\r\n")
+        connection.sendall(b"\r\n")
+        while chunk := connection.recv(65536):
+            answer += chunk
+    except OSError:
+        pass  # hung up on while sending: a reset or a broken pipe
+    finally:
+        connection.close()
+    assert not answer.startswith(b"HTTP/1.0 200"), answer[:100]
+    assert request(f"{base}/healthz")[:2] == (200, "ok\n")
+
+
+# -- labels the configuration names ------------------------------------------------------------
+
+
+def test_reserved_label_values_keep_their_own_series_whatever_came_first(served):
+    metrics, base = served  # max_label_values=3
+    metrics.reserve("camera", ["cam-real-1", "cam-real-2"])
+    for index in range(10):  # junk camera ids right after a start
+        frame(metrics, "pass", 0.1, 0.01, 0.005, camera=f"junk{index}")
+    frame(metrics, "fail", 0.9, 0.01, 0.005, camera="cam-real-1")
+    frame(metrics, "fail", 0.9, 0.01, 0.005, camera="cam-real-2")
+
+    s = scrape(base)
+    cameras = {labels["camera"] for labels in series(s, "inspector_frames_total")}
+    assert {"cam-real-1", "cam-real-2", "other"} <= cameras
+    assert len(cameras - {"cam-real-1", "cam-real-2", "other"}) == 3  # the cap still holds for the rest
+    assert value(s, "inspector_frames_total", line="line1", camera="cam-real-1", model="default", verdict="fail") == 1
+
+
+def test_the_configured_models_lines_and_cameras_are_the_reserved_values():
+    from inspector.config import Settings
+    from inspector.worker.metrics import configured_label_values
+
+    settings = Settings.model_validate({
+        "models": {"default": {}, "bottles": {}},
+        "worker": {"binding_keys": ["line1.#", "line4.cam9"],
+                   "routes": [{"match": "line2.*", "model": "bottles"}, {"match": "*.cam3", "model": "bottles"},
+                              {"match": "#", "model": "default"}]},
+    })  # fmt: skip
+    assert configured_label_values(settings) == {
+        "model": {"default", "bottles", "none"}, "line": {"line1", "line2", "line4"}, "camera": {"cam3", "cam9"},
+    }  # fmt: skip
+
+
+# -- implausible capture times -----------------------------------------------------------------
+
+
+def test_implausible_frame_ages_are_counted_not_observed(served):
+    metrics, base = served
+    assert value(scrape(base), "inspector_frame_age_implausible_total") == 0
+    epoch_age = time.time()  # captured_at of 1970
+    frame(metrics, "pass", 0.1, epoch_age, epoch_age - 1)
+    frame(metrics, "pass", 0.1, -400 * 86400.0, -400 * 86400.0)  # a camera clock a year ahead
+    frame(metrics, "pass", 0.1, -2.0, -2.5)  # ordinary clock skew: counts as 0
+    frame(metrics, "pass", 0.1, 0.25, 0.1)
+
+    s = scrape(base)
+    assert value(s, "inspector_frames_total", line="line1", camera="cam1", model="default", verdict="pass") == 4
+    assert value(s, "inspector_frame_latency_seconds_count", model="default") == 2
+    assert value(s, "inspector_frame_latency_seconds_sum", model="default") == pytest.approx(0.25)
+    assert value(s, "inspector_queue_wait_seconds_count", model="default") == 2
+    assert value(s, "inspector_queue_wait_seconds_sum", model="default") == pytest.approx(0.1)
+    assert value(s, "inspector_frame_age_implausible_total") == 2  # per frame, not per histogram
+
+
+# -- what the consumer reports -----------------------------------------------------------------
+
+
+def test_a_paused_consumer_is_shown_and_makes_the_worker_not_ready_but_not_unhealthy(served):
+    metrics, base = served
+    metrics.set_broker_connected(True)
+    metrics.set_model("default", "dfkde", "v1", 0.5)
+    assert value(scrape(base), "inspector_consumer_paused") == 0
+    metrics.set_consumer_paused("captures held in memory are over worker.max_inflight_bytes")
+    assert value(scrape(base), "inspector_consumer_paused") == 1
+    assert request(f"{base}/readyz")[:2] == (
+        503, "consuming paused: captures held in memory are over worker.max_inflight_bytes\n")
+    assert metrics.not_ready_reason() == "consuming paused: captures held in memory are over worker.max_inflight_bytes"
+    assert request(f"{base}/healthz")[:2] == (200, "ok\n")
+    metrics.set_consumer_paused(None)
+    assert value(scrape(base), "inspector_consumer_paused") == 0
+    assert request(f"{base}/readyz")[:2] == (200, "ready\n")
+
+
+def test_refused_results_are_counted_by_outcome_from_zero(served, caplog):
+    metrics, base = served
+    s = scrape(base)
+    assert value(s, "inspector_results_refused_total", outcome="requeued") == 0
+    assert value(s, "inspector_results_refused_total", outcome="given_up") == 0
+    metrics.result_refused("requeued")
+    metrics.result_refused("requeued")
+    metrics.result_refused("given_up")
+    with caplog.at_level(logging.WARNING, logger="inspector.worker.metrics"):
+        metrics.result_refused("shrugged")
+    assert "result_refused failed" in caplog.text
+    s = scrape(base)
+    assert value(s, "inspector_results_refused_total", outcome="requeued") == 2
+    assert value(s, "inspector_results_refused_total", outcome="given_up") == 1

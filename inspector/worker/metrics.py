@@ -9,6 +9,7 @@ method is cheap, thread safe, and logs a failure instead of raising it.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
 import platform
@@ -35,16 +36,18 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 import inspector
-from inspector.config import MetricsSettings
+from inspector.config import MetricsSettings, Settings
 from inspector.errors import FRAME_ERROR_CODES, ConfigError
+from inspector.messages import SOURCE_ID_MAX_BYTES, clean_id
 
 log = logging.getLogger(__name__)
 
 VERDICTS = ("pass", "fail", "error")
 STAGES = ("decode", "infer", "publish")
 RELOAD_OUTCOMES = ("success", "failed")
-EVIDENCE_DROPPED = ("queue_full", "write_failed")  # why a frame chosen for the archive was not kept
+EVIDENCE_DROPPED = ("queue_full", "write_failed", "archive_full", "writer_stuck")  # why a chosen frame was not kept
 EVIDENCE_PRUNED = ("age", "size")  # evidence.retention_days, evidence.max_bytes
+RESULTS_REFUSED = ("requeued", "given_up")  # a result the broker nacked: its capture tried again, or not
 OTHER = "other"
 
 PROBABILITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
@@ -53,8 +56,16 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 _FAILURE_LOG_EVERY_S = 60.0
-HTTP_TIMEOUT_S = 10.0  # a client that sends nothing for this long is hung up on
-HTTP_MAX_CONNECTIONS = 16  # connections served at once; more are closed at once, costing no thread
+HTTP_REQUEST_DEADLINE_S = 5.0  # the request line and headers must all arrive within this, however they trickle
+HTTP_ANSWER_TIMEOUT_S = 10.0  # writing the answer to a client that does not read it
+HTTP_MAX_REQUEST_BYTES = 64 * 1024  # a request head past this is not read further (a scraper's is ~300 bytes)
+HTTP_MAX_CONNECTIONS = 16  # connections served at once; a new one closes the one open longest
+# A frame age (capture time to now) outside these is a wrong clock, not a latency: counted, not observed.
+# A day is far past any latency the histograms resolve (their top bucket is 60 s), and a capture that truly
+# waited longer is still counted, in the implausible counter, never hidden; 5 minutes is more skew than
+# NTP-synchronised cameras show. One 56-year age would otherwise own the histogram's sum for good.
+FRAME_AGE_MAX_S = 86_400.0
+CLOCK_SKEW_S = 300.0
 _T = TypeVar("_T")
 
 
@@ -79,16 +90,25 @@ class LabelCap:
 
     Line, camera and model names come from messages: a misconfigured camera must
     not be able to create series without bound. Values admitted once keep working.
+    Reserved values (those the configuration names) always get their own series and
+    do not count toward `limit`, so junk ids arriving first cannot push them into "other".
     """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._admitted: dict[str, set[str]] = {}
+        self._reserved: dict[str, frozenset[str]] = {}
         self._lock = threading.Lock()
         self._throttle = _Throttle()
 
+    def reserve(self, label: str, values: Iterable[str]) -> None:
+        with self._lock:
+            self._reserved[label] = self._reserved.get(label, frozenset()) | {v for v in values if v}
+
     def __call__(self, label: str, value: str) -> str:
         value = value or "unknown"
+        if value in self._reserved.get(label, ()):
+            return value
         with self._lock:
             admitted = self._admitted.setdefault(label, set())
             if value in admitted:
@@ -123,6 +143,27 @@ def _guarded(default: Any = None) -> Callable[[Callable[..., _T]], Callable[...,
 
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def _plausible_age(seconds: float) -> bool:
+    return -CLOCK_SKEW_S <= seconds <= FRAME_AGE_MAX_S
+
+
+def configured_label_values(settings: Settings) -> dict[str, set[str]]:
+    """The label values the configuration names, to reserve at start: every model (and "none", for an
+    error frame answered before a model was chosen), and the lines and cameras that binding keys and
+    routes spell out (`line2.*` names line2, `*.cam3` names cam3), cleaned as a capture's ids are."""
+    lines: set[str] = set()
+    cameras: set[str] = set()
+    for pattern in [*settings.worker.binding_keys, *(route.match for route in settings.worker.routes)]:
+        words = pattern.split(".")
+        if words[0] == "#":  # the words after it could stand anywhere
+            continue
+        if words[0] != "*":
+            lines.add(clean_id(words[0], SOURCE_ID_MAX_BYTES))
+        if len(words) > 1 and words[1] not in ("*", "#"):
+            cameras.add(clean_id(words[1], SOURCE_ID_MAX_BYTES))
+    return {"model": {*settings.models, "none"}, "line": lines - {""}, "camera": cameras - {""}}
 
 
 class GpuMemoryCollector:
@@ -209,12 +250,15 @@ class Metrics:
         self._cap = LabelCap(settings.max_label_values)
         self._lock = threading.Lock()
         self._broker_connected = False
+        self._paused: str | None = None  # why the consumer takes no captures, while it does not
         self._models: dict[str, tuple[str, str]] = {}  # model -> (plugin, version) in service
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         # Set by the worker: its watchdog's verdict (None while healthy) and its threads' stalls.
         self.health: Callable[[], str | None] = lambda: None
         self.thread_stalls: Callable[[], Mapping[str, float]] = dict
+        # Set by the worker: why no model serves (a refused or failing version), for /readyz.
+        self.models_problem: Callable[[], str | None] = lambda: None
         r = self.registry
 
         self.frames = Counter(
@@ -274,6 +318,20 @@ class Metrics:
             "inspector_results_unroutable_total",
             "Results no queue took on the results exchange, kept on the dead-letter exchange instead.", registry=r,
         )  # fmt: skip
+        self.results_refused = Counter(
+            "inspector_results_refused_total",
+            "Results the broker refused (publish nack), by outcome: capture requeued, or given up on.", ["outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.consumer_paused = Gauge(
+            "inspector_consumer_paused", "1 while the worker takes no captures: its in-flight budget is spent.",
+            registry=r,
+        )  # fmt: skip
+        self.frame_age_implausible = Counter(
+            "inspector_frame_age_implausible_total",
+            "Frames whose capture time is over a day old or minutes ahead: left out of the latency histograms.",
+            registry=r,
+        )  # fmt: skip
         self.build_info = Gauge(
             "inspector_build_info", "Versions of this worker (always 1).", ["version", "python", "torch"], registry=r
         )
@@ -314,6 +372,8 @@ class Metrics:
             self.evidence_dropped.labels(reason=reason)
         for reason in EVIDENCE_PRUNED:
             self.evidence_pruned.labels(reason=reason)
+        for outcome in RESULTS_REFUSED:
+            self.results_refused.labels(outcome=outcome)
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -366,6 +426,12 @@ class Metrics:
         self.broker_reconnects.inc()
 
     @_guarded()
+    def reserve(self, label: str, values: Iterable[str]) -> None:
+        """Values of `label` (line, camera, model) that always get their own series, however many others
+        came first: the worker reserves those its configuration names (`configured_label_values`)."""
+        self._cap.reserve(label, values)
+
+    @_guarded()
     def expect_model(self, model: str) -> None:
         """A configured model, loaded or not: its reload counters exist at 0 from the start, so even a
         first load that fails shows as an increase."""
@@ -406,6 +472,20 @@ class Metrics:
     def result_unroutable(self) -> None:
         self.unroutable.inc()
 
+    @_guarded()
+    def result_refused(self, outcome: str) -> None:
+        """A result the broker nacked: its capture `requeued` to try again, or `given_up` on after the retries."""
+        if outcome not in RESULTS_REFUSED:
+            raise ValueError(f"refused-result outcome {outcome!r} is not one of {RESULTS_REFUSED}")
+        self.results_refused.labels(outcome=outcome).inc()
+
+    @_guarded()
+    def set_consumer_paused(self, reason: str | None) -> None:
+        """The consumer stopped taking captures, and why (None: it takes them again). /readyz then answers
+        503 with the reason; /healthz is not affected (a pause is the budget working, not a fault)."""
+        self._paused = None if reason is None else (str(reason) or "no reason given")
+        self.consumer_paused.set(0 if reason is None else 1)
+
     @_guarded(default=False)
     def ready(self) -> bool:
         """Connected to the broker and at least one model in service."""
@@ -424,10 +504,14 @@ class Metrics:
         unhealthy = self.unhealthy_reason()
         if unhealthy is not None:
             return unhealthy
+        paused = self._paused
+        if paused is not None:
+            return f"consuming paused: {paused}"
         if not self._broker_connected:
             return "broker disconnected"
         if not self._models:
-            return "no model loaded"
+            problem = self.models_problem()
+            return f"no model loaded: {problem}" if problem else "no model loaded"
         return None
 
     # -- per frame / batch --------------------------------------------------------------------
@@ -445,17 +529,23 @@ class Metrics:
         queue_wait_s: float | None,
         redelivered: bool,
     ) -> None:
-        """One frame answered (its result confirmed). Negative times (camera clock ahead) count as 0."""
+        """One frame answered (its result confirmed). Negative times within CLOCK_SKEW_S (camera clock ahead)
+        count as 0; a frame whose times are outside [-CLOCK_SKEW_S, FRAME_AGE_MAX_S] (a camera sending 1970)
+        is counted in inspector_frame_age_implausible_total and left out of both histograms."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict {verdict!r} is not one of {VERDICTS}")
         line, camera, model = self._cap("line", line), self._cap("camera", camera), self._cap("model", model)
         self.frames.labels(line=line, camera=camera, model=model, verdict=verdict).inc()
         if _finite(probability):
             self.probability.labels(line=line, model=model).observe(probability)
-        if _finite(latency_s):
-            self.latency.labels(model=model).observe(max(latency_s, 0.0))
-        if _finite(queue_wait_s):
-            self.queue_wait.labels(model=model).observe(max(queue_wait_s, 0.0))
+        ages = [age for age in (latency_s, queue_wait_s) if _finite(age)]
+        if not all(_plausible_age(age) for age in ages):
+            self.frame_age_implausible.inc()
+        else:
+            if _finite(latency_s):
+                self.latency.labels(model=model).observe(max(latency_s, 0.0))
+            if _finite(queue_wait_s):
+                self.queue_wait.labels(model=model).observe(max(queue_wait_s, 0.0))
         if redelivered:
             self.redelivered.labels(model=model).inc()
 
@@ -507,35 +597,45 @@ class Metrics:
 
 
 class _Server(ThreadingHTTPServer):
-    """At most HTTP_MAX_CONNECTIONS served at once, each with a socket timeout: idle or slow clients
-    cannot pin threads without bound, and a connection over the cap is closed without a thread."""
+    """A thread per connection, at most HTTP_MAX_CONNECTIONS of them, none held for long.
+
+    Each request must arrive whole within HTTP_REQUEST_DEADLINE_S (a deadline, not a timeout per read, so
+    trickling a byte at a time does not extend it), and a new connection when all are taken closes the
+    one open longest: clients that are slow, idle or many cannot keep a probe from /healthz unanswered.
+    A thread per connection rather than a selector: the endpoints serve a few probes and a scrape every
+    15 s, and what made slow clients dangerous was never the threads but slots held without bound.
+    """
 
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: a burst of connections is accepted (and sorted out), not dropped
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], metrics: Metrics) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.metrics = metrics
-        self._slots = threading.BoundedSemaphore(HTTP_MAX_CONNECTIONS)
+        self._open: dict[Any, None] = {}  # connections being served, oldest first
+        self._open_lock = threading.Lock()
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.metrics.throttle.warning("http-cap", "metrics: %d connections open; refusing more",
-                                          HTTP_MAX_CONNECTIONS, exc_info=False)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+        with self._open_lock:
+            if len(self._open) >= HTTP_MAX_CONNECTIONS:
+                oldest = next(iter(self._open))
+                del self._open[oldest]
+                # Under the lock: its thread closes the socket only after taking the lock (shutdown_request),
+                # so this never touches a closed (and perhaps reused) descriptor. Its blocked read ends now.
+                _hang_up(oldest)
+                self.metrics.throttle.warning(
+                    "http-cap", "metrics: %d connections open; closing the one open longest", HTTP_MAX_CONNECTIONS,
+                    exc_info=False,
+                )  # fmt: skip
+            self._open[request] = None
+        super().process_request(request, client_address)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
+    def shutdown_request(self, request: Any) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().shutdown_request(request)
 
     def server_bind(self) -> None:
         """Bind without HTTPServer's reverse DNS lookup of the address, which can hang start-up."""
@@ -547,9 +647,47 @@ class _Server(ThreadingHTTPServer):
         log.debug("metrics: request from %s failed", client_address, exc_info=True)
 
 
+def _hang_up(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
+
+
+class _HeadReader(io.RawIOBase):
+    """The socket as the request parser reads it: each read waits only for what is left of the request's
+    deadline, and reading stops with an error after HTTP_MAX_REQUEST_BYTES."""
+
+    def __init__(self, connection: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._connection = connection
+        self._deadline = deadline
+        self._left = HTTP_MAX_REQUEST_BYTES
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"the request did not arrive within {HTTP_REQUEST_DEADLINE_S} s")
+        if self._left <= 0:
+            raise ConnectionAbortedError(f"the request head is over {HTTP_MAX_REQUEST_BYTES} bytes")
+        self._connection.settimeout(remaining)
+        with memoryview(buffer) as view:
+            read = self._connection.recv_into(view[: self._left])
+        self._left -= read
+        return read
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    timeout = HTTP_TIMEOUT_S
+    timeout = HTTP_ANSWER_TIMEOUT_S
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the plain file over the socket: replaced by one that keeps the deadline
+        self.rfile = io.BufferedReader(_HeadReader(self.connection, time.monotonic() + HTTP_REQUEST_DEADLINE_S))
 
     def do_GET(self) -> None:
         self._answer(send_body=True)
@@ -579,6 +717,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             metrics.throttle.warning("http", "metrics: answering %s failed", path)
             status, content_type, body = 500, "text/plain; charset=utf-8", b"internal error\n"
+        self.connection.settimeout(HTTP_ANSWER_TIMEOUT_S)  # all of the answer, not each write (sendall)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
