@@ -47,6 +47,11 @@ class StateError(InspectorError):
     code = "state_invalid"
 
 
+class VersionIncomplete(StateError):
+    """A stored version not whole yet where it is read: a listed file or its manifest missing, or `current`
+    naming a version the listing does not show yet (NFS, S3-compatible stores lag). Worth trying again."""
+
+
 class StoreUnavailable(InspectorError):
     """The model store could not be reached (a remote store away, a network fault): worth trying again."""
 
@@ -67,6 +72,7 @@ FRAME_ERROR_CODES: dict[str, str] = {
     "image_undecodable": "image bytes that do not decode, or are truncated",
     "image_too_large": "a body or image_uri file over worker.max_image_bytes",
     "image_too_many_pixels": "an image over worker.max_image_pixels (refused before decoding)",
+    "image_too_complex": "a JPEG of more scans than worker.max_jpeg_scans (refused before decoding)",
     "raw_headers_missing": "image/x-raw without its width, height or pixel_format header",
     "raw_headers_invalid": "image/x-raw with a size that is not a positive integer or an unknown pixel_format",
     "raw_size_mismatch": "image/x-raw whose body length is not width x height x channels",

@@ -11,7 +11,8 @@ and locks:
   wins and the other is told, its version stored but not current;
 - loading downloads a version into a local cache and verifies every checksum there before the plugin
   reads it; a cached version that still verifies is not downloaded again (a restart is quick), and
-  one that does not is fetched anew.
+  one that does not is fetched anew. No file is downloaded past the size its manifest states, so an
+  object grown in the bucket costs neither the disk nor the time of reading it whole before it is refused.
 
 Layout under `s3://BUCKET/PREFIX/`, as in the folder store: `<name>/versions/<version>/<files>`,
 `<name>/versions/<version>/manifest.json`, `<name>/current`.
@@ -34,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from inspector.errors import ConfigError, StateError, StoreUnavailable
+from inspector.errors import ConfigError, StateError, StoreUnavailable, VersionIncomplete
 from inspector.store import (
     CURRENT,
     MANIFEST,
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 SCHEME = "s3://"
 CACHE_KEEP = 3  # verified versions kept per model in the local cache
+# A version written before manifests stated sizes is downloaded up to this per file; a DFKDE state is a few MB.
+MAX_UNSIZED_BYTES = 4 << 30
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _VERSION = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
@@ -123,17 +126,19 @@ class S3ModelStore:
         version = self._resolve(name, version)
         return self._info(name, version, self.current(name), strict=True)
 
-    def verify(self, name: str, version: str) -> VersionInfo:
-        """Download (unless cached and intact) and recompute every checksum; StateError on any mismatch."""
+    def verify(self, name: str, version: str, progress: Callable[[], None] | None = None) -> VersionInfo:
+        """Download (unless cached and intact) and recompute every checksum; StateError on any mismatch.
+        `progress` is called after each MiB downloaded or hashed (a watchdog's beat)."""
         version = self._resolve(name, version)
-        self._mirror(name, version)
-        local = self.cache.verify(name, version)
+        self._mirror(name, version, progress)
+        local = self.cache.verify(name, version, progress)
         return VersionInfo(name=name, version=version, created_at=local.created_at, plugin=local.plugin,
                            current=version == self.current(name), path=local.path, manifest=local.manifest)
 
-    def load_path(self, name: str, version: str | None = None) -> VersionInfo:
+    def load_path(self, name: str, version: str | None = None,
+                  progress: Callable[[], None] | None = None) -> VersionInfo:
         """The verified local copy of a version (None: the current one), whose `path` goes to `plugin.load`."""
-        return self.verify(name, self._resolve(name, version))
+        return self.verify(name, self._resolve(name, version), progress)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -213,7 +218,7 @@ class S3ModelStore:
                 raise ConfigError(f"model {name!r} has no current version; versions: {', '.join(ids)}; choose one "
                                   "with `inspector models rollback`")
             if current not in ids:
-                raise StateError(f"model {name!r}: current version {current} is missing from {self.root}; "
+                raise VersionIncomplete(f"model {name!r}: current version {current} is missing from {self.root}; "
                                  f"versions: {', '.join(ids)}")
             return current
         if version not in ids:
@@ -241,13 +246,13 @@ class S3ModelStore:
                            plugin=plugin if isinstance(plugin, str) else "", current=version == current,
                            path=self.cache.root / name / VERSIONS / version, manifest=manifest)
 
-    def _mirror(self, name: str, version: str) -> None:
+    def _mirror(self, name: str, version: str, progress: Callable[[], None] | None = None) -> None:
         """Make the cache hold an intact copy of the version: keep one that verifies, else download anew
         into a hidden folder and rename it into place."""
         target = self.cache.root / name / VERSIONS / version
         if target.is_dir():
             try:
-                self.cache.verify(name, version)
+                self.cache.verify(name, version, progress)
                 return
             except StateError as exc:
                 log.warning("model %s: cached version %s is damaged (%s); downloading it again", name, version, exc)
@@ -258,15 +263,23 @@ class S3ModelStore:
             folder = self._key(name, VERSIONS, version) + "/"
             text = self._get_text(folder + MANIFEST, limit=MAX_MANIFEST_BYTES)
             if text is None:
-                raise StateError(f"model {name!r} version {version}: {MANIFEST}: missing from {self.root}")
+                raise VersionIncomplete(f"model {name!r} version {version}: {MANIFEST}: missing from {self.root}")
             (incoming / MANIFEST).write_text(text, encoding="utf-8")
-            files = json.loads(text).get("files")
-            if not isinstance(files, dict):
-                raise StateError(f"model {name!r} version {version}: {MANIFEST}: no files map")
+            try:
+                manifest = json.loads(text)
+            except (ValueError, RecursionError) as exc:
+                raise StateError(f"model {name!r} version {version}: {MANIFEST}: cannot be read: {exc!r:.200}") from None
+            files = manifest.get("files") if isinstance(manifest, dict) else None
+            sizes = manifest.get("sizes", {}) if isinstance(manifest, dict) else None
+            if not isinstance(files, dict) or not isinstance(sizes, dict):
+                raise StateError(f"model {name!r} version {version}: {MANIFEST}: no files map, or a bad sizes map")
             for file in files:
                 if "/" in file or file in (".", "..", MANIFEST):
                     raise StateError(f"model {name!r} version {version}: {MANIFEST}: bad file name {file!r}")
-                self._download(folder + file, incoming / file)
+                limit = sizes.get(file, MAX_UNSIZED_BYTES)
+                if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                    raise StateError(f"model {name!r} version {version}: {MANIFEST}: bad size {limit!r} of {file}")
+                self._download(folder + file, incoming / file, limit, progress)
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(incoming, target)
@@ -321,14 +334,32 @@ class S3ModelStore:
             raise StateError(f"{self.root}{key[len(self.prefix):]}: over {limit} bytes; not a file the store wrote")
         return data.decode("utf-8", errors="replace")
 
-    def _download(self, key: str, path: Path) -> None:
+    def _download(self, key: str, path: Path, limit: int, progress: Callable[[], None] | None = None) -> None:
+        """Fetch one object into `path`, refusing it (StateError) once it is over `limit` bytes: the size its
+        manifest states. What is past the limit is never read, let alone written."""
+        where = f"{self.root}{key[len(self.prefix):]}"
         try:
             answer = self._call("get_object", Bucket=self.bucket, Key=key)
         except _Missing:
-            raise StateError(f"{self.root}{key[len(self.prefix):]}: missing") from None
-        with open(path, "wb") as out:
-            for chunk in iter(lambda: answer["Body"].read(1 << 20), b""):
-                out.write(chunk)
+            raise VersionIncomplete(f"{where}: missing") from None
+        body = answer["Body"]
+        try:
+            declared = answer.get("ContentLength")
+            if isinstance(declared, int) and declared > limit:
+                raise StateError(f"{where}: over the {limit} bytes its manifest states ({declared} bytes stored)")
+            got = 0
+            with open(path, "wb") as out:
+                while chunk := body.read(min(1 << 20, limit + 1 - got)):
+                    got += len(chunk)
+                    if got > limit:
+                        raise StateError(f"{where}: over the {limit} bytes its manifest states")
+                    out.write(chunk)
+                    if progress is not None:
+                        progress()
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
 
     def _list_keys(self, prefix: str) -> Iterator[str]:
         for page in self._pages(Prefix=prefix):

@@ -23,10 +23,18 @@ newest existing one (a clock stepped back after a reboot would otherwise make th
 newest version look oldest, and prune would remove it first).
 
 The manifest is the caller's dict plus `schema`, `name`, `version`, `created_at`
-(RFC 3339 UTC, milliseconds), `files` ({filename: sha256}) and `checksum`: the
+(RFC 3339 UTC, milliseconds), `files` ({filename: sha256}), `sizes` ({filename: bytes}; absent from
+versions written before it existed) and `checksum`: the
 sha256 of the UTF-8 text made of one `filename:sha256\\n` line per file, sorted by
 filename. A version folder verifies when it holds exactly `manifest.json` and the
-listed files, each with its recorded hash.
+listed files, each a regular file of its stated size with its recorded hash. Every file is opened
+non-blocking and checked to be a regular file before it is read, so a FIFO or a device planted in a
+version is refused at once instead of blocking the reader for ever; a size that differs is refused
+before a byte is hashed, and a remote store downloads no more than the stated size.
+
+A file or manifest that is missing, or a `current` naming a version not listed yet, raises
+VersionIncomplete (a lagging NFS or S3-compatible listing shows this for a while: worth trying again);
+any other mismatch is a plain StateError (the version is wrong and stays wrong).
 
 A version that was renamed into `versions/` but never made current (a crash
 between the rename and the switch) is complete and verifies; it is simply not
@@ -54,10 +62,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from inspector.errors import ConfigError, PluginError, StateError
+from inspector.errors import ConfigError, PluginError, StateError, VersionIncomplete
 from inspector.timestamps import rfc3339
 
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # a manifest is a few KB; a larger file is not one
+MAX_CURRENT_BYTES = 4096  # `current` holds one version id
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +88,7 @@ _VERSION = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 # break the `filename:sha256` lines of the checksum.
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_RESERVED = ("schema", "name", "version", "created_at", "files", "checksum")
+_RESERVED = ("schema", "name", "version", "created_at", "files", "sizes", "checksum")
 _CHUNK = 1 << 20
 
 
@@ -146,15 +155,17 @@ class ModelStore:
         version = self._resolve(name, model_dir, version)
         return self._info(name, model_dir, version, self._read_current(name, model_dir), strict=True)
 
-    def verify(self, name: str, version: str) -> VersionInfo:
-        """Recompute every checksum of a version; StateError naming model, version and file on any mismatch."""
+    def verify(self, name: str, version: str, progress: Callable[[], None] | None = None) -> VersionInfo:
+        """Recompute every checksum of a version; StateError naming model, version and file on any mismatch.
+        `progress` is called after each MiB hashed (a watchdog's beat)."""
         model_dir = self._model_dir(name)
         version = self._resolve(name, model_dir, version)
-        return self._verify(name, model_dir, version)
+        return self._verify(name, model_dir, version, progress)
 
-    def load_path(self, name: str, version: str | None = None) -> VersionInfo:
+    def load_path(self, name: str, version: str | None = None,
+                  progress: Callable[[], None] | None = None) -> VersionInfo:
         """The verified version (None: the current one) whose `path` is handed to `plugin.load`."""
-        return self.verify(name, self._resolve(name, self._model_dir(name), version))
+        return self.verify(name, self._resolve(name, self._model_dir(name), version), progress)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -187,6 +198,7 @@ class ModelStore:
             renamed = False
             try:
                 files = _collect(incoming, save(incoming), base["plugin"])
+                sizes = {file: os.stat(incoming / file).st_size for file in files}
                 created = self._next_time(name, model_dir, after)
                 checksum = _checksum(files)
                 version = f"{created.strftime('%Y%m%dT%H%M%SZ')}-{checksum[:6]}"
@@ -203,6 +215,7 @@ class ModelStore:
                     "version": version,
                     "created_at": rfc3339(created),
                     "files": files,
+                    "sizes": sizes,
                     "checksum": checksum,
                 }
                 text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
@@ -267,10 +280,10 @@ class ModelStore:
     @staticmethod
     def _read_current(name: str, model_dir: Path) -> str | None:
         try:
-            text = (model_dir / CURRENT).read_text(encoding="utf-8").strip()
+            text = _read_small(model_dir / CURRENT, MAX_CURRENT_BYTES).decode("utf-8").strip()
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             raise StateError(f"model {name!r}: cannot read {model_dir / CURRENT}: {exc}") from exc
         if not _VERSION.match(text):
             raise StateError(
@@ -292,7 +305,7 @@ class ModelStore:
                     "choose one with set_current"
                 )
             if current not in ids:
-                raise StateError(
+                raise VersionIncomplete(
                     f"model {name!r}: current version {current} is missing from {model_dir / VERSIONS}; "
                     f"versions: {_listing(ids)}"
                 )
@@ -321,7 +334,8 @@ class ModelStore:
             manifest=manifest,
         )
 
-    def _verify(self, name: str, model_dir: Path, version: str) -> VersionInfo:
+    def _verify(self, name: str, model_dir: Path, version: str,
+                progress: Callable[[], None] | None = None) -> VersionInfo:
         path = model_dir / VERSIONS / version
         manifest = _read_manifest(name, version, path)
 
@@ -342,6 +356,12 @@ class ModelStore:
             good_name = _FILE_NAME.match(file) and file != MANIFEST
             if not good_name or not isinstance(digest, str) or not _SHA256.match(digest):
                 raise bad(MANIFEST, f"malformed files entry {file!r}: {digest!r}")
+        sizes = manifest.get("sizes", {})
+        if not isinstance(sizes, dict) or any(
+            file not in files or not isinstance(size, int) or isinstance(size, bool) or size < 0
+            for file, size in sizes.items()
+        ):
+            raise bad(MANIFEST, "malformed sizes map")
         checksum = _checksum(files)
         if manifest.get("checksum") != checksum:
             raise bad(MANIFEST, "checksum does not match its files map")
@@ -354,9 +374,14 @@ class ModelStore:
                 raise bad(entry, "not listed in the manifest")
         for file, digest in sorted(files.items()):
             try:
-                actual = _hash_file(path / file)
+                found, stated = os.lstat(path / file), sizes.get(file)
+                if not stat.S_ISREG(found.st_mode):
+                    raise bad(file, "cannot be read: not a regular file")
+                if stated is not None and found.st_size != stated:
+                    raise bad(file, f"{found.st_size} bytes, the manifest states {stated}")
+                actual = _hash_file(path / file, progress=progress)
             except FileNotFoundError:
-                raise bad(file, "missing") from None
+                raise VersionIncomplete(f"model {name!r} version {version}: {file}: missing") from None
             except OSError as exc:
                 raise bad(file, f"cannot be read: {exc}") from exc
             if actual != digest:
@@ -488,15 +513,41 @@ def _checksum(files: dict[str, str]) -> str:
     return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 
 
-def _hash_file(path: Path, *, sync: bool = False) -> str:
-    """sha256 of a regular file (symlinks refused); with `sync`, also fsync it on the same descriptor."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _open_regular(path: Path, *, follow: bool = False) -> int:
+    """A read-only descriptor of a regular file; OSError for anything else. Opened non-blocking, so a FIFO
+    with no writer (or a device) is refused at once instead of blocking the open for ever."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path.name} is not a regular file")
+    return fd
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    """All of a regular file of at most `limit` bytes; OSError for a larger one or one that is not a file."""
+    fd = _open_regular(path, follow=True)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path.name} is not a regular file")
+        data = b""
+        while len(data) <= limit and (chunk := os.read(fd, min(_CHUNK, limit + 1 - len(data)))):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise OSError(f"{path.name} is over {limit} bytes")
+    return data
+
+
+def _hash_file(path: Path, *, sync: bool = False, progress: Callable[[], None] | None = None) -> str:
+    """sha256 of a regular file (symlinks, FIFOs and devices refused); with `sync`, also fsync it on the same
+    descriptor; `progress` is called after each chunk."""
+    fd = _open_regular(path)
+    try:
         digest = hashlib.sha256()
         while chunk := os.read(fd, _CHUNK):
             digest.update(chunk)
+            if progress is not None:
+                progress()
         if sync:
             os.fsync(fd)
         return digest.hexdigest()
@@ -507,13 +558,9 @@ def _hash_file(path: Path, *, sync: bool = False) -> str:
 def _read_manifest(name: str, version: str, path: Path) -> dict:
     file = path / MANIFEST
     try:
-        with open(file, "rb") as handle:
-            data = handle.read(MAX_MANIFEST_BYTES + 1)
-            if len(data) > MAX_MANIFEST_BYTES:
-                raise ValueError(f"over {MAX_MANIFEST_BYTES} bytes")
-            manifest = json.loads(data)
+        manifest = json.loads(_read_small(file, MAX_MANIFEST_BYTES))
     except FileNotFoundError:
-        raise StateError(f"model {name!r} version {version}: {MANIFEST}: missing") from None
+        raise VersionIncomplete(f"model {name!r} version {version}: {MANIFEST}: missing") from None
     except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested past Python's stack
         raise StateError(f"model {name!r} version {version}: {MANIFEST}: cannot be read: {exc!r:.200}") from None
     if not isinstance(manifest, dict):

@@ -172,3 +172,44 @@ def test_registry_checks_the_contract_and_refuses_duplicates(monkeypatch):
             registry_module.registry()
     finally:
         registry_module.registry.cache_clear()
+
+
+def _edit_settings(folder, **changes):
+    import json
+
+    meta = json.loads((folder / "settings.json").read_text())
+    meta["settings"].update(changes)
+    (folder / "settings.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"input_size": 100_000}, "input_size"),
+    ({"n_comps": 1_000_000}, "n_comps"),
+    ({"layers": ["layer4"] * 3}, "layers"),
+    ({"precision": "fp64"}, "precision"),
+    ({"surprise": 1}, "surprise"),
+    ({"backbone": "vit_giant_patch14_dinov2"}, "parameters"),
+])
+def test_a_stored_version_with_absurd_settings_is_refused_before_anything_is_built(fitted, tmp_path, monkeypatch,
+                                                                                  changes, named):
+    """A version's own settings.json builds the backbone: checked with the plugin's own settings model and
+    bounds first, so a hostile or mistaken one costs a refusal, not gigabytes."""
+    plugin, _ = fitted
+    plugin.save(tmp_path)
+    _edit_settings(tmp_path, **changes)
+    built = []
+    monkeypatch.setattr("plugins.dfkde.model.create_backbone", lambda *a, **k: built.append(a) or 1 / 0)
+    with pytest.raises(StateError, match=named) as refused:
+        DfkdePlugin.load(tmp_path, CPU)
+    assert "settings.json" in str(refused.value) and not built
+
+
+def test_a_state_whose_tensors_do_not_fit_its_settings_is_refused_before_they_are_read(fitted, tmp_path, monkeypatch):
+    """The safetensors header is checked against the settings (shapes, dtypes, at most filter_count rows)
+    before a tensor is allocated."""
+    plugin, _ = fitted
+    plugin.save(tmp_path)
+    _edit_settings(tmp_path, filter_count=10)  # the state holds 120 rows
+    monkeypatch.setattr("plugins.dfkde.state.load_file", lambda *a, **k: 1 / 0)
+    with pytest.raises(StateError, match=r"kde.whitened .* over filter_count 10"):
+        DfkdePlugin.load(tmp_path, CPU)

@@ -92,10 +92,35 @@ def test_a_corrupt_object_in_the_store_is_refused_naming_the_file(store, url, s3
                                                                   tmp_path):
     version = store.write("line1", fake_save(), {"plugin": "fake"}).version
     s3_server.client().put_object(Bucket=s3_bucket, Key=f"{s3_prefix}/line1/versions/{version}/settings.json",
-                                  Body=b"tampered")
+                                  Body=b"t" * 2048)  # the stated size, other bytes
     another_host = S3ModelStore(url, tmp_path / "another-host")
     with pytest.raises(StateError, match="settings.json: sha256"):
         another_host.load_path("line1")
+
+
+def test_a_download_stops_at_the_size_its_manifest_states(store, url, s3_server, s3_bucket, s3_prefix, tmp_path,
+                                                          monkeypatch):
+    """An object grown past its manifest's size (a hostile or mistaken upload) is refused after at most the
+    stated size, not fetched whole to the disk and only then found wrong."""
+    version = store.write("line1", fake_save(), {"plugin": "fake"}).version
+    key = f"{s3_prefix}/line1/versions/{version}/state.safetensors"
+    s3_server.client().put_object(Bucket=s3_bucket, Key=key, Body=b"\0" * (8 << 20))
+    another_host = S3ModelStore(url, tmp_path / "another-host")
+    written = []
+    real_open = open
+
+    def counting_open(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if "w" in mode and str(path).endswith("state.safetensors"):
+            real_write = handle.write
+            handle.write = lambda data: written.append(len(data)) or real_write(data)
+        return handle
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    with pytest.raises(StateError, match="state.safetensors: over the 2048 bytes its manifest states"):
+        another_host.load_path("line1")
+    assert sum(written) <= 2048
+    assert not list((another_host.cache.root / "line1").glob(".incoming-*"))
 
 
 def test_of_two_concurrent_writers_one_wins_and_the_other_is_told(store, url, tmp_path):

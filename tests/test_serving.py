@@ -1,5 +1,7 @@
 """Choosing a model per capture and refusing a model that does not work: no broker."""
 
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -183,3 +185,163 @@ def test_maps_come_through_the_same_scoring_and_each_frame_keeps_its_own_after_a
     probability, _, failures, maps = explain_batch(without, healthy)  # a plugin that draws no maps: scores, no maps
     np.testing.assert_allclose(probability, [0.1, 0.3])
     assert failures == [None, None] and maps == [None, None]
+
+
+# -- failed reloads: passing or final, watched, bounded, and a worker that starts all the same ------------------
+
+
+def _reloader(store, models, outcomes=None, on_loaded=lambda s: None, poll_s=0):
+    return Reloader(store, models, torch.device("cpu"), poll_s, on_loaded=on_loaded,
+                    on_outcome=lambda n, o: (outcomes if outcomes is not None else []).append((n, o)))
+
+
+@pytest.mark.parametrize("passing", [
+    lambda: __import__("inspector.errors", fromlist=["x"]).VersionIncomplete("settings.json: missing"),
+    lambda: __import__("inspector.errors", fromlist=["x"]).ConfigError("access denied (AccessDenied)"),
+    lambda: __import__("inspector.errors", fromlist=["x"]).StoreUnavailable("the store answered 503"),
+    lambda: __import__("inspector.errors", fromlist=["x"]).ConfigError("unknown version '20991231T000000Z-abcdef'"),
+])
+def test_a_lagging_listing_a_403_or_a_read_error_is_tried_again_not_refused_for_ever(monkeypatch, passing):
+    from inspector.worker import serving
+
+    models = ModelSet({"default": ModelSettings()}, "default", [])
+    models.put(served("default"))
+    attempts, clock = [], [1000.0]
+
+    def load(*args, **kwargs):
+        attempts.append(clock[0])
+        if len(attempts) == 1:
+            raise passing()
+        return ServedModel(name="default", plugin_name="p", version="v2", threshold=0.5, plugin=None)
+
+    monkeypatch.setattr(serving, "load_version", load)
+    monkeypatch.setattr(serving.time, "monotonic", lambda: clock[0])
+    reloader = _reloader(SimpleNamespace(current=lambda name: "v2"), models)
+    assert reloader.reload("default") is None and ("default", "v2") not in reloader.refused
+    clock[0] += serving.RETRY_FIRST_S
+    assert reloader.reload("default").version == "v2" and len(attempts) == 2
+
+
+def test_a_passing_failure_is_retried_by_the_thread_itself_without_a_poll_or_announcement(monkeypatch):
+    from inspector.errors import VersionIncomplete
+    from inspector.worker import serving
+
+    monkeypatch.setattr(serving, "RETRY_FIRST_S", 0.05)
+    models = ModelSet({"default": ModelSettings()}, "default", [])
+    attempts = []
+
+    def load(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise VersionIncomplete("manifest.json: missing")
+        return ServedModel(name="default", plugin_name="p", version="v2", threshold=0.5, plugin=None)
+
+    monkeypatch.setattr(serving, "load_version", load)
+    reloader = _reloader(SimpleNamespace(current=lambda name: "v2"), models)  # poll_s 0: no polling at all
+    reloader.start()
+    reloader.request("default")
+    deadline = time.monotonic() + 5
+    while models.get("default") is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    reloader.stop(2)
+    assert models.get("default").version == "v2" and len(attempts) == 3
+
+
+def test_requests_are_coalesced_per_model():
+    models = ModelSet({"a": ModelSettings(), "b": ModelSettings()}, "a", [])
+    reloader = _reloader(SimpleNamespace(current=lambda name: None), models)
+    for _ in range(10_000):
+        reloader.request("a")
+        reloader.request_all()
+    assert reloader.pending == 2
+
+
+def test_a_reload_hung_on_the_store_is_seen_by_the_watchdog():
+    from inspector.worker.watchdog import Watchdog
+
+    hung = threading.Event()
+    models = ModelSet({"default": ModelSettings()}, "default", [])
+    store = SimpleNamespace(current=lambda name: "v2", load_path=lambda *a, **k: hung.wait(30))
+    reloader = _reloader(store, models)
+    watchdog = Watchdog()
+    reloader.watch(watchdog, limit_s=0.3)
+    reloader.start()
+    assert watchdog.check() is None  # idle is not stuck
+    reloader.request("default")
+    time.sleep(0.8)
+    try:
+        assert "the reload thread has made no progress" in (watchdog.check() or "")
+    finally:
+        hung.set()
+        reloader.stop(2)
+
+
+def _null_version(store, probability):
+    """A stored version of the null plugin; a probability outside [0, 1] is a version its plugin refuses."""
+    import json
+
+    def save(folder):
+        (folder / "null.json").write_text(json.dumps({"probability": probability, "score": 0.0}))
+        return ["null.json"]
+
+    return store.write("default", save, {"plugin": "null"}).version
+
+
+def test_at_start_a_current_version_that_cannot_serve_gives_way_to_the_last_good_one(tmp_path):
+    from inspector.store import ModelStore
+
+    store = ModelStore(tmp_path / "models")
+    good = _null_version(store, 0.25)
+    bad = _null_version(store, 1.5)
+    models = ModelSet({"default": ModelSettings(plugin="null")}, "default", [])
+    outcomes = []
+    reloader = _reloader(store, models, outcomes)
+    assert reloader.load_at_start("default").version == good
+    assert ("default", bad) in reloader.refused and store.current("default") == bad
+    assert outcomes == [("default", "failed"), ("default", "success")]
+    assert reloader.reload("default") is None and models.get("default").version == good  # refused: not tried again
+
+
+def test_with_no_good_version_the_worker_starts_not_ready_and_takes_up_a_good_one_when_it_appears(tmp_path):
+    from inspector import config
+    from inspector.store import ModelStore
+    from inspector.worker.loop import Worker
+    from tests.workerkit import worker_config
+
+    root = tmp_path / "models"
+    store = ModelStore(root)
+    _null_version(store, 1.5)
+    settings = config.load(worker_config(tmp_path, root, "p", '[models.default]\nplugin = "null"\n'))
+    worker = Worker(settings)
+    worker._load_models()  # used to raise StateError: the process exited and restarted for ever
+    worker.metrics.set_broker_connected(True)
+    reason = worker.metrics.not_ready_reason()
+    assert reason is not None and reason.startswith("no model loaded: model default: version") and "refused" in reason
+    assert "refused" in worker._reloader.problems["default"]
+    with pytest.raises(FrameError) as unavailable:
+        worker.models.choose(capture("line1.cam1"))
+    assert unavailable.value.code == "model_unavailable"
+    good = _null_version(store, 0.25)
+    assert worker._reloader.reload("default").version == good
+    sample = worker.metrics.registry.get_sample_value
+    assert sample("inspector_model_info", {"model": "default", "plugin": "null", "version": good}) == 1
+
+
+def test_the_served_version_is_exported_and_stays_right_after_a_failed_reload(tmp_path):
+    from inspector.config import MetricsSettings
+    from inspector.store import ModelStore
+    from inspector.worker.metrics import Metrics
+
+    store = ModelStore(tmp_path / "models")
+    good = _null_version(store, 0.25)
+    metrics = Metrics(MetricsSettings())
+    models = ModelSet({"default": ModelSettings(plugin="null")}, "default", [])
+    reloader = Reloader(store, models, torch.device("cpu"), 0, on_outcome=metrics.model_reload,
+                        on_loaded=lambda s: metrics.set_model(s.name, s.plugin_name, s.version, s.threshold))
+    reloader.load_at_start("default")
+    bad = _null_version(store, 1.5)
+    assert reloader.reload("default") is None
+    sample = metrics.registry.get_sample_value
+    assert sample("inspector_model_info", {"model": "default", "plugin": "null", "version": good}) == 1
+    assert sample("inspector_model_info", {"model": "default", "plugin": "null", "version": bad}) is None
+    assert sample("inspector_model_reloads_total", {"model": "default", "outcome": "failed"}) == 1

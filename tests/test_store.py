@@ -594,3 +594,72 @@ def test_a_manifest_nested_past_the_stack_is_a_state_error_not_a_crash(store):
         store.load_path(NAME)
     listed = store.versions(NAME)  # `inspector models list` goes on past it
     assert [info.version for info in listed] == [version]
+
+
+# -- hostile and lagging stores --------------------------------------------------------------
+
+
+def _within(seconds: float, call):
+    """Run `call` in a thread and return what it raised; fail, instead of hanging the suite, if it blocks."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still blocked after {seconds} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("where", ["settings.json", "manifest.json", "current"])
+def test_a_fifo_in_a_version_is_refused_at_once_not_read_forever(store, where):
+    """A FIFO with no writer blocks an ordinary open() for ever: hashing it would wedge the reloader."""
+    info = store.write(NAME, fake_save(), {"plugin": "fake"})
+    target = (store.root / NAME / "current") if where == "current" else info.path / where
+    target.unlink()
+    os.mkfifo(target)
+    raised = _within(3.0, lambda: store.load_path(NAME))
+    assert isinstance(raised, StateError), raised
+    assert where in str(raised) and "not a regular file" in str(raised)
+
+
+def test_a_missing_file_or_a_listing_behind_current_is_incomplete_not_final(store):
+    """What a lagging NFS or S3-compatible listing shows is worth trying again; a wrong digest is not."""
+    from inspector.errors import VersionIncomplete
+
+    info = store.write(NAME, fake_save(), {"plugin": "fake"})
+    (info.path / "settings.json").unlink()
+    with pytest.raises(VersionIncomplete, match="settings.json: missing"):
+        store.load_path(NAME)
+    (info.path / "manifest.json").unlink()
+    with pytest.raises(VersionIncomplete, match="manifest.json: missing"):
+        store.verify(NAME, info.version)
+    other = store.write(NAME, fake_save(), {"plugin": "fake"})
+    (store.root / NAME / "current").write_text("20990101T000000Z-abcdef\n")  # written before the listing shows it
+    with pytest.raises(VersionIncomplete, match="20990101T000000Z-abcdef"):
+        store.load_path(NAME)
+    _flip(other.path / "state.safetensors")
+    with pytest.raises(StateError) as final:
+        store.verify(NAME, other.version)
+    assert not isinstance(final.value, VersionIncomplete)
+
+
+def test_the_manifest_states_each_file_size_and_a_file_of_another_size_is_refused_unread(store, monkeypatch):
+    info = store.write(NAME, fake_save(size=1000), {"plugin": "fake"})
+    assert info.manifest["sizes"] == {file: 1000 for file in FILES}
+    with open(info.path / "state.safetensors", "ab") as grown:
+        grown.write(b"\0" * 5000)
+    hashed = []
+    real = store_mod._hash_file
+    monkeypatch.setattr(store_mod, "_hash_file", lambda path, **kw: hashed.append(path.name) or real(path, **kw))
+    with pytest.raises(StateError, match=r"state.safetensors: 6000 bytes, the manifest states 1000"):
+        store.verify(NAME, info.version)
+    assert "state.safetensors" not in hashed

@@ -3,13 +3,20 @@ and taking up new versions in the background without stopping the line.
 
 A version goes into service only after its checksums verify, its plugin loads it and a
 warm-up batch gives finite scores; until then, and for ever if it fails, the old one serves.
+
+Failures are of two kinds. A version that is wrong (a digest mismatch, settings outside the plugin's
+bounds, a warm-up that fails: a StateError or PluginError) stays wrong and is refused for the life of
+the process. Anything else may pass (a file or listing not there yet on a lagging store, a 403 while
+credentials rotate, an OSError, CUDA out of memory) and is tried again after a backoff. At start-up a
+model whose current version cannot serve is served by its last good version (the newest older one that
+verifies and loads), so a bad version never takes a worker down at every start; with none, the worker
+runs not ready and answers that model's frames `model_unavailable` until a good version appears.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +28,7 @@ import torch
 
 from inspector import topics
 from inspector.config import ModelSettings, RouteSettings
-from inspector.errors import FrameError, InspectorError, StateError, StoreUnavailable
+from inspector.errors import FrameError, PluginError, StateError, VersionIncomplete
 from inspector.messages import Capture
 from inspector.plugin import Plugin, can_explain, get_plugin
 from inspector.store import ModelStore
@@ -30,6 +37,7 @@ log = logging.getLogger(__name__)
 
 RETRY_FIRST_S = 5.0  # a version that failed for a passing reason is tried again after this, then doubling
 RETRY_MAX_S = 600.0
+FALLBACK_TRIES = 3  # at start-up, older versions tried when the current one cannot serve
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,17 +55,28 @@ class ServedModel:
         return {"name": self.name, "plugin": self.plugin_name, "version": self.version}
 
 
+def is_final(exc: BaseException) -> bool:
+    """A failure that trying again cannot mend: the version itself is wrong."""
+    return isinstance(exc, (StateError, PluginError)) and not isinstance(exc, VersionIncomplete)
+
+
 def load_version(
-    store: ModelStore, name: str, settings: ModelSettings, device: torch.device, version: str | None = None
+    store: ModelStore, name: str, settings: ModelSettings, device: torch.device, version: str | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> ServedModel:
-    """Verify, load and warm up a stored version (None: the current one); StateError when any step fails."""
-    info = store.load_path(name, version)  # recomputes every checksum
+    """Verify, load and warm up a stored version (None: the current one); StateError when any step fails.
+    `progress` is called as files are fetched and hashed, and between steps (a watchdog's beat)."""
+    info = store.load_path(name, version, progress=progress) if progress else store.load_path(name, version)
     if info.plugin != settings.plugin:
         raise StateError(
             f"model {name!r} version {info.version} was fitted with plugin {info.plugin!r}, but models.{name}.plugin "
             f"is {settings.plugin!r}; refit it or change the configuration"
         )
+    if progress:
+        progress()
     plugin = get_plugin(info.plugin).load(info.path, device)
+    if progress:
+        progress()
     warm_up(plugin)
     calibrated = (info.manifest.get("calibration") or {}).get("threshold")
     if calibrated is not None and abs(float(calibrated) - settings.threshold) > 1e-9:
@@ -202,10 +221,12 @@ class Reloader:
     """A background thread that takes up new current versions: on request (an announcement, a
     reconnect) and every `poll_s` seconds (an announcement missed while disconnected).
 
-    A version that fails its checks (checksums, plugin, warm-up: an InspectorError) is refused once,
-    logged and counted, and not tried again. One that fails for a reason that may pass (a file system
-    hiccup, CUDA out of memory) is counted too and tried again at the next poll or announcement, no
-    sooner than a backoff that doubles up to RETRY_MAX_S. The version in service keeps scoring.
+    A version that is wrong (`is_final`) is refused once, logged and counted, and not tried again by this
+    process. One that failed for a reason that may pass is counted too and tried again after a backoff
+    that doubles from RETRY_FIRST_S up to RETRY_MAX_S, whether or not anything asks. The version in
+    service keeps scoring. Requests are coalesced per model, so the queue holds at most one per model
+    however many announcements arrive. The thread beats as it works (`watch`), so a store read that
+    hangs is seen by the watchdog.
     """
 
     def __init__(
@@ -224,76 +245,166 @@ class Reloader:
         self.on_loaded = on_loaded
         self.on_outcome = on_outcome
         self.refused: set[tuple[str, str]] = set()
-        self.retry_at: dict[tuple[str, str], tuple[int, float]] = {}  # transient failures: (count, monotonic)
-        self._requests: queue.Queue[str | None] = queue.Queue()
+        self.retry_at: dict[tuple[str, str], tuple[int, float]] = {}  # passing failures: (count, monotonic)
+        self.problems: dict[str, str] = {}  # model -> why its current version is not in service
+        self.last_progress = time.monotonic()
+        self.busy = False
+        self._pending: set[str] = set()
+        self._stopping = False
+        self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="inspector-reload", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def request(self, name: str) -> None:
-        self._requests.put(name)
+        with self._wake:
+            self._pending.add(name)
+            self._wake.notify()
 
     def request_all(self) -> None:
-        for name in self.models.settings:
-            self._requests.put(name)
+        with self._wake:
+            self._pending.update(self.models.settings)
+            self._wake.notify()
+
+    @property
+    def pending(self) -> int:
+        with self._wake:
+            return len(self._pending)
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._requests.put(None)
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
         self._thread.join(timeout=timeout)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def describe_problems(self) -> str | None:
+        """Why models are not in service, one clause per model, for /readyz; None when there is nothing to say."""
+        problems = dict(self.problems)
+        return "; ".join(f"model {name}: {why}" for name, why in sorted(problems.items()))[:500] or None
+
+    def beat(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def watch(self, watchdog: Any, limit_s: float) -> None:
+        """Register with the worker's watchdog: a reload that makes no progress (no MiB fetched or hashed, no
+        step done) for `limit_s` makes the worker unhealthy, instead of leaving it silently on an old version."""
+        watchdog.watch("reload", self.is_alive, lambda: self.busy, limit_s=limit_s,
+                       progress=lambda: self.last_progress)
+
+    def _next_wait(self) -> float | None:
+        """Seconds until the next poll or the earliest retry, whichever is first; None: wait for a request."""
+        waits = [self.poll_s] if self.poll_s else []
+        if self.retry_at:
+            waits.append(max(0.0, min(at for _, at in self.retry_at.values()) - time.monotonic()))
+        return min(waits) if waits else None
+
     def _run(self) -> None:
         while True:
+            with self._wake:
+                if not self._pending and not self._stopping:
+                    self._wake.wait(self._next_wait())
+                if self._stopping:
+                    return
+                names = sorted(self._pending) or list(self.models.settings)
+                self._pending.clear()
             try:
-                name = self._requests.get(timeout=self.poll_s or None)
-            except queue.Empty:
-                name = ""
-            if name is None:
-                return
-            try:
-                for model in ([name] if name else list(self.models.settings)):
+                for model in names:
                     self.reload(model)
             except Exception:  # noqa: BLE001 - the thread outlives its own bugs; the next poll tries again
                 log.exception("reloading models failed")
 
     def reload(self, name: str) -> ServedModel | None:
         """Put the store's current version of `name` in service unless it already is, or was refused."""
+        self.busy = True
+        self.beat()
+        try:
+            return self._reload(name)
+        finally:
+            self.busy = False
+            self.beat()
+
+    def load_at_start(self, name: str) -> ServedModel | None:
+        """Put the current version of `name` in service, or, when it cannot serve, its last good version:
+        the newest older one that verifies and loads (at most FALLBACK_TRIES are tried). None when no
+        version serves; the reloader keeps trying the current one if its failure may pass."""
+        loaded = self.reload(name)
+        if loaded is not None or self.models.get(name) is not None:
+            return loaded
+        try:
+            current = self.store.current(name)
+            older = [v.version for v in self.store.versions(name) if v.version != current]
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be listed: nothing to fall back to
+            self.problems.setdefault(name, f"the store cannot be read: {_reason(exc)}")
+            return None
+        if current is not None and current in older:
+            older = older[: older.index(current)]
+        for version in list(reversed(older))[:FALLBACK_TRIES]:
+            if (name, version) in self.refused:
+                continue
+            fallback = self._try(name, version, None)
+            if fallback is not None:
+                log.warning("model %s: serving version %s, the last good one; current version %s cannot serve: %s",
+                            name, version, current, self.problems.get(name), extra={"model": name, "version": version})
+                return fallback
+        return None
+
+    def _reload(self, name: str) -> ServedModel | None:
         try:
             version = self.store.current(name)
         except Exception as exc:  # noqa: BLE001 - an unreadable store must not stop the thread
             log.error("model %s: cannot read the store's current version: %s", name, exc, extra={"model": name})
+            if self.models.get(name) is None:
+                self.problems[name] = f"the store's current version cannot be read: {_reason(exc)}"
             return None
         served = self.models.get(name)
-        if version is None or (served is not None and served.version == version):
+        for stale in [key for key in self.retry_at if key[0] == name and key[1] != version]:
+            del self.retry_at[stale]  # no longer current: not tried again (and never waited for)
+        if version is None:
+            if served is None:
+                self.problems[name] = "no version in the store"
+            return None
+        if served is not None and served.version == version:
             return None
         if (name, version) in self.refused:
             return None
-        failures, not_before = self.retry_at.get((name, version), (0, 0.0))
+        _, not_before = self.retry_at.get((name, version), (0, 0.0))
         if time.monotonic() < not_before:
             return None
+        return self._try(name, version, served)
+
+    def _try(self, name: str, version: str, served: ServedModel | None) -> ServedModel | None:
+        """Load one version and put it in service; on failure, refuse it or schedule its retry."""
+        failures, _ = self.retry_at.get((name, version), (0, 0.0))
         log.info("model %s: loading version %s", name, version, extra={"model": name, "version": version})
         try:
-            loaded = load_version(self.store, name, self.models.settings[name], self.device, version)
+            loaded = load_version(self.store, name, self.models.settings[name], self.device, version, self.beat)
         except Exception as exc:  # noqa: BLE001 - whatever goes wrong, the old version keeps serving
             kept = f"version {served.version} keeps serving" if served else "no version is in service"
-            if isinstance(exc, InspectorError) and not isinstance(exc, StoreUnavailable):
+            if is_final(exc):
                 self.refused.add((name, version))
+                self.retry_at.pop((name, version), None)
                 log.error("model %s: version %s refused, %s: %s", name, version, kept, _reason(exc),
                           extra={"model": name, "version": version})
+                problem = f"version {version} refused: {_reason(exc)}"
             else:
                 delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** failures)
                 self.retry_at[(name, version)] = (failures + 1, time.monotonic() + delay)
-                log.error("model %s: version %s failed to load, %s; tried again in %.0f s or later: %s", name,
+                log.error("model %s: version %s failed to load, %s; tried again in %.0f s: %s", name,
                           version, kept, delay, _reason(exc), extra={"model": name, "version": version})
+                problem = f"version {version} failed to load (tried again in {delay:.0f} s): {_reason(exc)}"
+            if self.models.get(name) is None:
+                self.problems[name] = problem
             self.on_outcome(name, "failed")
             return None
         self.retry_at.pop((name, version), None)
-        self.models.put(loaded)
-        log.info("model %s: version %s in service (was %s)", name, version, served.version if served else "none",
-                 extra={"model": name, "version": version})
+        self.problems.pop(name, None)
+        previous = self.models.put(loaded)
+        log.info("model %s: version %s in service (was %s)", name, version,
+                 previous.version if previous else "none", extra={"model": name, "version": version})
         self.on_loaded(loaded)
         self.on_outcome(name, "success")
         return loaded

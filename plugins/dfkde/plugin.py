@@ -91,9 +91,10 @@ class DfkdePlugin:
 
     @classmethod
     def load(cls, folder: Path, device: torch.device) -> "DfkdePlugin":
-        # A state saved before this choice existed was fitted on fully decoded images.
+        # A state saved before this choice existed was fitted on fully decoded images. The stored settings
+        # are checked with DfkdeSettings and its bounds before anything is built (see state.load_state).
         reduced = bool(read_settings(folder).get("plugin", {}).get("jpeg_reduced_decode", False))
-        return cls(load_state(folder, device), device, reduced)
+        return cls(load_state(folder, device, schema=DfkdeSettings), device, reduced)
 
     @property
     def min_images(self) -> int:

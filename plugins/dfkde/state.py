@@ -4,25 +4,40 @@ The backbone's weights are not stored with each version; they come from the
 configured source. A digest of them is stored instead, and a load whose backbone
 differs from the one the model was fitted with is refused: scoring with other
 weights would give silently wrong verdicts.
+
+A stored version is untrusted input until it has passed every check, and the checks cost nothing
+beside what they guard: its settings are validated with the plugin's own settings model and bounds,
+the backbone they name is sized on torch's meta device (no memory) and refused over
+MAX_BACKBONE_PARAMETERS, and the safetensors header is read alone and checked against the shapes the
+settings imply, all before the backbone is built or a tensor is allocated.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
+import struct
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from inspector.errors import StateError
+from inspector.errors import StateError, StoreUnavailable
 from plugins.dfkde.backbones import weights_digest
 from plugins.dfkde.model import DfkdeModel
 
 STATE_FILE = "state.safetensors"
 SETTINGS_FILE = "settings.json"
 FORMAT = "dfkde.state/1"
+MAX_SETTINGS_BYTES = 1 << 20  # settings.json is under 1 KB
+MAX_HEADER_BYTES = 1 << 20  # the safetensors header of ten tensors is under 1 KB
+# wide_resnet101_2 (127 M) fits; a 1 B-parameter ViT would take 4.5 GB as fp32, built twice (see backbones).
+MAX_BACKBONE_PARAMETERS = 200_000_000
 
 _TENSORS = {
     "pca.mean": ("pca_model", "mean"),
@@ -84,24 +99,125 @@ def save_state(model: DfkdeModel, folder: Path, plugin: dict[str, Any] | None = 
 def read_settings(folder: Path) -> dict[str, Any]:
     path = folder / SETTINGS_FILE
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StateError(f"{path}: cannot read the DFKDE settings ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = json.loads(_read_regular(path, MAX_SETTINGS_BYTES))
+    except (ValueError, RecursionError) as exc:
+        raise StateError(f"{path}: cannot read the DFKDE settings ({exc!r:.200})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("settings"), dict):
         raise StateError(f"{path}: not a {FORMAT} settings file")
+    if not isinstance(meta.get("plugin", {}), dict):
+        raise StateError(f"{path}: `plugin` is not a table")
     return meta
 
 
-def load_state(folder: Path, device: torch.device, precision: str | None = None) -> DfkdeModel:
-    """Rebuild a fitted model from `folder`, on `device`; StateError for anything amiss."""
+def checked_settings(folder: Path, meta: dict[str, Any], schema: type[BaseModel]) -> tuple[dict[str, Any], int]:
+    """The stored settings (and the plugin's fit-time choices) validated with the plugin's settings model,
+    then the backbone they name sized without building it: (settings, feature dimension); StateError
+    naming the setting otherwise."""
+    path = folder / SETTINGS_FILE
+    try:
+        schema.model_validate({**meta["settings"], **meta.get("plugin", {})})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()[:5])
+        raise StateError(f"{path}: settings outside the plugin's bounds ({problems}); refit the model") from None
+    settings = dict(meta["settings"])
+    return settings, _check_backbone(path, settings["backbone"], settings["layers"])
+
+
+def _check_backbone(path: Path, name: str, layers: list[str]) -> int:
+    """Size the backbone on the meta device (shapes only, no memory), check its layers exist and return the
+    dimension of the features they give."""
+    if not timm.is_model(name):
+        raise StateError(f"{path}: backbone {name!r} is no timm architecture; refit the model")
+    try:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
+            info = timm.create_model(name, features_only=True).feature_info
+            channels = dict(zip(info.module_name(), info.channels()))
+    except Exception as exc:  # noqa: BLE001 - an architecture that cannot be sized is not built blind
+        raise StateError(f"{path}: backbone {name!r} cannot be sized before it is built ({exc!r:.200})") from None
+    if parameters > MAX_BACKBONE_PARAMETERS:
+        raise StateError(f"{path}: backbone {name!r} has {parameters:,} parameters, over the "
+                         f"{MAX_BACKBONE_PARAMETERS:,} a stored DFKDE version may build")
+    unknown = [layer for layer in layers if layer not in channels]
+    if unknown:
+        raise StateError(f"{path}: layers {unknown} are not among {name}'s: {', '.join(channels)}")
+    return sum(channels[layer] for layer in layers)
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file, opened non-blocking (a FIFO is refused, never waited on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise StoreUnavailable(f"{path}: cannot be opened ({exc})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StateError(f"{path}: not a regular file")
+        data = os.read(fd, limit + 1)
+    except OSError as exc:
+        raise StoreUnavailable(f"{path}: cannot be read ({exc})") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise StateError(f"{path}: over {limit} bytes; not a file the DFKDE plugin wrote")
+    return data
+
+
+def _check_header(path: Path, settings: dict[str, Any], feature_dim: int) -> None:
+    """Read the safetensors header alone and check every tensor's name, dtype and shape against what the
+    settings imply: nothing unexpected is allocated when the tensors are read."""
+    try:
+        with open(path, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise StateError(f"{path}: not a regular file")
+            size = struct.unpack("<Q", handle.read(8).ljust(8, b"\xff"))[0]
+            if size > MAX_HEADER_BYTES:
+                raise StateError(f"{path}: cannot read the DFKDE state (a header of {size} bytes)")
+            header = json.loads(handle.read(size))
+    except OSError as exc:
+        raise StoreUnavailable(f"{path}: cannot be read ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise StateError(f"{path}: cannot read the DFKDE state (its header: {exc!r:.200})") from None
+    if not isinstance(header, dict):
+        raise StateError(f"{path}: cannot read the DFKDE state (its header is not a table)")
+    d, k, limit = feature_dim, settings["n_comps"], settings["filter_count"]
+    rows = header.get("kde.whitened", {}).get("shape", [0])[0] if isinstance(header.get("kde.whitened"), dict) else 0
+    if not isinstance(rows, int) or rows < 1:
+        raise StateError(f"{path}: kde.whitened has no rows")
+    if limit and rows > limit:
+        raise StateError(f"{path}: kde.whitened holds {rows} rows, over filter_count {limit}")
+    expected = {
+        "max_length": [1], "pca.mean": [d], "pca.components": [d, k], "pca.explained_variance": [k],
+        "kde.whitened": [rows, k], "kde.neg_half_sq_norm": [rows], "kde.bw_transform": [k, k], "kde.log_norm": [],
+        "local.mean": [d], "local.variance": [d],
+    }
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        if key not in expected:
+            raise StateError(f"{path}: unexpected tensor {key!r}")
+        if not isinstance(entry, dict) or entry.get("dtype") != "F32" or entry.get("shape") != expected[key]:
+            found = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else entry
+            raise StateError(f"{path}: {key} is {found!r:.100}, expected F32 {expected[key]} for these settings")
+
+
+def load_state(folder: Path, device: torch.device, precision: str | None = None,
+               schema: type[BaseModel] | None = None) -> DfkdeModel:
+    """Rebuild a fitted model from `folder`, on `device`; StateError for anything amiss. With `schema` (the
+    plugin's settings model), the stored settings and tensor shapes are checked before anything is built."""
     meta = read_settings(folder)
     settings = dict(meta["settings"])
+    if schema is not None:
+        settings, feature_dim = checked_settings(folder, meta, schema)
+        _check_header(folder / STATE_FILE, settings, feature_dim)
     if precision is not None:
         settings["precision"] = precision
     try:
         tensors = load_file(str(folder / STATE_FILE))
-    except (OSError, SafetensorError) as exc:
+    except SafetensorError as exc:
         raise StateError(f"{folder / STATE_FILE}: cannot read the DFKDE state ({exc})") from exc
+    except OSError as exc:
+        raise StoreUnavailable(f"{folder / STATE_FILE}: cannot read the DFKDE state ({exc})") from exc
     missing = sorted({"max_length", *_TENSORS} - set(tensors))
     if missing:
         raise StateError(f"{folder / STATE_FILE}: missing tensors {missing}")
@@ -130,3 +246,4 @@ def load_state(folder: Path, device: torch.device, precision: str | None = None)
     if model.pca_model.components.shape != (model.feature_dim, model.n_components):
         raise StateError(f"{folder}: PCA shape {tuple(model.pca_model.components.shape)} does not fit the backbone")
     return model.to(device)
+
