@@ -147,6 +147,7 @@ class WorkerSettings(_Section):
     decode_threads: int = Field(0, ge=0, description="threads decoding captures; 0 = one per CPU core")
     max_image_bytes: int = Field(64 * 1024 * 1024, ge=1, description="larger bodies or files are refused")
     max_image_pixels: int = Field(50_000_000, ge=1, description="images with more pixels are refused unread")
+    max_jpeg_scans: int = Field(100, ge=1, description="JPEGs of more scans are refused unread")
     allowed_roots: list[Path] = Field(default_factory=list, description="folders image_uri may point into")
     routes: list[RouteSettings] = Field(default_factory=list, description="routing-key rules choosing a model")
     shutdown_grace_s: float = Field(25.0, gt=0, description="SIGTERM: time to finish held frames")
@@ -184,6 +185,7 @@ class EvidenceSettings(_Section):
     maps: bool = Field(True, description="keep each scored frame's anomaly map (when its plugin draws them)")
     retention_days: int = Field(30, ge=0, description="frames older than this are pruned; 0 = kept for ever")
     max_bytes: int = Field(10 * 1024**3, ge=0, description="oldest frames are pruned past this size; 0 = no cap")
+    max_files: int = Field(1_000_000, ge=0, description="oldest frames are pruned past this many files; 0 = no cap")
     queue_size: int = Field(256, ge=1, le=1_000_000, description="frames waiting to be written at most")
     queue_bytes: int = Field(256 * 1024 * 1024, ge=1, description="capture bytes waiting to be written at most")
 
@@ -285,6 +287,12 @@ class Settings(BaseSettings):
                     f"worker.routes[{index}] names model {route.model!r}, which is not one of the models "
                     f"defined: {sorted(self.models)}"
                 )
+        if self.evidence.enabled and _overlap(self.evidence.path, self.store.path):
+            raise ValueError(
+                f"evidence.path {self.evidence.path!r} and store.path {self.store.path!r} overlap (one holds the "
+                "other), so pruning the archive could delete model versions; give the evidence archive a folder "
+                "or S3 prefix of its own"
+            )
         return self
 
     @classmethod
@@ -341,6 +349,17 @@ def _is_complex(annotation: Any) -> bool:
         return _is_complex(get_args(annotation)[0])
     kind = origin or annotation
     return isinstance(kind, type) and (issubclass(kind, (list, tuple, set, frozenset, dict, Mapping, BaseModel)))
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether two locations (folders, or s3://bucket/prefix) are the same or one holds the other."""
+    def parts(location: str) -> tuple[str, ...]:
+        if location.startswith("s3://"):
+            return ("s3://", *filter(None, location[len("s3://"):].split("/")))
+        return tuple(Path(os.path.realpath(Path(location).expanduser())).parts)
+
+    a, b = parts(one), parts(other)
+    return a[:len(b)] == b or b[:len(a)] == a
 
 
 def _describe(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:

@@ -153,3 +153,67 @@ def test_an_unknown_plugin_is_a_usage_error_naming_those_installed(tmp_path: Pat
 def test_bad_frame_kinds_are_usage_errors(encodings: list, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         BenchOptions(encodings=encodings).check()
+
+
+CASE_MODULE = '''
+import time
+
+from hostile import Case
+
+
+def allocate():
+    block = bytearray(300 * 1024 * 1024)
+    block[::4096] = b"x" * len(block[::4096])  # touched, so resident
+    return f"{len(block) >> 20} MiB"
+
+
+def forever():
+    while True:
+        time.sleep(0.05)
+
+
+def refuse():
+    raise ValueError("over | the bound")
+
+
+CASES = [Case("answered", lambda: "too_large", allocate, unbounded_limit_s=30),
+         Case("endless baseline", lambda: None, forever, unbounded_limit_s=1),
+         Case("throws", refuse)]
+'''
+
+
+def hostile_inputs(*args: str, package: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "bench/hostile_inputs.py", "--package", str(package), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_hostile_inputs_driver_runs_each_case_in_a_process_of_its_own(tmp_path: Path) -> None:
+    package = tmp_path / "fakecases"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "sample.py").write_text(CASE_MODULE)
+
+    done = hostile_inputs("--only", "n", package=package)  # "answered" and "endless baseline", not "throws"
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in done.stdout.splitlines()
+            if line.startswith("| sample: ")}
+    assert set(rows) == {"sample: (import only)", "sample: answered", "sample: endless baseline"}
+    idle = float(rows["sample: (import only)"][2])
+    answered = rows["sample: answered"]
+    assert answered[3] == "too_large" and float(answered[2]) < idle + 50  # the bounded run's memory is its own
+    assert answered[6] == "300 MiB" and float(answered[5]) >= idle + 290  # and so is the unbounded run's
+    assert rows["sample: endless baseline"][4:7] == ["> 1 s", rows["sample: endless baseline"][5], "stopped"]
+    assert "--only 'sample: answered'" in answered[7]
+    assert "Traceback" not in done.stderr
+
+    skipped = hostile_inputs("--only", "answered", "--skip-unbounded", package=package)
+    assert skipped.returncode == 0 and "skipped (--skip-unbounded)" in skipped.stdout
+
+    failing = hostile_inputs("--only", "throws", package=package)
+    assert failing.returncode == 1
+    assert "raised ValueError: over \\| the bound" in failing.stdout and "no unbounded path" in failing.stdout
+    assert "FAILED sample: throws" in failing.stderr
+
+    (package / "broken.py").write_text("import no_such_module\n")
+    broken = hostile_inputs("--only", "answered", "--skip-unbounded", package=package)
+    assert broken.returncode == 1 and "broken: ModuleNotFoundError" in broken.stderr

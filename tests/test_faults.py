@@ -166,28 +166,31 @@ def test_over_the_byte_budget_no_more_captures_are_taken_until_answers_come(fitt
     body = encoded(samples.make_images(1, seed=4, size=SIZE)[0], "BMP")  # 48 KiB, uncompressed
     budget = 2 * len(body)
     running = start(fitted, prefetch=4, batch_size=1, max_inflight_bytes=budget)
+    ledger = running.consumer.ledger
     peak, pauses = [0], []
-    real_hold, real_pause, real_score = running._hold_bytes, running.consumer.pause, running._score
+    real_take, real_pause, real_score = ledger.take, running.consumer._pause, running._score
 
-    def hold(delta):
-        real_hold(delta)
-        peak[0] = max(peak[0], running._held_bytes)
+    def take(tag, size):
+        taken = real_take(tag, size)
+        peak[0] = max(peak[0], ledger.bytes)
+        return taken
 
     def pause():
-        pauses.append(running._held_bytes)
+        pauses.append(ledger.bytes)
         real_pause()
 
     def slow_score(batch):
         time.sleep(0.15)
         return real_score(batch)
 
-    running._hold_bytes, running.consumer.pause, running._score = hold, pause, slow_score
+    ledger.take, running.consumer._pause, running._score = take, pause, slow_score
     line.publish([("line1.cam1", body, {"content_type": "image/bmp", "message_id": f"b-{i}"}) for i in range(30)])
     results = line.collect(30, timeout=120)
     assert sorted(b["frame_id"] for _, _, b in results) == sorted(f"b-{i}" for i in range(30))
     assert pauses, "the budget was never reached"
-    assert peak[0] <= budget + 4 * len(body)  # at most `prefetch` captures were already on their way
-    assert running._held_bytes == 0
+    # The prefetch follows the frames' size: one window (budget // frame = 2) beyond the budget at most.
+    assert peak[0] <= budget + 2 * len(body)
+    assert ledger.bytes == 0 and ledger.frames == 0 and not ledger.paused
 
 
 def test_stale_captures_are_answered_without_scoring(fitted, line, start):
@@ -308,3 +311,55 @@ def test_when_even_an_error_result_cannot_be_built_the_broker_dead_letters_the_c
     line.publish([good("after")])
     assert [b["frame_id"] for _, _, b in line.collect(1)] == ["after"]
     assert running.consumer.generation == 1
+
+
+def test_one_decode_thread_hung_on_a_read_is_seen_while_the_others_keep_decoding(watched, line):
+    """An `image_uri` on a dead network mount hangs one decode thread in open(); the others go on
+    decoding other cameras' frames. Each decode is on its own clock, so the hung one is still seen."""
+    running, port = watched
+    release = threading.Event()
+    real = running._decode_one
+
+    def hangs_on_one(delivery):
+        if delivery.properties.message_id == "on-a-dead-mount":
+            release.wait(60)
+        return real(delivery)
+
+    running._decode_one = hangs_on_one
+    try:
+        line.publish([good("on-a-dead-mount")])
+        started = time.monotonic()
+        sent = 0
+        while running.watchdog.problem is None and time.monotonic() - started < 20:
+            line.publish([good(f"flowing-{sent}")])  # other frames keep the other decode threads busy
+            sent += 1
+            time.sleep(0.3)
+        found_after = time.monotonic() - started
+        assert running.watchdog.problem is not None and "decode thread" in running.watchdog.problem
+        assert 5.0 <= found_after < 12.0
+        assert http_status(port, "/healthz")[0] == 503
+        answered = {body["frame_id"] for _, _, body in line.collect(sent, timeout=30)}
+        assert answered == {f"flowing-{i}" for i in range(sent)}  # the others were decoded all along
+    finally:
+        release.set()
+
+
+def test_a_worker_connected_and_under_budget_that_takes_no_captures_is_unhealthy(fitted, prefix, tmp_path,
+                                                                                  monkeypatch):
+    """A pause is never silent: consuming stopped without a cause (here: the consumer cancelled behind the
+    books' back, as a bug would) fails /healthz within the limit, so the supervisor restarts the worker."""
+    from inspector.worker import loop
+
+    monkeypatch.setattr(loop, "CONSUMING_LIMIT_S", 3.0)
+    settings = config.load(worker_config(tmp_path, fitted, prefix, watchdog_s=5.0))
+    running = Worker(settings, Metrics(settings.metrics))
+    running.start()
+    try:
+        assert running.consumer.stuck_for() == 0
+        running.consumer._ioloop.add_callback_threadsafe(running.consumer._cancel_consumer)
+        deadline = time.monotonic() + 15
+        while running.watchdog.problem is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert running.watchdog.problem is not None and "consuming" in running.watchdog.problem
+    finally:
+        running.stop(grace_s=3)

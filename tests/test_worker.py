@@ -426,11 +426,33 @@ def test_start_up_failures_exit_with_one_clear_line(fitted, prefix, tmp_path):
     assert refused.returncode == 2, refused.stderr
     assert "refused the login" in refused.stderr and "INSPECTOR_BROKER__PASSWORD" in refused.stderr
 
-    empty = _run(tmp_path, worker_config(tmp_path, tmp_path / "no-store", prefix))
-    assert empty.returncode == 1, empty.stderr
-    assert "no model can serve" in empty.stderr and "inspector refit" in empty.stderr
-    for result in (unreachable, refused, empty):
+    for result in (unreachable, refused):
         assert "Traceback" not in result.stderr
+
+
+def test_a_worker_with_no_model_to_serve_runs_not_ready_and_says_how_to_fit_one(prefix, tmp_path):
+    """Exiting would only restart into the same empty store (a crash loop): it runs, says why, answers
+    its frames model_unavailable, and takes up the first version a refit stores."""
+    path = worker_config(tmp_path, tmp_path / "no-store", prefix)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTOR_")}
+    process = subprocess.Popen([sys.executable, "-m", "inspector.cli", "run", "--config", str(path)], cwd=tmp_path,
+                               env=environ, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not any("ready: queue" in text for text in output) and time.monotonic() < deadline:
+            assert process.poll() is None, "".join(output)
+            time.sleep(0.2)
+        text = "".join(output)
+        assert "no model can serve" in text and "inspector refit" in text, text
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        reader.join(timeout=5)
+    assert "Traceback" not in "".join(output)
 
 
 def test_sigterm_while_waiting_for_the_broker_exits_0_promptly(fitted, prefix, tmp_path):

@@ -30,7 +30,7 @@ import torch
 from inspector import __version__
 from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
-from inspector.errors import FrameError, InspectorError, StateError, StoreUnavailable
+from inspector.errors import FrameError, InspectorError
 from inspector.messages import (
     Capture,
     encode,
@@ -47,15 +47,16 @@ from inspector.worker.batcher import Batcher
 from inspector.worker.consumer import Consumer, Delivery, Outcome
 from inspector.worker.decode import DecodeLimits, decode_capture
 from inspector.worker.evidence import Evidence
-from inspector.worker.metrics import Metrics
+from inspector.worker.ledger import Ledger
+from inspector.worker.metrics import Metrics, configured_label_values
 from inspector.worker.sdnotify import Notifier
-from inspector.worker.serving import ModelSet, Reloader, ServedModel, explain_batch, load_version
+from inspector.worker.serving import ModelSet, Reloader, ServedModel, explain_batch
 from inspector.worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
 MAX_CONTROL_BYTES = 64 * 1024  # an announcement is a few hundred bytes; anything larger is not one
-RESUME_SHARE = 0.75  # paused over worker.max_inflight_bytes, consuming resumes below this share of it
+CONSUMING_LIMIT_S = 60.0  # connected, under budget and taking no captures this long: a bug, made loud
 EXIT_MARGIN_S = 15.0  # an unhealthy worker that has not exited this long after its grace period is ended
 
 
@@ -109,10 +110,11 @@ class Worker:
                                  self._on_connection)
         for name in settings.models:
             self.metrics.expect_model(name)
-        self._inflight = 0
+        for label, values in configured_label_values(settings).items():
+            self.metrics.reserve(label, values)  # named in the configuration: never pushed into "other"
         self._decoding = 0  # received and not yet prepared: the batcher waits for these
-        self._inflight_lock = threading.Lock()
-        self._held_bytes = 0  # capture bodies received and not yet settled (broker thread only)
+        self._decoding_lock = threading.Lock()
+        self._decodes: dict[int, float] = {}  # decode thread -> when its capture's decode began (monotonic)
         self._scoring = False  # a batch is being scored now
         self.scored = 0
         self.watchdog = Watchdog()
@@ -121,19 +123,25 @@ class Worker:
                             limit_s=min(limit, 60.0), progress=lambda: self.consumer.last_tick)
         self.watchdog.watch("scoring", self._scorer.is_alive,
                             lambda: self._scoring or self._prepared.qsize() > 0, limit_s=limit)
-        self.watchdog.watch("decode", lambda: True, lambda: self._decoding > 0, limit_s=limit)
-        self.watchdog.watch("reload", self._reloader.is_alive, lambda: False, limit_s=limit)
+        self.watchdog.watch("decode", lambda: True, lambda: bool(self._decodes), limit_s=limit,
+                            progress=self._oldest_decode)  # each decode on its own clock: one hung read is seen
+        self.watchdog.watch("consuming", lambda: True, lambda: self.consumer.stuck_for() > 0, limit_s=CONSUMING_LIMIT_S,
+                            progress=lambda: time.monotonic() - self.consumer.stuck_for())
+        self._reloader.watch(self.watchdog, limit)
+        self.metrics.models_problem = self._reloader.describe_problems
         self.evidence = Evidence(settings.evidence, self.metrics)
         self.evidence.watch(self.watchdog, limit)
         self.metrics.health = lambda: self.watchdog.problem
         self.metrics.thread_stalls = self.watchdog.stalls
         self.consumer.on_unroutable = self.metrics.result_unroutable
+        self.consumer.on_budget = self._on_budget
+        self.consumer.on_refused = self.metrics.result_refused
 
     # -- life cycle ----------------------------------------------------------------------------
 
     def start(self, cancel: threading.Event | None = None) -> None:
-        """Load every model's current version, start the threads and connect; raises InspectorError when
-        no model can serve or RabbitMQ cannot be reached within worker.start_timeout_s. Returns early,
+        """Load every model's current version (or its last good one), start the threads and connect; raises
+        InspectorError when RabbitMQ cannot be reached within worker.start_timeout_s. Returns early,
         unconnected, when `cancel` is set (a signal while waiting for the broker)."""
         self._load_models()
         self._scorer.start()
@@ -156,7 +164,7 @@ class Worker:
         """Stop taking captures, finish and confirm those held, close; returns within the grace period."""
         grace = self.settings.worker.shutdown_grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
-        log.info("stopping: finishing %d held captures (grace %g s)", self._inflight, grace)
+        log.info("stopping: finishing %d held captures (grace %g s)", self.consumer.ledger.frames, grace)
         self.watchdog.stop()
         self.consumer.stop_consuming(max(0.0, grace - 1.0))
         self.consumer.stopped.wait(grace)
@@ -184,34 +192,21 @@ class Worker:
         self.evidence.stop(timeout=left())
 
     def _load_models(self) -> None:
-        for name, model_settings in self.settings.models.items():
-            version = None
-            try:
-                version = self.store.current(name)
-                if version is None:
-                    log.warning("model %s has no version in %s: its frames get model_unavailable errors until "
-                                "`inspector refit --model %s` stores one", name, self.store.root, name,
-                                extra={"model": name})
-                    continue
-                served = load_version(self.store, name, model_settings, self.device, version)
-            except Exception as exc:  # noqa: BLE001 - one model that cannot load must not stop the others
-                self.metrics.model_reload(name, "failed")
-                if isinstance(exc, InspectorError) and not isinstance(exc, StoreUnavailable) and version is not None:
-                    self._reloader.refused.add((name, version))  # its checks failed: not tried again
-                    log.error("model %s: version %s cannot serve: %s", name, version, exc,
-                              extra={"model": name, "version": version})
-                else:  # may pass (a file system hiccup, CUDA out of memory): the reloader tries again
-                    log.error("model %s: version %s failed to load (%r); tried again at the next store poll", name,
-                              version, exc, extra={"model": name, "version": version})
-                continue
-            self.models.put(served)
-            self._model_in_service(served)
+        """Put each model's current version in service, or its last good one (serving.Reloader.load_at_start).
+        A model with none does not stop the worker: it starts, /readyz says why while no model serves, that
+        model's frames are answered `model_unavailable`, and the reloader takes up a good version when one
+        appears. Exiting instead would only restart into the same refusal, for ever."""
+        for name in self.settings.models:
+            self._reloader.load_at_start(name)
+            if self.models.get(name) is None:
+                log.error("model %s: no version can serve (%s): its frames get model_unavailable errors until a "
+                          "good version is stored (`inspector refit --model %s`, or `inspector models rollback`)",
+                          name, self._reloader.problems.get(name, "no version in the store"), name,
+                          extra={"model": name})
         in_service = self.models.in_service()
         if not in_service:
-            raise StateError(
-                f"no model can serve from the store at {self.store.root}: fit one with "
-                f"`inspector refit --data DIR` (models configured: {', '.join(sorted(self.settings.models))})"
-            )
+            log.error("no model can serve from the store at %s: the worker runs not ready until one can "
+                      "(models configured: %s)", self.store.root, ", ".join(sorted(self.settings.models)))
         for served in in_service:
             log.info("model %s: %s version %s on %s, threshold %g", served.name, served.plugin_name,
                      served.version, describe_device(self.device), served.threshold,
@@ -223,27 +218,18 @@ class Worker:
     # -- broker-thread callbacks (quick, never block) ------------------------------------------
 
     def _on_delivery(self, delivery: Delivery) -> None:
-        self._count_inflight(+1)
-        self._hold_bytes(len(delivery.body))
         self._count_decoding(+1)
         try:
             self._decoders.submit(self._decode, delivery)
         except BaseException:
             self._count_decoding(-1)
-            self._count_inflight(-1)
-            self._hold_bytes(-len(delivery.body))
             raise
 
-    def _hold_bytes(self, delta: int) -> None:
-        """Capture bodies held in memory: over worker.max_inflight_bytes take no more deliveries, until
-        answers bring them under RESUME_SHARE of it (broker thread only, so no lock)."""
-        self._held_bytes += delta
-        self.metrics.set_inflight_bytes(self._held_bytes)
-        budget = self.settings.worker.max_inflight_bytes
-        if delta > 0 and self._held_bytes > budget:
-            self.consumer.pause()
-        elif delta < 0 and self._held_bytes <= budget * RESUME_SHARE:
-            self.consumer.resume()
+    def _on_budget(self, ledger: Ledger) -> None:
+        """The consumer's books changed: what is held, and whether consuming is paused, in the metrics."""
+        self.metrics.set_inflight(ledger.frames)
+        self.metrics.set_inflight_bytes(ledger.bytes)
+        self.metrics.set_consumer_paused(self.consumer.pause_reason())
 
     def _on_connection(self, connected: bool) -> None:
         self.metrics.set_broker_connected(connected)
@@ -278,8 +264,6 @@ class Worker:
         self._reloader.request(name)
 
     def _on_settled(self, outcome: Outcome, acked: bool) -> None:
-        self._count_inflight(-1)
-        self._hold_bytes(-len(outcome.delivery.body))
         if not acked:
             return
         record: _Record | None = outcome.record
@@ -291,7 +275,7 @@ class Worker:
         self.metrics.stage("publish", time.perf_counter() - outcome.submitted_at)
         self.metrics.frame_done(
             line=record.line, camera=record.camera, model=record.model, verdict=record.verdict,
-            probability=record.probability, latency_s=max(0.0, now - record.captured_at),
+            probability=record.probability, latency_s=now - record.captured_at,
             queue_wait_s=record.queue_wait_s, redelivered=record.redelivered,
         )
         if record.reason is not None:
@@ -299,25 +283,26 @@ class Worker:
             self.metrics.dead_lettered(record.reason)
 
     def _count_decoding(self, delta: int) -> None:
-        with self._inflight_lock:
+        with self._decoding_lock:
             self._decoding += delta
 
-    def _count_inflight(self, delta: int) -> None:
-        with self._inflight_lock:
-            self._inflight += delta
-            self.metrics.set_inflight(self._inflight)
+    def _oldest_decode(self) -> float:
+        """When the longest-running decode now began (its thread's last progress); now when none runs."""
+        return min(list(self._decodes.values()), default=time.monotonic())  # list(): one atomic copy
 
     # -- decode threads ----------------------------------------------------------------------
 
     def _decode(self, delivery: Delivery) -> None:
+        thread = threading.get_ident()
+        self._decodes[thread] = time.monotonic()
         try:
             self._decode_one(delivery)
         except BaseException as exc:  # noqa: BLE001 - a decode task must answer its capture, whatever happens
             log.exception("decoding a capture failed outside every guard")
             self._answer_error(delivery, None, "internal_error", f"unexpected failure: {exc!r}")
         finally:
+            self._decodes.pop(thread, None)
             self._count_decoding(-1)
-            self.watchdog.beat("decode")
 
     def _decode_one(self, delivery: Delivery) -> None:
         started = time.perf_counter()
@@ -507,7 +492,7 @@ class Worker:
         captured = prepared.capture.captured_at
         if captured is None:
             return None
-        return max(0.0, time.time() - captured.timestamp())
+        return time.time() - captured.timestamp()  # a negative or absurd age: Metrics.frame_done sorts it out
 
 
 def stack_for(device: torch.device, tensors: list[torch.Tensor]) -> torch.Tensor:
