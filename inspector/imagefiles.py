@@ -7,6 +7,9 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,30 +31,71 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def find_images(root: Path, argument: str = "--data") -> list[Path]:
-    """Every image file under `root`, recursively, any case of suffix, sorted; hidden entries skipped. Refit,
-    evaluate and publish all find images this way; `argument` names the option in the error."""
+@dataclass
+class ImageScan:
+    """What a walk of an archive found: image files to read, and what it passed over, each with why."""
+
+    paths: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+SYMLINKED_FOLDER = "symlinked_folder: a symlink to a folder, not followed"
+
+
+def scan_images(root: Path, argument: str = "--data") -> ImageScan:
+    """Every image file under `root`, recursively, any case of suffix, sorted; hidden entries skipped.
+
+    Symlinked folders are not followed (counted in `skipped`): one can pull any folder of the machine into
+    the archive, and `x -> .` makes the walk endless. Symlinked files are kept (dataset splits are often
+    built of them) and judged when read: a loop, a dangling link or a FIFO is skipped then. `root` itself
+    may be a symlink: the operator named it. An entry that cannot be examined is skipped, never fatal."""
     if not root.exists():
         raise ConfigError(f"{argument} {root}: no such folder")
     if not root.is_dir():
         raise ConfigError(f"{argument} {root}: not a folder")
-    found: list[Path] = []
+    scan = ImageScan()
     stack = [root]
     while stack:
         folder = stack.pop()
         try:
-            entries = list(os.scandir(folder))
+            with os.scandir(folder) as listing:
+                entries = list(listing)
         except OSError as exc:
-            log.warning("skipping folder %s: %s", folder, exc.strerror or exc)
+            scan.skipped.append((folder, f"folder_unreadable: cannot be listed ({exc.strerror or exc})"))
             continue
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir(follow_symlinks=True):
-                stack.append(Path(entry.path))
-            elif is_image_file(Path(entry.name)):
-                found.append(Path(entry.path))
-    return sorted(found)
+            path = Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(path)
+                    continue
+                if entry.is_symlink() and _is_folder(path):
+                    scan.skipped.append((path, SYMLINKED_FOLDER))
+                    continue
+            except OSError as exc:
+                scan.skipped.append((path, f"file_not_found: cannot be examined ({exc.strerror or exc})"))
+                continue
+            if is_image_file(path):
+                scan.paths.append(path)
+    scan.paths.sort()
+    for path, reason in scan.skipped:
+        log.warning("skipping %s: %s", path, reason)
+    return scan
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a symlink loop: not a folder; its reading fails and is counted
+        return False
+
+
+def find_images(root: Path, argument: str = "--data") -> list[Path]:
+    """The image files of `scan_images(root)`; what it passed over is logged. Refit, evaluate and publish all
+    find images this way; `argument` names the option in the error."""
+    return scan_images(root, argument).paths
 
 
 def read_image(path: Path, max_pixels: int, min_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -86,6 +130,71 @@ def allow_pixels(limit: int) -> None:
 
 
 _PIXELS_LOCK = threading.Lock()
+
+
+class PixelBudget:
+    """Pixels decoded at once across a pool's threads. A decoded image costs about 7 bytes a pixel at its peak
+    (Pillow's image and its RGB copy), so a pool of one thread a core at 100 Mpx each could ask for tens of
+    GiB; under a budget, each image holds its pixels (from its header, once known) until it has been
+    prepared, and waits while the others hold the rest. An image over the whole budget waits for all of it."""
+
+    def __init__(self, pixels: int) -> None:
+        if pixels < 1:
+            raise ValueError(f"a pixel budget must be positive, got {pixels}")
+        self.capacity = pixels
+        self._free = pixels
+        self._changed = threading.Condition()
+
+    @property
+    def free(self) -> int:
+        with self._changed:
+            return self._free
+
+    @contextmanager
+    def image(self) -> Iterator[None]:
+        """One image's decoding and preparation on this thread: what `reserve_pixels` takes in it is given back
+        at the end."""
+        hold = _Hold(self)
+        outer = getattr(_held, "hold", None)
+        _held.hold = hold
+        try:
+            yield
+        finally:
+            _held.hold = outer
+            self._give(hold.pixels)
+
+    def _take(self, pixels: int, wait: bool) -> int:
+        pixels = min(pixels, self.capacity)
+        with self._changed:
+            if wait:
+                self._changed.wait_for(lambda: self._free >= pixels)
+            self._free -= pixels  # without waiting: below zero, bounded by one image a thread
+        return pixels
+
+    def _give(self, pixels: int) -> None:
+        if pixels:
+            with self._changed:
+                self._free += pixels
+                self._changed.notify_all()
+
+
+@dataclass
+class _Hold:
+    budget: PixelBudget
+    pixels: int = 0
+
+
+_held = threading.local()
+
+
+def reserve_pixels(pixels: int) -> None:
+    """Called by a decoder once it knows an image's size, before decoding it: inside `PixelBudget.image()` on
+    this thread, waits until the budget has that many pixels free and holds them; elsewhere (the worker's
+    frames) does nothing. A second image in the same hold does not wait (no thread waits holding pixels, so
+    no two threads wait on each other)."""
+    hold = getattr(_held, "hold", None)
+    if hold is not None and pixels > 0:
+        hold.pixels += hold.budget._take(pixels, wait=hold.pixels == 0)
 
 
 def reduce_while_decoding(image: Image.Image, min_size: tuple[int, int] | None) -> None:

@@ -564,12 +564,12 @@ def test_messages_quote_capture_values_at_a_bounded_length(files):
 @pytest.mark.parametrize("image, fmt", [(SIXTEEN_BIT, "PNG"), (SIXTEEN_BIT.astype(np.int32), "TIFF")])
 def test_refit_reads_archive_files_as_the_worker_decodes_frames(tmp_path, image, fmt):
     """A model must be served the pixels it was fitted on: the archive reader and the frame decoder agree."""
-    from inspector.imagefiles import read_image
+    from inspector.worker.decode import read_file
 
     path = tmp_path / f"frame.{fmt.lower()}"
     Image.fromarray(image).save(path, format=fmt)
     served = decode_capture(path.read_bytes(), None, None, LIMITS)
-    np.testing.assert_array_equal(read_image(path, max_pixels=1_000_000), served)
+    np.testing.assert_array_equal(read_file(path, LIMITS), served)
 
 
 def test_a_folder_swapped_for_a_symlink_after_resolution_is_not_followed(tmp_path):
@@ -594,3 +594,51 @@ def test_a_folder_swapped_for_a_symlink_after_resolution_is_not_followed(tmp_pat
     (root / "old" / "b.png").symlink_to(outside / "a.png")
     with pytest.raises(OSError):
         _open_beneath(root, root / "old" / "b.png")
+
+
+# -- progressive JPEGs of many scans ------------------------------------------------------------
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_any_is_decoded():
+    """libjpeg decodes every scan over the whole image: 1,000 scans of end-of-band runs cost a 4000 x 4000
+    image over a second unbounded. They are counted first and refused in milliseconds."""
+    from tests.jpegkit import many_scan_jpeg
+
+    data = many_scan_jpeg(4000, 4000, 1000)
+    limits = DecodeLimits(max_image_bytes=1 << 20, max_image_pixels=50_000_000)
+    started = time.perf_counter()
+    message = refused("image_too_complex", data, "image/jpeg", limits=limits)
+    assert time.perf_counter() - started < 0.1
+    assert "1000 scans" in message and "worker.max_jpeg_scans (100)" in message
+
+
+@pytest.mark.parametrize("scans, code", [(100, None), (101, "image_too_complex")])
+def test_the_scan_limit_is_exact_and_configured(scans, code):
+    from tests.jpegkit import many_scan_jpeg
+
+    data = many_scan_jpeg(64, 48, scans)
+    limits = DecodeLimits.from_settings(WorkerSettings(max_jpeg_scans=100, max_image_pixels=10**6))
+    assert limits.max_jpeg_scans == 100
+    if code is None:
+        check(decode_capture(data, None, None, limits), np.full((48, 64, 3), 128, np.uint8))
+    else:
+        refused(code, data, None, limits=limits)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_ordinary_progressive_jpegs_still_decode(mode):
+    """libjpeg's own progression: 10 scans in colour, 6 in grey, 18 in CMYK."""
+    image = Image.fromarray(PIXELS).convert(mode)
+    data = encode(image, "JPEG", progressive=True, quality=90)
+    assert 6 <= data.count(b"\xff\xda") <= 18
+    check(decode_capture(data, "image/jpeg", None, LIMITS), pil_rgb(data))
+
+
+def test_the_batched_jpeg_decoder_counts_scans_too():
+    from inspector.worker.decode import decode_jpegs
+    from tests.jpegkit import many_scan_jpeg
+
+    good = encode(PIXELS, "JPEG", progressive=True)
+    out = decode_jpegs([many_scan_jpeg(2000, 2000, 500), good], LIMITS)
+    assert isinstance(out[0], FrameError) and out[0].code == "image_too_complex"
+    assert tuple(out[1].shape) == (3, 12, 16)

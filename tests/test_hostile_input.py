@@ -250,3 +250,28 @@ def test_any_body_decodes_to_pixels_or_a_frame_error(body, content_type, headers
         return
     assert isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
 
+
+
+@settings(max_examples=60, deadline=None)
+@given(scans=st.integers(1, 400), width=st.integers(1, 3000), height=st.integers(1, 3000),
+       extra=st.lists(st.sampled_from([b"\xff\xda", b"\xff\xff\xda", b"\xff\x00", b"\xda\xff"]), max_size=4),
+       limit=st.integers(1, 200))
+def test_the_scans_of_a_jpeg_are_bounded_before_decoding(scans, width, height, extra, limit):
+    """However a progressive JPEG is cut, a body of more FF DA markers than worker.max_jpeg_scans is refused
+    unread, in milliseconds; one of no more decodes (or fails as any other JPEG)."""
+    import time
+
+    from tests.jpegkit import many_scan_jpeg
+
+    body = many_scan_jpeg(width, height, scans) + b"".join(extra)  # whatever follows the end of the image
+    limits = DecodeLimits(max_image_bytes=1 << 22, max_image_pixels=1 << 24, max_jpeg_scans=limit)
+    markers = body.count(b"\xff\xda")
+    started = time.perf_counter()
+    try:
+        pixels = decode_capture(body, "image/jpeg", None, limits)
+    except FrameError as exc:
+        assert exc.code == ("image_too_complex" if markers > limit else "image_undecodable"), str(exc)
+        if markers > limit:
+            assert time.perf_counter() - started < 0.05
+        return
+    assert markers <= limit and pixels.shape == (height, width, 3)

@@ -256,11 +256,59 @@ def test_a_configured_pixel_limit_above_pils_own_guard_is_honoured(tmp_path):
     """PIL refuses images over 89.5 MP by itself; a limit configured above that must hold instead."""
     from PIL import Image
 
-    from inspector.imagefiles import UnreadableImage, read_image
+    from inspector.errors import FrameError
+    from inspector.worker.decode import DecodeLimits, read_file
 
     path = tmp_path / "large.png"
     Image.new("L", (10_000, 9_500)).save(path)  # 95 MP of zeros: a small file
-    image = read_image(path, max_pixels=100_000_000, min_size=(64, 64))
+    image = read_file(path, DecodeLimits(1 << 26, 100_000_000), min_size=(64, 64))
     assert image.shape == (9_500, 10_000, 3)
-    with pytest.raises(UnreadableImage, match="over the limit of 90000000"):
-        read_image(path, max_pixels=90_000_000)
+    with pytest.raises(FrameError, match=r"over worker.max_image_pixels \(90000000\)"):
+        read_file(path, DecodeLimits(1 << 26, 90_000_000))
+
+
+def _claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` RGB pixels and whose data holds almost nothing."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_refit_skips_and_counts_what_a_hostile_archive_holds(tmp_path):
+    """Symlink loops, a symlinked folder outside the archive, a format the worker does not decode, an image
+    over the pixel limit, a JPEG of 2,000 scans and a FIFO: refit completes, fits only the good images, and
+    says how many files it skipped and why."""
+    from tests.jpegkit import many_scan_jpeg
+
+    archive, outside = tmp_path / "archive", tmp_path / "elsewhere"
+    (archive / "good").mkdir(parents=True)
+    outside.mkdir()
+    for i, image in enumerate(samples.make_images(40, seed=5, size=64)):
+        Image.fromarray(image).save(archive / "good" / f"part{i:03d}.png")
+        Image.fromarray(image).save(outside / f"other{i:03d}.png")
+    (archive / "loop.png").symlink_to("loop.png")  # ELOOP
+    (archive / "x").symlink_to("x")
+    (archive / "self").symlink_to(".")  # an endless walk if followed
+    (archive / "up").symlink_to("..")
+    (archive / "pulled").symlink_to(outside)  # pulls a folder from anywhere in
+    (archive / "good" / "linked.png").symlink_to(archive / "good" / "part000.png")  # a file link is read
+    Image.fromarray(samples.make_images(1, seed=9, size=64)[0]).save(archive / "polyglot.png", format="GIF")
+    (archive / "huge.png").write_bytes(_claiming(11_000, 11_000))  # 121 Mpx, over refit.max_image_pixels
+    (archive / "scans.jpg").write_bytes(many_scan_jpeg(512, 512, 2000))
+    os.mkfifo(archive / "fifo.png")  # opening it for reading would block
+
+    result = inspector("refit", "--data", "archive", "--no-calibrate", "--no-announce", cwd=tmp_path, timeout=240,
+                       env={"INSPECTOR_PLUGINS__DFKDE__INPUT_SIZE": "64"})
+    assert result.returncode == 0, result.stderr
+    manifest = ModelStore(tmp_path / "models").info("default").manifest
+    images = manifest["images"]
+    assert images["used"] == 41  # 40 good ones and the linked file; nothing from outside
+    assert images["skipped_reasons"] == {"symlinked_folder": 3, "file_not_found": 2, "image_undecodable": 1,
+                                         "image_too_many_pixels": 1, "image_too_complex": 1}
+    assert images["skipped"] == 8
+    assert "8 files under archive skipped" in result.stderr and "image_too_complex" in result.stderr

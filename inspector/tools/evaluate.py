@@ -39,7 +39,7 @@ from inspector.tools.figures import Figures, figures
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.progress import Progress
 from inspector.tools.report import ScoredImage, write_report
-from inspector.worker.decode import DecodeLimits, decode_capture
+from inspector.worker.decode import DecodeLimits, read_file
 from inspector.worker.serving import ServedModel, load_version, score_batch
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,7 @@ def scan_test_set(data: Path) -> LabelledSet:
 
 def read_like_a_capture(path: Path, limits: DecodeLimits, min_size: tuple[int, int] | None) -> np.ndarray:
     """A file's pixels as the worker would decode it arriving as a capture (limits, formats, JPEG scale)."""
-    with open(path, "rb") as file:
-        body = file.read(limits.max_image_bytes + 1)  # decode_capture refuses what is over
-    return decode_capture(body, None, None, limits, min_size)
+    return read_file(path, limits, min_size)
 
 
 def _batches(frames: Iterable[tuple[int, torch.Tensor]], size: int) -> Iterator[tuple[list[int], list[torch.Tensor]]]:

@@ -12,31 +12,45 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inspector.config import WorkerSettings
 from inspector.errors import FrameError
-from inspector.imagefiles import UnreadableImage, read_image
+from inspector.imagefiles import PixelBudget, UnreadableImage
 from inspector.tools.progress import Progress
+from inspector.worker.decode import DecodeLimits, read_file
 
 log = logging.getLogger(__name__)
+
+# Images of max_pixels each decoding at once, at most, whatever the number of threads: about 7 bytes a pixel at
+# the peak, so 1.4 GB for refit's 100 Mpx.
+BUDGET_IMAGES = 2
+DEFAULT_MAX_BYTES = WorkerSettings.model_fields["max_image_bytes"].default
 
 
 class ImageStream:
     """Read and prepare images on a thread pool, in order, with at most `workers * 4` in flight; a file
     that fails (unreadable, truncated, refused by a limit, or by the plugin's prepare) is skipped with a
-    warning that names it. `read` turns a path into pixels: by default an archive file as refit reads
-    it; `inspector evaluate` passes the worker's capture decoding."""
+    warning that names it. `read` turns a path into pixels: by default the worker's decoding of the file
+    (decode.read_file) under `max_pixels`; refit, evaluate and explain pass it with their own limits.
+    A reader that decodes with the worker's decoder holds its image's pixels of a budget of
+    BUDGET_IMAGES x `max_pixels` until the image is prepared (no budget when `max_pixels` is 0)."""
 
     def __init__(self, prepare: Callable[[np.ndarray], torch.Tensor], workers: int, max_pixels: int,
                  progress: Progress, min_size: tuple[int, int] | None = None,
                  read: Callable[[Path], np.ndarray] | None = None) -> None:
         self.prepare = prepare
-        self.read = read or (lambda path: read_image(path, max_pixels, min_size))
+        limits = DecodeLimits(DEFAULT_MAX_BYTES, max_pixels)
+        self.read = read or (lambda path: read_file(path, limits, min_size))
+        self.budget = PixelBudget(BUDGET_IMAGES * max_pixels) if max_pixels > 0 else None
         self.workers = workers
         self.progress = progress
         self.skipped: list[tuple[Path, str]] = []
         self.used = 0
 
     def _load(self, path: Path) -> torch.Tensor:
-        return self.prepare(self.read(path))
+        if self.budget is None:
+            return self.prepare(self.read(path))
+        with self.budget.image():
+            return self.prepare(self.read(path))
 
     def images(self, paths: Iterable[Path]) -> Iterator[torch.Tensor]:
         for _, tensor in self.indexed(paths):

@@ -17,17 +17,22 @@ images and cross-fits below that; `--held-out SHARE` asks for a plain hold-out a
 
 Decoding runs on a thread pool with a bounded window of images in flight, so the
 archive is never held in memory (cross-fitting keeps one embedding per image) and the
-model is fed while the next images decode. A file that cannot be read is skipped with a
-warning that names it. Nothing is written to the store unless the fit and the
+model is fed while the next images decode. Files are read as the worker decodes captures
+(decode.read_file: its formats, its TIFF tile and JPEG scan limits, refit.max_image_pixels), at
+most twice refit.max_image_pixels being decoded at once whatever decode_workers is; symlinked
+folders are not followed. A file that cannot be read is skipped with a warning that names it,
+and the manifest counts the skipped files by reason. Nothing is written to the store unless the fit and the
 calibration succeeded.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +46,13 @@ from inspector.broker import announce, announcement
 from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import BrokerError, ConfigError, FitError
-from inspector.imagefiles import find_images
+from inspector.imagefiles import scan_images
 from inspector.plugin import FitReport, Plugin, Scores, decode_size, get_plugin, score_all
 from inspector.s3store import is_s3_url
 from inspector.stores import open_store
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.progress import Progress
+from inspector.worker.decode import DecodeLimits, read_file
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +95,7 @@ class RefitResult:
     calibration: dict[str, Any] | None
     announced: bool
     pruned: list[str] = field(default_factory=list)
+    skipped_reasons: dict[str, int] = field(default_factory=dict)  # see skip_reasons
 
     @property
     def images_per_second(self) -> float:
@@ -256,7 +263,8 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
     model_settings = settings.models[options.model]
     refit = settings.refit
     started = time.perf_counter()
-    paths = find_images(options.data)
+    scan = scan_images(options.data)
+    paths = scan.paths
     _check_store_writable(settings)
     choice = choose_calibration(options, len(paths), refit.held_out_share)
     share = choice.share
@@ -267,8 +275,12 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
     plugin = plugin_cls.create(plugin_settings, device)
     workers = refit.decode_workers or max(1, os.cpu_count() or 1)
 
+    limits = DecodeLimits(settings.worker.max_image_bytes, refit.max_image_pixels,
+                          max_jpeg_scans=settings.worker.max_jpeg_scans, pixels_setting="refit.max_image_pixels")
+    read = functools.partial(read_file, limits=limits, min_size=decode_size(plugin))
+
     def stream(progress: Progress) -> Callable[[], ImageStream]:
-        return lambda: ImageStream(plugin.prepare, workers, refit.max_image_pixels, progress, decode_size(plugin))
+        return lambda: ImageStream(plugin.prepare, workers, refit.max_image_pixels, progress, read=read)
 
     if options.calibrate and choice.method == CROSS_FIT:
         _check_cross_fit(paths, options, plugin.min_images, model_settings.plugin)
@@ -321,12 +333,17 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
                         options.target_false_reject, scored, scored, 1.0 / scored,
                         math.ceil(1 / options.target_false_reject))
 
+    skipped = scan.skipped + skipped
+    reasons = skip_reasons(skipped)
+    if skipped:
+        log.warning("%d files under %s skipped: %s", len(skipped), options.data,
+                    ", ".join(f"{count} {reason}" for reason, count in reasons.items()))
     manifest = {
         "plugin": model_settings.plugin,
         "settings": plugin.describe(),
         "threshold": model_settings.threshold,
         "images": {"found": len(paths), "used": report.images, "embeddings": report.embeddings,
-                   "held_out": held_out, "skipped": len(skipped)},
+                   "held_out": held_out, "skipped": len(skipped), "skipped_reasons": reasons},
         "source": str(options.data.resolve()),
         "calibration": calibration,
         "device": str(device),
@@ -347,7 +364,19 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
             log.warning("%s", exc)
     return RefitResult(version=info.version, found=len(paths), used=report.images, skipped=len(skipped),
                        held_out=held_out, seconds=seconds, calibration=calibration, announced=announced,
-                       pruned=pruned)
+                       pruned=pruned, skipped_reasons=reasons)
+
+
+def skip_reasons(skipped: Sequence[tuple[Path, str]]) -> dict[str, int]:
+    """How many files were skipped for each kind of reason, most first: a frame error's code
+    (image_too_many_pixels, image_too_complex, file_not_found, ...) or the reason itself."""
+    kinds = Counter(_kind(reason) for _, reason in skipped)
+    return dict(kinds.most_common())
+
+
+def _kind(reason: str) -> str:
+    head = reason.split(":", 1)[0]
+    return head if head.isidentifier() else "unreadable"
 
 
 def _check_options(settings: Settings, options: RefitOptions) -> None:

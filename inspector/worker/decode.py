@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from inspector.errors import FrameError
-from inspector.imagefiles import allow_pixels, reduce_while_decoding, to_rgb
+from inspector.imagefiles import allow_pixels, reduce_while_decoding, reserve_pixels, to_rgb
 
 if TYPE_CHECKING:
     import torch
@@ -64,11 +64,13 @@ class DecodeLimits:
     max_image_bytes: int
     max_image_pixels: int
     allowed_roots: tuple[Path, ...] = ()  # resolved (realpath) once by from_settings
+    max_jpeg_scans: int = 100
+    pixels_setting: str = "worker.max_image_pixels"  # named in refusals: refit reads under refit.max_image_pixels
 
     @classmethod
     def from_settings(cls, worker: WorkerSettings) -> DecodeLimits:
         roots = tuple(Path(os.path.realpath(root)) for root in worker.allowed_roots)
-        return cls(worker.max_image_bytes, worker.max_image_pixels, roots)
+        return cls(worker.max_image_bytes, worker.max_image_pixels, roots, worker.max_jpeg_scans)
 
 
 def decode_capture(
@@ -108,7 +110,24 @@ def _check_pixels(what: str, width: int, height: int, limits: DecodeLimits) -> N
         raise FrameError(
             "image_too_many_pixels",
             f"{what} is {width}x{height} = {width * height} pixels, "
-            f"over worker.max_image_pixels ({limits.max_image_pixels}); refused unread",
+            f"over {limits.pixels_setting} ({limits.max_image_pixels}); refused unread",
+        )
+
+
+def _check_jpeg_scans(data: bytes, what: str, limits: DecodeLimits) -> None:
+    """libjpeg decodes every scan of a progressive JPEG over the whole coefficient array, however few bytes the
+    scan holds: 1,000 scans of end-of-band runs (about 45 bytes each) cost a 7000 x 7000 image 4 s, and a body
+    of worker.max_image_bytes could hold a million. Every scan starts with the marker FF DA and entropy-coded
+    data cannot hold those two bytes (a coded FF is followed by 00), so their count in the body bounds the scans
+    any decoder reads, counted at memchr speed. libjpeg writes about 10."""
+    if not data.startswith(b"\xff\xd8"):
+        return
+    scans = data.count(b"\xff\xda")
+    if scans > limits.max_jpeg_scans:
+        raise FrameError(
+            "image_too_complex",
+            f"{what} is a JPEG of {scans} scans, each decoded over the whole image; over worker.max_jpeg_scans "
+            f"({limits.max_jpeg_scans}), refused unread",
         )
 
 
@@ -118,6 +137,7 @@ def _check_pixels(what: str, width: int, height: int, limits: DecodeLimits) -> N
 def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode JPEG/PNG/BMP/TIFF/WebP bytes (whatever the content type said) fully, first frame only."""
     allow_pixels(limits.max_image_pixels)  # PIL's own guard must not refuse what worker.max_image_pixels allows
+    _check_jpeg_scans(data, what, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's notes on corrupt metadata, its bomb warning: judged here
@@ -129,6 +149,7 @@ def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[
                 if image.format == "TIFF":
                     _check_tiff_tiles(image, what, width, height)
                 reduce_while_decoding(image, min_size)
+                reserve_pixels(image.size[0] * image.size[1])  # under a PixelBudget (refit, evaluate): waits
                 image.load()  # truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES is False)
                 return _to_rgb(image, what)
     except FrameError:
@@ -136,13 +157,41 @@ def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise FrameError(
             "image_too_many_pixels",
-            f"{what}: {exc} (PIL's Image.MAX_IMAGE_PIXELS; worker.max_image_pixels is {limits.max_image_pixels})",
+            f"{what}: {exc} (PIL's Image.MAX_IMAGE_PIXELS; {limits.pixels_setting} is {limits.max_image_pixels})",
         ) from exc
     except UnidentifiedImageError as exc:
         raise FrameError("image_undecodable", f"{what} is not a JPEG, PNG, BMP, TIFF or WebP image") from exc
     except Exception as exc:  # hostile bytes make PIL raise nearly anything: OSError, SyntaxError,
         # EOFError, struct.error, zlib.error, MemoryError, IndexError, ...; none may crash the worker.
         raise FrameError("image_undecodable", f"{what} does not decode: {type(exc).__name__}: {exc}") from exc
+
+
+def read_file(path: Path, limits: DecodeLimits, min_size: tuple[int, int] | None = None) -> np.ndarray:
+    """An archive file's pixels, decoded as the worker decodes a capture of the same bytes (formats, bytes,
+    pixels, TIFF tiles, JPEG scans, JPEG scale): how refit, evaluate and explain read images, so a model is
+    fitted and judged on what the worker would serve it. Opened without blocking (a FIFO named .png must not
+    hang a decode thread), regular files only, at most max_image_bytes read. Every failure is a FrameError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:  # ELOOP (x -> x), a dangling link, no permission
+        raise FrameError("file_not_found", f"the file cannot be opened ({exc.strerror or exc})") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FrameError("file_not_found", "not a regular file (a FIFO, a device or a folder)")
+        if info.st_size > limits.max_image_bytes:
+            raise _too_large("the file", info.st_size, limits)
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            data = file.read(limits.max_image_bytes + 1)
+    except OSError as exc:
+        raise FrameError("file_not_found", f"the file could not be read ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    if not data:
+        raise FrameError("empty_body", "the file is empty")
+    if len(data) > limits.max_image_bytes:  # it grew after fstat
+        raise _too_large("the file", len(data), limits)
+    return _decode_image(data, "the file", limits, min_size)
 
 
 def _check_tiff_tiles(image: Image.Image, what: str, width: int, height: int) -> None:
@@ -225,6 +274,7 @@ def _plain_jpeg(body: bytes, limits: DecodeLimits) -> bool:
         raise FrameError("empty_body", "the capture's body is empty")
     if len(body) > limits.max_image_bytes:
         raise _too_large("the body", len(body), limits)
+    _check_jpeg_scans(body, "the body", limits)
     allow_pixels(limits.max_image_pixels)
     try:
         with warnings.catch_warnings():
