@@ -291,6 +291,8 @@ def _cmd_refit(settings, args) -> int:
     print(f"model {options.model!r}: version {result.version} is current")
     print(f"  images: {result.found} found, {result.used} used for the fit, {result.held_out} held out, "
           f"{result.skipped} skipped")
+    if result.skipped_reasons:
+        print("  skipped: " + ", ".join(f"{count} {reason}" for reason, count in result.skipped_reasons.items()))
     print(f"  time: {result.seconds:.1f} s, {result.images_per_second:.1f} images/s")
     if result.calibration:
         for line in _calibration_lines(result.calibration):

@@ -54,6 +54,7 @@ from inspector.worker.decode import (
 )
 from inspector.worker.loop import Worker
 from inspector.worker.metrics import Metrics
+from tests.jpegkit import many_scan_jpeg
 from tests.workerkit import SIZE, Line, encoded, worker_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -393,6 +394,7 @@ def _frames(allowed: Path) -> dict[str, tuple[str | None, str, bytes, dict]]:
         "garbage": ("image_undecodable", key, bytes(range(256)) * 8, {"content_type": "image/jpeg"}),
         "big": ("image_too_large", key, b"\0" * 300_000, raw(1000, 300, "mono8")),
         "huge": ("image_too_many_pixels", key, b"\0" * 100, raw(30000, 30000, "mono8")),
+        "scans": ("image_too_complex", key, many_scan_jpeg(64, 64, 200), {"content_type": "image/jpeg"}),
         "no-height": ("raw_headers_missing", key, b"\0" * 100,
                       {"content_type": "image/x-raw", "headers": {"width": 10, "pixel_format": "mono8"}}),
         "yuv": ("raw_headers_invalid", key, b"\0" * 100, raw(10, 10, "yuv422")),

@@ -312,3 +312,4 @@ def test_refit_skips_and_counts_what_a_hostile_archive_holds(tmp_path):
                                          "image_too_many_pixels": 1, "image_too_complex": 1}
     assert images["skipped"] == 8
     assert "8 files under archive skipped" in result.stderr and "image_too_complex" in result.stderr
+    assert "skipped: 3 symlinked_folder, 2 file_not_found" in result.stdout
