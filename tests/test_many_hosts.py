@@ -181,7 +181,7 @@ def copy_version_to(s3, local_store_path: Path, name: str = "default") -> str:
     from inspector.store import ModelStore
 
     local = ModelStore(local_store_path).load_path(name)
-    reserved = {"schema", "name", "version", "created_at", "files", "checksum"}
+    reserved = {"schema", "name", "version", "created_at", "files", "sizes", "checksum"}
     manifest = {k: v for k, v in local.manifest.items() if k not in reserved}
 
     def save(folder: Path) -> list[str]:
