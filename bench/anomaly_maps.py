@@ -388,7 +388,7 @@ def main() -> int:
               "explain_vs_score": explain_cost(plugin, items, args.cost_rounds),
               "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
               "pixel_share": args.pixel_share, "methods": {}}
-    for name in list(methods) + ["centre prior", "mean good"]:
+    for name in [m for m in list(methods) + ["centre prior", "mean good"] if m in pixels.scores]:  # --*-every 0: none
         report["methods"][name] = pixels.figures(name) | (
             {"ms_per_frame": statistics.median(cost[name])} if cost.get(name) else {})
     if args.json:

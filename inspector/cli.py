@@ -95,9 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "default: the automatic choice with refit.held_out_share)")
     refit.add_argument("--calibration", choices=("auto", "cross-fit", "held-out"),
                        help="cross-fit: every image scored by a model fitted without its fold, the model fitted on "
-                       "all; held-out: a share held out of the fit; auto (default): held out when that gives "
-                       "at least 200 images, else cross-fit")
-    refit.add_argument("--folds", type=int, metavar="K", default=5, help="folds of a cross-fit (default 5)")
+                       "all; held-out: a share held out of the fit; auto (default): cross-fit for a plugin that "
+                       "reuses embeddings (DFKDE), else held out when that gives at least 200 images")
+    refit.add_argument("--folds", type=int, metavar="K", default=0,
+                       help="folds of a cross-fit, each of whole parts (default: 20 below 100 images, 10 below "
+                       "1000, else 5)")
+    refit.add_argument("--fold-order", choices=("random", "time"),
+                       help="folds in a seeded order or in capture time order (default: refit.fold_order)")
+    refit.add_argument("--group-pattern", metavar="REGEX",
+                       help="a part per image from its path under --data: the regex's named group `part` "
+                       "(default: refit.group_pattern)")
+    refit.add_argument("--group-sidecar", type=Path, metavar="FILE",
+                       help="CSV (image,part) or JSON naming each image's part (default: refit.group_sidecar)")
+    refit.add_argument("--group-seconds", type=float, metavar="S",
+                       help="images within S seconds of the previous are one part (default: refit.group_seconds)")
     refit.add_argument("--no-calibrate", action="store_true",
                        help="keep the configured threshold and offset; use every image for the fit")
     refit.add_argument("--keep", type=int, metavar="N", help="keep only the newest N versions (never the current)")
@@ -282,6 +293,10 @@ def _cmd_refit(settings, args) -> int:
         held_out_share=args.held_out,
         calibration=args.calibration,
         folds=args.folds,
+        fold_order=args.fold_order,
+        group_pattern=args.group_pattern,
+        group_sidecar=args.group_sidecar,
+        group_seconds=args.group_seconds,
         keep=args.keep if args.keep is not None else settings.refit.keep,
         announce=not args.no_announce,
     )
@@ -294,6 +309,15 @@ def _cmd_refit(settings, args) -> int:
     if result.skipped_reasons:
         print("  skipped: " + ", ".join(f"{count} {reason}" for reason, count in result.skipped_reasons.items()))
     print(f"  time: {result.seconds:.1f} s, {result.images_per_second:.1f} images/s")
+    if result.groups:
+        g = result.groups
+        how = ", ".join(f"{count} by {source.replace('_', ' ')}" for source, count in g.get("merged_by", {}).items())
+        print(f"  parts: {g['groups']} groups of {g['images']} images, {g['images_with_twin']} images with a twin "
+              f"(kept together){f'; joined {how}' if how else ''}")
+    if result.components and result.components["used"] < result.components["configured"]:
+        c = result.components
+        print(f"  components: {c['used']} of the {c['configured']} configured: {c['images_per_fit']} images per fit "
+              f"carry {c['used']} at {c['images_per_component']} images per component")
     if result.calibration:
         for line in _calibration_lines(result.calibration):
             print(f"  {line}")
@@ -329,11 +353,27 @@ def _calibration_lines(c: dict) -> list[str]:
         f"calibration: {method}",
         (f"  threshold {c.get('threshold')}{where} for a false-reject rate of {target:.2%} ({reached}: "
          f"{c.get('held_out_false_reject', 0):.2%} of {scored})"),
-        (f"  resolution: false-reject rates in steps of 1/{scored} = {step:.2%}"
-         + (f"; {target:.2%} is finer than that, so the threshold rests on the lowest-scoring images"
-            if target < step else "")),
     ]
+    k, n, expected = c.get("k"), c.get("n"), c.get("expected_false_reject")
+    interval = c.get("false_reject_interval") or {}
+    if isinstance(k, int) and isinstance(n, int) and isinstance(expected, (int, float)):
+        # The split-conformal figures (DFKDE's): what the threshold promises fresh good parts of this line.
+        lines.append(f"  expected false-reject rate on fresh good parts: {expected:.2%} (the {_ordinal(k)} lowest "
+                     f"of {n} scores, k = floor({target:g} x {n + 1}) = {k}; k/(n+1), at most the target)")
+        if {"low", "high"} <= interval.keys():
+            lines.append(f"  this threshold's own rate: {interval['low']:.2%} to {interval['high']:.2%} "
+                         f"({interval.get('low_quantile', 0.05):.0%}-{interval.get('high_quantile', 0.95):.0%} of "
+                         f"{interval.get('distribution', 'its Beta distribution')}); more images narrow it")
+    else:
+        lines.append(f"  resolution: false-reject rates in steps of 1/{scored} = {step:.2%}"
+                     + (f"; {target:.2%} is finer than that, so the threshold rests on the lowest-scoring images"
+                        if target < step else ""))
     return lines
+
+
+def _ordinal(k: int) -> str:
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
 
 
 def _store(settings):

@@ -117,6 +117,11 @@ class RefitSettings(_Section):
     seed: int = Field(0, description="seeds the held-out split")
     keep: int = Field(0, ge=0, description="versions kept per model after a refit; 0 keeps all")
     max_image_pixels: int = Field(100_000_000, ge=1, description="larger archive images are skipped")
+    fold_order: Literal["random", "time"] = Field("random", description="cross-fit folds seeded, or in capture order")
+    group_pattern: str = Field("", description="regex whose named group `part` names an image's part; '' = none")
+    group_sidecar: str = Field("", description="CSV (image,part) or JSON naming each image's part; '' = none")
+    group_seconds: float = Field(0.0, ge=0, description="images within this many seconds are one part; 0 = off")
+    group_twins: bool = Field(True, description="images whose embeddings are near-copies are one part")
 
 
 def _topic(pattern: str) -> str:

@@ -91,8 +91,12 @@ class Plugin(Protocol):
         """Score a stacked batch of prepared images."""
 
     def calibrate(self, held_out: Scores, threshold: float, target_false_reject: float) -> dict[str, Any]:
-        """Re-map probabilities so that `target_false_reject` of these good images score at or over
-        `threshold`; returns the figures for the manifest (they must include `threshold`)."""
+        """Re-map probabilities so that a fresh good part scores at or over `threshold` at a rate of at
+        most `target_false_reject`, judged on these good images (each scored by a model fitted without it);
+        a frame's verdict is `fail` iff its probability is at or over `threshold`, so the map must keep that
+        exact. Raise FitError when the images are too few for the target. Returns the figures for the
+        manifest (they must include `threshold`; DFKDE's split-conformal rule adds `n`, `k`,
+        `expected_false_reject` and `false_reject_interval`, which refit prints)."""
 
     def save(self, folder: Path) -> list[str]:
         """Write the fitted state into `folder`; returns the names of the files written."""

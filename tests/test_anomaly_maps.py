@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from inspector.errors import PluginError, StateError
 from inspector.plugin import anomaly_maps, can_explain
 from inspector.tools import samples
-from plugins.dfkde.maps import LocalStats
+from plugins.dfkde.maps import (GOOD_LEVEL, SAMPLED_LOCATIONS, SCALE, VARIANCE_FLOOR_SHARE, LocalStats,
+                                 LocalSums, draw)
 from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 CPU = torch.device("cpu")
@@ -137,7 +138,12 @@ def test_local_statistics_match_numpy_over_every_location(fitted):
     variance = np.concatenate([x.var(0) for x in per_layer])
     stats = plugin.model.local_stats
     np.testing.assert_allclose(stats.mean.numpy(), mean, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(stats.variance.numpy(), np.maximum(variance, 1e-3 * variance.mean()), rtol=1e-3)
+    floors, offset = [], 0  # each layer's channels floored at a share of that layer's median variance
+    for x in per_layer:
+        layer = variance[offset : offset + x.shape[1]]
+        floors.append(np.full(x.shape[1], VARIANCE_FLOOR_SHARE * np.median(layer)))
+        offset += x.shape[1]
+    np.testing.assert_allclose(stats.variance.numpy(), np.maximum(variance, np.concatenate(floors)), rtol=1e-3)
     # the finest grid's location (2, 5) of image 0: layer2 there, layer3 bilinearly brought to that grid
     distance = stats.distance([m[:1] for m in maps])[0].numpy()
     c2 = maps[0].shape[1]
@@ -154,11 +160,12 @@ def test_cross_fitting_rows_give_the_maps_that_fit_gives(fitted):
     plugin, images = fitted
     reused = _plugin()
     rows = torch.cat([reused.embed(_batch(reused, images[i : i + 16])) for i in range(0, 40, 16)])
-    assert rows.shape == (40, 2 * plugin.model.feature_dim)
+    assert rows.shape == (40, (2 + SAMPLED_LOCATIONS) * plugin.model.feature_dim)
     reused.fit_embeddings(rows)
     torch.testing.assert_close(reused.model.local_stats.mean, plugin.model.local_stats.mean, rtol=1e-6, atol=0)
     torch.testing.assert_close(reused.model.local_stats.variance, plugin.model.local_stats.variance,
                                rtol=1e-5, atol=0)
+    torch.testing.assert_close(reused.model.local_stats.scale, plugin.model.local_stats.scale, rtol=1e-5, atol=0)
     batch = _batch(plugin, _squares(2, seed=19)[0])
     np.testing.assert_allclose(reused.explain(batch).map_of(1, (50, 40)), plugin.explain(batch).map_of(1, (50, 40)),
                                atol=1e-5)
@@ -188,8 +195,10 @@ def test_saved_maps_load_and_a_state_from_before_maps_loads_without_them(fitted,
 
 
 def test_local_stats_refuse_features_constant_on_every_image():
+    sums = LocalSums()
+    sums.add(torch.full((3, (2 + SAMPLED_LOCATIONS) * 4), 2.0).index_fill_(1, torch.arange(4, 8), 4.0))
     with pytest.raises(ValueError, match="constant"):
-        LocalStats().fit(torch.full((4,), 6.0), torch.full((4,), 12.0), 3)  # value 2 in each of 3 images
+        LocalStats().fit(sums, [4])  # value 2 at every location of each of 3 images
 
 
 @pytest.mark.slow
@@ -235,3 +244,62 @@ def test_maps_of_real_defects_beat_the_centre_prior_and_the_mean_good_image():
     auroc = {name: roc_auc_score(labels, np.concatenate(values))
              for name, values in [("maps", ours), ("centre", prior), ("mean good", difference)]}
     assert auroc["maps"] > max(auroc["centre"], auroc["mean good"]), auroc
+
+
+def _maps(plugin, images):
+    return anomaly_maps(plugin, _batch(plugin, images), [(SIZE, SIZE)] * len(images))[1]
+
+
+def test_a_nearly_dead_channel_cannot_saturate_the_maps_of_good_parts(fitted):
+    """One channel made nearly constant in the good parts' rows (as a channel that barely moves on a line's
+    parts is): good frames, where that channel moves as it really does, must still draw as good parts."""
+    plugin, images = fitted
+    fresh = samples.make_images(8, seed=21, size=SIZE)
+    honest = np.array([np.quantile(m, 0.99) for m in _maps(plugin, fresh)])
+    dead = _plugin()
+    rows = dead.embed(_batch(dead, images))
+    d = dead.model.feature_dim
+    channel = 3  # of the first layer
+    level = rows[:, channel].mean()
+    rows[:, channel] = level  # pooled: the same on every image
+    rows[:, d + channel] = level**2 * (1 + 1e-6)  # a mean square a hair over the square: variance ~1e-6 level^2
+    rows[:, 2 * d + channel :: d] = level  # every carried location of the row, where there are any
+    dead.fit_embeddings(rows)
+    drawn = np.array([np.quantile(m, 0.99) for m in _maps(dead, fresh)])
+    assert np.median(drawn) < max(2 * np.median(honest), GOOD_LEVEL), (drawn, honest)
+
+
+def test_good_parts_look_the_same_on_models_whose_good_locations_spread_differently():
+    """The map's scale is each model's own, so fresh good frames' 99th-percentile pixel sits near GOOD_LEVEL
+    (smoothing lowers it) whatever the model's layers. One fixed scale put it at 0.07 to 0.25 on these four
+    models (a ratio of 3.6 between them); each model's own scale puts it at 0.08 to 0.15."""
+    levels = {}
+    for layers in (["layer1", "layer2"], ["layer2", "layer3"], ["layer3"], ["layer1"]):
+        settings = DfkdeSettings(backbone="resnet18", layers=layers, weights="none", precision="fp32",
+                                 input_size=64, n_comps=8)
+        plugin = DfkdePlugin.create(settings, CPU)
+        images = samples.make_images(40, seed=11, size=SIZE)
+        plugin.fit(_batch(plugin, images[i : i + 8]) for i in range(0, 40, 8))
+        good = np.concatenate([m.ravel() for m in _maps(plugin, samples.make_images(12, seed=22, size=SIZE))])
+        levels["+".join(layers)] = float(np.quantile(good, 0.99))
+    assert all(GOOD_LEVEL / 4 < level < 1.5 * GOOD_LEVEL for level in levels.values()), levels
+    assert max(levels.values()) < 2.5 * min(levels.values()), levels
+
+
+def test_a_version_saved_before_the_maps_scale_draws_with_the_fixed_scale(fitted, tmp_path):
+    plugin, _ = fitted
+    batch = _batch(plugin, _squares(2, seed=23)[0])
+    plugin.save(tmp_path)
+    state = tmp_path / "state.safetensors"
+    tensors = load_file(str(state))
+    assert tensors["local.scale"].shape == (1,) and float(tensors["local.scale"][0]) > 0
+    save_file({k: v for k, v in tensors.items() if k != "local.scale"}, str(state))  # as saved before
+    old = DfkdePlugin.load(tmp_path, CPU)
+    np.testing.assert_array_equal(old.score(batch).raw, plugin.score(batch).raw)
+    distance = old.model.local_stats.distance(old.model.get_feature_maps(batch))[1]
+    np.testing.assert_array_equal(old.explain(batch).map_of(1, (50, 40)), draw(distance, (50, 40), 64, SCALE))
+
+    for bad in (torch.tensor([0.0]), torch.tensor([float("nan")]), torch.tensor([1.0, 2.0])):
+        save_file(tensors | {"local.scale": bad}, str(state))
+        with pytest.raises(StateError, match="local.scale"):
+            DfkdePlugin.load(tmp_path, CPU)

@@ -217,3 +217,36 @@ def test_the_hostile_inputs_driver_runs_each_case_in_a_process_of_its_own(tmp_pa
     (package / "broken.py").write_text("import no_such_module\n")
     broken = hostile_inputs("--only", "answered", "--skip-unbounded", package=package)
     assert broken.returncode == 1 and "broken: ModuleNotFoundError" in broken.stderr
+
+
+def test_the_calibration_twins_benchmark_runs_on_a_tiny_line(tmp_path: Path) -> None:
+    """bench/calibration_twins.py end to end on a tiny sample line and a small random-weight model: every archive
+    and rule, rates from the fresh good images, exact intervals, and `inspector evaluate` agreeing with it."""
+    import math
+
+    import scipy.stats
+
+    from inspector.tools import samples
+
+    samples.write_line(tmp_path / "line", train=24, test=6, defective_per_kind=1, size=64)
+    result = subprocess.run(
+        [sys.executable, "bench/calibration_twins.py", "--data", str(tmp_path / "line"), "--targets", "0.1,0.2",
+         "--refit-target", "0.1", "--json", "--dfkde", "backbone=resnet18", "--dfkde", "weights=none",
+         "--dfkde", 'layers=["layer1"]', "--dfkde", "input_size=32", "--dfkde", "n_comps=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["fresh_good"] == 6 and set(report["archives"]) == {"plain", "twice"}
+    for name, images in (("plain", 24), ("twice", 48)):
+        for rule in ("before", "after"):
+            measured = report["archives"][name][rule]
+            assert measured["images"] == measured["calibration_images"] == images
+            for target in ("0.1", "0.2"):
+                r = measured["rates"][target]
+                assert r["good"] == 6 and 0 <= r["good_failed"] <= 6 and r["rate"] == r["good_failed"] / 6
+                exact = scipy.stats.binomtest(r["good_failed"], 6).proportion_ci(0.95, method="exact")
+                assert r["interval"] == pytest.approx([exact.low, exact.high], abs=1e-9)
+                if rule == "after":
+                    k = math.floor(float(target) * (images + 1))
+                    assert r["expected"] == pytest.approx(k / (images + 1))
+        assert report["archives"][name]["after"]["evaluate_check"]["agrees"]

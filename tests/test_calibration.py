@@ -2,7 +2,8 @@
 
 Every figure is checked against a computation of its own: folds against scikit-learn's KFold (when
 installed) and a plain numpy reference, out-of-fold scores against models fitted from the images
-without each fold through the plugin's ordinary `fit`, the threshold against numpy's quantile.
+without each fold through the plugin's ordinary `fit`, the threshold against the k-th lowest of those
+scores (the rule itself: tests/test_conformal.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from PIL import Image
 
@@ -81,22 +83,36 @@ def _options(**kwargs) -> RefitOptions:
     return RefitOptions(data=Path("."), model="default", **kwargs)
 
 
-def test_the_automatic_rule_cross_fits_below_200_held_out_images():
+def test_a_plugin_that_reuses_embeddings_cross_fits_at_any_archive_size():
+    # no size switches methods: 1995 images cross-fit as 1994 do (they used to switch to a 200-image hold-out)
+    for found in (40, 652, 1994, 1995, 5000, 100_000):
+        choice = choose_calibration(_options(), found, 0.1, reuses_embeddings=True)
+        assert (choice.method, choice.share, choice.automatic) == (CROSS_FIT, 0.1, True), found
+    assert choose_calibration(_options(calibration=AUTO, held_out_share=0.5), 600, 0.1,
+                              reuses_embeddings=True) == (CROSS_FIT, 0.5, True)
+
+
+def test_any_other_plugin_cross_fits_below_200_held_out_images():
     # round(share x found) >= 200 holds out; with 10% that is from 1995 images on
     assert CROSS_FIT_BELOW == 200
     for found, method in ((40, CROSS_FIT), (652, CROSS_FIT), (1994, CROSS_FIT), (1995, HELD_OUT), (5000, HELD_OUT)):
-        choice = choose_calibration(_options(), found, 0.1)
+        choice = choose_calibration(_options(), found, 0.1, reuses_embeddings=False)
         assert (choice.method, choice.share, choice.automatic) == (method, 0.1, True), found
-    assert choose_calibration(_options(), 800, 0.25).method == HELD_OUT
-    assert choose_calibration(_options(), 100_000, 0.0).method == CROSS_FIT
+    assert choose_calibration(_options(), 800, 0.25, reuses_embeddings=False).method == HELD_OUT
+    assert choose_calibration(_options(), 100_000, 0.0, reuses_embeddings=False).method == CROSS_FIT
 
 
-def test_a_given_share_or_method_is_used_as_asked():
-    assert choose_calibration(_options(held_out_share=0.3), 40, 0.1) == (HELD_OUT, 0.3, False)
-    assert choose_calibration(_options(calibration=CROSS_FIT), 5000, 0.1) == (CROSS_FIT, 0.1, False)
-    assert choose_calibration(_options(calibration=HELD_OUT), 40, 0.1) == (HELD_OUT, 0.1, False)
-    assert choose_calibration(_options(calibration=AUTO, held_out_share=0.5), 600, 0.1) == (HELD_OUT, 0.5, True)
-    assert choose_calibration(_options(calibration=AUTO, held_out_share=0.2), 600, 0.1) == (CROSS_FIT, 0.2, True)
+@pytest.mark.parametrize("reuses", [True, False])
+def test_a_given_share_or_method_is_used_as_asked(reuses):
+    def choose(found, **kwargs):
+        return choose_calibration(_options(**kwargs), found, 0.1, reuses_embeddings=reuses)
+
+    assert choose(40, held_out_share=0.3) == (HELD_OUT, 0.3, False)
+    assert choose(5000, held_out_share=0.25) == (HELD_OUT, 0.25, False)
+    assert choose(5000, calibration=CROSS_FIT) == (CROSS_FIT, 0.1, False)
+    assert choose(40, calibration=HELD_OUT) == (HELD_OUT, 0.1, False)
+    assert choose(600, calibration=AUTO, held_out_share=0.5) == (CROSS_FIT if reuses else HELD_OUT, 0.5, True)
+    assert choose(600, calibration=AUTO, held_out_share=0.2) == (CROSS_FIT, 0.2, True)
 
 
 # --- out-of-fold scores -----------------------------------------------------------------------
@@ -140,13 +156,19 @@ def archive(tmp_path_factory) -> list[Path]:
     return _write(tmp_path_factory.mktemp("crossfit") / "good", 30, seed=21)
 
 
-def out_of_fold(plugin, paths: list[Path], folds) -> np.ndarray:
+def out_of_fold(plugin, paths: list[Path], folds, final_scale: bool = False) -> np.ndarray:
     """Each fold scored by `plugin` fitted, through its ordinary `fit` (which replaces what it held), on the
-    images of the other folds."""
+    images of the other folds. `final_scale`: moved to the scale of the model fitted on every image, as the
+    served model's scores are: + n_comps x log(that scale / the fold's own)."""
     raw = np.empty(len(paths))
+    if final_scale:
+        plugin.fit(_batches(plugin, paths))
+        largest = float(plugin.model.max_length)
     for fold in folds:
         plugin.fit(_batches(plugin, [p for i, p in enumerate(paths) if i not in set(fold)]))
         raw[list(fold)] = np.concatenate([plugin.score(b).raw for b in _batches(plugin, [paths[i] for i in fold])])
+        if final_scale:
+            raw[list(fold)] += plugin.model.n_components * math.log(largest / float(plugin.model.max_length))
     return raw
 
 
@@ -156,8 +178,14 @@ def reference(archive):
     return folds, out_of_fold(DfkdePlugin.create(_settings(), CPU), archive, [f.tolist() for f in folds])
 
 
-def test_out_of_fold_scores_are_those_of_models_fitted_without_the_fold(archive, reference):
-    folds, expected = reference
+@pytest.fixture(scope="module")
+def reference_at_final_scale(archive, reference):
+    folds, _ = reference
+    return out_of_fold(DfkdePlugin.create(_settings(), CPU), archive, [f.tolist() for f in folds], final_scale=True)
+
+
+def test_out_of_fold_scores_are_those_of_models_fitted_without_the_fold(archive, reference, reference_at_final_scale):
+    folds, expected = reference[0], reference_at_final_scale
     plugin = DfkdePlugin.create(_settings(), CPU)
     crossed = _cross_fit(plugin, lambda: DfkdePlugin.create(_settings(), CPU), archive, folds)
     assert crossed.reused_embeddings and crossed.used == len(archive)
@@ -215,31 +243,42 @@ def test_refit_on_40_images_cross_fits_and_says_how(small_refit):
     manifest = ModelStore(root / "models").info("default").manifest
     calibration = manifest["calibration"]
     assert calibration["method"] == "cross-fit" and calibration["automatic"] is True
-    assert calibration["folds"] == 5 and calibration["fold_seed"] == 0 and calibration["reused_embeddings"]
+    assert calibration["folds"] == 20 and calibration["fold_seed"] == 0 and calibration["reused_embeddings"]
+    assert calibration["fold_order"] == "random"
     assert calibration["held_out"] == ARCHIVE and calibration["false_reject_resolution"] == pytest.approx(1 / 40)
     assert calibration["fold_seconds"] >= 0
     assert manifest["images"] == {"found": ARCHIVE, "used": ARCHIVE, "embeddings": ARCHIVE, "held_out": 0,
-                                  "skipped": 0}
+                                  "skipped": 0, "skipped_reasons": {},
+                                  "groups": {"groups": ARCHIVE, "images": ARCHIVE, "images_with_twin": 0,
+                                             "largest_group": 1, "merged_by": {"embeddings": 0}},
+                                  "components": {"configured": 24, "used": 19, "images_per_fit": 38,
+                                                 "images_per_component": 2}}
     assert result.used == ARCHIVE and result.held_out == 0
 
 
-def test_the_threshold_is_the_quantile_of_independently_computed_out_of_fold_scores(small_refit):
-    root, paths, settings, _ = small_refit
-    whole = DfkdePlugin.create(settings.plugin_settings("dfkde"), CPU)
-    raw = out_of_fold(whole, paths, reference_folds(len(paths), 5, settings.refit.seed))
+def test_the_threshold_is_the_kth_lowest_out_of_fold_score_and_the_version_keeps_them(small_refit):
+    """Which scores are out of fold is test_out_of_fold_scores_are_those_of_models_fitted_without_the_fold's
+    concern; here, what calibration makes of them."""
+    root, paths, _, _ = small_refit
     calibration = ModelStore(root / "models").info("default").manifest["calibration"]
-    boundary = np.quantile(raw, 0.05)
-    assert calibration["boundary_log_density"] == pytest.approx(boundary, abs=1e-3)
-    steepness = calibration["threshold_steepness"]
-    assert calibration["threshold_offset"] == pytest.approx(boundary + math.log(0.5 / 0.5) / steepness, abs=1e-3)
-    assert calibration["held_out_false_reject"] == pytest.approx(np.mean(raw <= boundary), abs=1e-9)
-    # the stored model is fitted on all 40 and scores at probability 0.5 on the boundary
+    k = math.floor(0.05 * (ARCHIVE + 1))  # split-conformal: 2 of 40 for 5%, an expected 2/41 = 4.9%
+    assert (calibration["n"], calibration["k"]) == (ARCHIVE, k) == (40, 2)
+    assert calibration["expected_false_reject"] == pytest.approx(2 / 41)
+    assert calibration["held_out_false_reject"] == pytest.approx(2 / 40)
+    # the stored model keeps the 40 out-of-fold scores, sorted, and puts probability 0.5 on the 2nd lowest
     stored = DfkdePlugin.load(ModelStore(root / "models").load_path("default").path, CPU)
-    whole.fit(_batches(whole, paths))
-    batch = next(_batches(whole, paths))
-    np.testing.assert_allclose(stored.score(batch).raw, whole.score(batch).raw, rtol=1e-5)
-    assert float(stored.model.to_probability(torch.tensor(calibration["boundary_log_density"]))) == \
-        pytest.approx(0.5)
+    scores = stored.model.calibration.scores
+    assert scores.dtype == np.float64 and len(scores) == 40 and (np.diff(scores) >= 0).all()
+    assert calibration["boundary_log_density"] == scores[k - 1]
+    quantiles = calibration["held_out_log_density_quantiles"]
+    assert quantiles["0.5"] == pytest.approx(np.quantile(scores, 0.5))
+    steepness = calibration["threshold_steepness"]
+    assert calibration["threshold_offset"] == pytest.approx(scores[k - 1] + math.log(0.5 / 0.5) / steepness)
+    at = float(calibration["boundary_log_density"])
+    assert stored.model.to_probability(torch.tensor([at], dtype=torch.float64)).item() == 0.5
+    assert stored.model.to_probability(torch.tensor([np.nextafter(at, np.inf)], dtype=torch.float64)).item() < 0.5
+    scored = stored.score(next(_batches(stored, paths)))
+    np.testing.assert_array_equal(scored.probability >= 0.5, scored.raw <= at)
 
 
 @pytest.fixture
@@ -257,12 +296,22 @@ def inspector(monkeypatch, capsys):
     return run
 
 
-def test_the_command_reports_the_method_and_the_resolution(small_refit, inspector):
+def test_the_command_reports_the_method_and_what_the_threshold_promises(small_refit, inspector):
     root, _, _, _ = small_refit
-    status, out, err = inspector("refit", "--data", "good", "--no-announce", cwd=root)
+    status, out, err = inspector("refit", "--data", "good", "--target-false-reject", "0.05", "--no-announce",
+                                 cwd=root)
     assert status == 0, err
-    assert "cross-fit (automatic choice): 5 folds over 40 images" in out
-    assert "resolution: false-reject rates in steps of 1/40 = 2.50%; 0.50% is finer than that" in out
+    assert "cross-fit (automatic choice): " in out and " folds over 40 images" in out
+    assert ("expected false-reject rate on fresh good parts: 4.88% (the 2nd lowest of 40 scores, "
+            "k = floor(0.05 x 41) = 2; k/(n+1), at most the target)") in out
+    low, high = (scipy.stats.beta.ppf(p, 2, 39) for p in (0.05, 0.95))
+    assert f"this threshold's own rate: {low:.2%} to {high:.2%} (5%-95% of Beta(2, 39))" in out
+    # the default 0.5% cannot be promised from 40 images: refused, with the number needed, nothing stored
+    before = [v.version for v in ModelStore(root / "models").versions("default")]
+    status, _, err = inspector("refit", "--data", "good", "--no-announce", cwd=root)
+    assert status == 1 and "a false-reject rate of 0.005 needs at least 199 calibration images" in err, err
+    assert "got 40" in err and "Traceback" not in err
+    assert [v.version for v in ModelStore(root / "models").versions("default")] == before
     status, _, err = inspector("refit", "--data", "good", "--calibration", "held-out", "--no-announce", cwd=root)
     assert status == 1 and "calibration needs at least 20 held-out images" in err
     assert "--calibration cross-fit" in err
@@ -274,10 +323,14 @@ def test_the_command_reports_the_method_and_the_resolution(small_refit, inspecto
 
 
 def test_too_few_images_for_a_fold_fit_is_a_clear_error(tmp_path, inspector):
-    _write(tmp_path / "good", 21, seed=3)
-    _config(tmp_path, n_comps=16)  # each fold's fit gets 16 images; 18 are needed
-    status, _, err = inspector("refit", "--data", "good", "--no-announce", cwd=tmp_path)
-    assert status == 1, err
-    assert "needs at least 18 images to fit" in err and "leaves 16 for a fold's fit" in err
-    assert "raise --folds" in err and "Traceback" not in err
-    assert inspector("refit", "--data", "good", "--folds", "10", "--no-announce", cwd=tmp_path)[0] == 0
+    _write(tmp_path / "good", 24, seed=3)
+    _config(tmp_path, n_comps=16)
+    # the automatic 20 folds leave 22 images per fold's fit: they carry 11 of the 16 components, and refit says so
+    status, out, err = inspector("refit", "--data", "good", "--target-false-reject", "0.05", "--no-announce",
+                                 cwd=tmp_path)
+    assert status == 0, err
+    assert "components: 11 of the 16 configured: 22 images per fit carry 11 at 2 images per component" in out
+    components = ModelStore(tmp_path / "models").info("default").manifest["images"]["components"]
+    assert components == {"configured": 16, "used": 11, "images_per_fit": 22, "images_per_component": 2}
+    stored = DfkdePlugin.load(ModelStore(tmp_path / "models").load_path("default").path, CPU)
+    assert stored.model.n_components == 11  # a version of fewer components loads, its shapes checked against 11

@@ -363,7 +363,9 @@ def test_the_documented_metrics_are_the_families_a_real_scrape_shows():
 def _frames(allowed: Path) -> dict[str, tuple[str | None, str, bytes, dict]]:
     """frame id: (expected error code or None, routing key, body, properties)."""
     good, other = samples.make_images(2, seed=11, size=SIZE)
-    defective = samples.make_images(1, defective=True, seed=11, size=SIZE)[0]
+    # a crack, far below every good part's log-density; the first, a faint scratch, sits among the lowest of
+    # them, where a threshold promising at most 5% false rejects from 24 held-out parts lets it pass
+    defective = samples.make_images(4, defective=True, seed=11, size=SIZE)[3]
     png = encoded(good, "PNG")
     (allowed / "frame.png").write_bytes(png)
 

@@ -1,5 +1,7 @@
 """DfkdeModel: the seed's math checked against independent references (numpy, scipy)."""
 
+import math
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -141,3 +143,30 @@ def test_subsample_is_seeded_and_bounded(random_resnet):
     assert a.kde_model.whitened.shape[0] == 100
     assert torch.equal(a.kde_model.whitened, b.kde_model.whitened)
     assert not torch.equal(a.kde_model.whitened, c.kde_model.whitened)
+
+
+def test_a_fold_fitted_with_the_final_scale_scores_as_the_final_model_does(random_resnet):
+    """A fold missing the largest-norm image had a scale of its own, which shifts every log-density by
+    n_comps x log(ratio of scales); fitted with the final model's scale (scale_of every row), it does not."""
+    rows = _embeddings(n=300, d=64, seed=3)
+    rows[0] *= 4.0  # one image far out: the largest norm, in one fold only
+    queries = _embeddings(n=50, d=64, seed=4)
+    final = DfkdeModel(random_resnet.backbone, n_comps=8)
+    final.fit(rows)
+    own, fixed = (DfkdeModel(random_resnet.backbone, n_comps=8) for _ in range(2))
+    own.fit(rows[1:])
+    fixed.fit(rows[1:], max_length=fixed.scale_of(rows))
+    shift = 8 * torch.log(fixed.max_length / own.max_length)
+    torch.testing.assert_close(fixed.evaluate(queries, True), own.evaluate(queries, True) + shift, rtol=0, atol=1e-3)
+    assert float(shift) > 5  # without the fix the fold's scores sat this far below the final model's scale
+    assert float(fixed.max_length) == pytest.approx(float(final.max_length), rel=1e-5)
+    assert math.log(float(final.max_length) / float(own.max_length)) > 0.5
+
+
+def test_use_components_changes_the_count_fitted(random_resnet):
+    model = DfkdeModel(random_resnet.backbone, n_comps=16)
+    model.use_components(6)
+    model.fit(_embeddings(n=40))
+    assert model.pca_model.components.shape == (64, 6) and model.kde_model.whitened.shape == (40, 6)
+    with pytest.raises(ValueError, match="at least 1"):
+        model.use_components(0)

@@ -11,6 +11,7 @@ from inspector import plugin as registry_module
 from inspector.errors import FitError, PluginError, StateError
 from inspector.plugin import get_plugin
 from inspector.tools import samples
+from plugins.dfkde.maps import SAMPLED_LOCATIONS
 from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 CPU = torch.device("cpu")
@@ -98,7 +99,7 @@ def test_fit_streams_into_a_bounded_seeded_reservoir():
 
 def test_too_few_images_says_how_many_are_needed():
     plugin = _plugin(n_comps=16)
-    with pytest.raises(FitError, match="needs at least 18 images, got 5"):
+    with pytest.raises(FitError, match="needs at least 8 images to fit .2 per component, at least 4 components., got 5"):
         plugin.fit(_batches(plugin, samples.make_images(5, seed=6)))
 
 
@@ -109,14 +110,15 @@ def test_embeddings_fit_and_score_as_the_images_do():
     report = streamed.fit(_batches(streamed, images, size=7))
     reused = _plugin(n_comps=4, filter_count=30)
     embeddings = torch.cat([reused.embed(batch) for batch in _batches(reused, images, size=16)])
-    assert embeddings.shape == (45, 2 * 512) and embeddings.dtype == torch.float32  # pooled, then mean squares
+    # pooled, then mean squares, then the features at the maps' sampled locations (plugins/dfkde/maps.py)
+    assert embeddings.shape == (45, (2 + SAMPLED_LOCATIONS) * 512) and embeddings.dtype == torch.float32
     assert reused.fit_embeddings(embeddings) == report
     assert torch.equal(reused.model.kde_model.whitened, streamed.model.kde_model.whitened)
     batch = next(_batches(streamed, samples.make_images(6, defective=True, seed=9)))
     direct, via = streamed.score(batch), reused.score_embeddings(reused.embed(batch))
     np.testing.assert_allclose(via.raw, direct.raw, rtol=1e-6)
     np.testing.assert_allclose(via.probability, direct.probability, rtol=1e-6)
-    with pytest.raises(FitError, match="needs at least 6 images, got 5"):
+    with pytest.raises(FitError, match="needs at least 8 images to fit .2 per component, at least 4 components., got 5"):
         reused.fit_embeddings(embeddings[:5])
 
 
@@ -213,3 +215,86 @@ def test_a_state_whose_tensors_do_not_fit_its_settings_is_refused_before_they_ar
     monkeypatch.setattr("plugins.dfkde.state.load_file", lambda *a, **k: 1 / 0)
     with pytest.raises(StateError, match=r"kde.whitened .* over filter_count 10"):
         DfkdePlugin.load(tmp_path, CPU)
+
+
+# -- the conformal calibration in a stored version ----------------------------------------------------
+
+CALIBRATION_TENSORS = {"calibration.scores", "calibration.k", "calibration.threshold"}
+
+
+def _header(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "state.safetensors"), "pt") as handle:
+        return set(handle.keys())
+
+
+def _calibrated(fitted, folder, target=0.05):
+    """A copy of the fitted plugin calibrated on 40 fresh good parts (the module's own stays uncalibrated)."""
+    folder.mkdir()
+    fitted[0].save(folder)
+    plugin = DfkdePlugin.load(folder, CPU)
+    good = np.concatenate([plugin.score(b).raw for b in _batches(plugin, samples.make_images(40, seed=12))])
+    from inspector.plugin import Scores
+
+    figures = plugin.calibrate(Scores(probability=np.zeros(40), raw=good), 0.5, target)
+    return plugin, figures
+
+
+def test_a_version_saved_before_calibration_scores_were_kept_loads_and_scores_as_before(fitted, tmp_path):
+    """Its state has the tensors it always had and nothing else; its probability stays the logistic of its
+    stored offset, to the bit."""
+    plugin, _ = fitted
+    assert plugin.model.calibration is None
+    plugin.save(tmp_path)
+    assert "kde.whitened" in _header(tmp_path) and not _header(tmp_path) & CALIBRATION_TENSORS
+    loaded = DfkdePlugin.load(tmp_path, CPU)
+    assert loaded.model.calibration is None
+    batch = next(_batches(plugin, samples.make_images(8, defective=True, seed=13)))
+    scores = loaded.score(batch)
+    s, offset = loaded.model.threshold_steepness, loaded.model.threshold_offset
+    logistic = torch.sigmoid(-s * (torch.from_numpy(scores.raw).float() - offset)).double().numpy()
+    np.testing.assert_array_equal(scores.probability, logistic)
+    np.testing.assert_array_equal(scores.probability, plugin.score(batch).probability)
+
+
+def test_a_calibrated_version_keeps_its_scale_and_scores_the_same_after_loading(fitted, tmp_path):
+    plugin, figures = _calibrated(fitted, tmp_path / "a")
+    assert (figures["n"], figures["k"]) == (40, 2)
+    (tmp_path / "b").mkdir()
+    plugin.save(tmp_path / "b")
+    assert _header(tmp_path / "b") == _header(tmp_path / "a") | CALIBRATION_TENSORS
+    loaded = DfkdePlugin.load(tmp_path / "b", CPU)
+    np.testing.assert_array_equal(loaded.model.calibration.scores, plugin.model.calibration.scores)
+    batch = next(_batches(plugin, samples.make_images(8, defective=True, seed=14)))
+    before, after = plugin.score(batch), loaded.score(batch)
+    np.testing.assert_array_equal(after.probability, before.probability)
+    assert after.probability.dtype == np.float64
+    np.testing.assert_array_equal(after.probability >= 0.5, after.raw <= figures["boundary_log_density"])
+
+
+def test_extreme_defects_keep_their_order_instead_of_tying_at_one(fitted, tmp_path):
+    """The logistic in float32 gave exactly 1.0 to every log-density some hundreds of nats below the boundary."""
+    plugin, figures = _calibrated(fitted, tmp_path / "a")
+    far = figures["boundary_log_density"] - torch.tensor([50.0, 500.0, 5e3, 5e4, 5e5], dtype=torch.float32)
+    probability = plugin.model.to_probability(far).numpy()
+    assert (np.diff(probability) > 0).all() and (probability < 1).all() and (probability >= 0.5).all()
+
+
+def test_a_stored_calibration_of_the_wrong_kind_is_refused(fitted, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    plugin, _ = _calibrated(fitted, tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    plugin.save(tmp_path / "b")
+    path = tmp_path / "b" / "state.safetensors"
+    tensors = load_file(str(path))
+    save_file(tensors | {"calibration.scores": tensors["calibration.scores"].float()}, str(path))
+    with pytest.raises(StateError, match=r"calibration.scores is \('F32'.*expected F64"):
+        DfkdePlugin.load(tmp_path / "b", CPU)
+    save_file({k: v for k, v in tensors.items() if k != "calibration.k"}, str(path))
+    with pytest.raises(StateError, match="calibration's tensors but not all"):
+        DfkdePlugin.load(tmp_path / "b", CPU)
+    save_file(tensors | {"calibration.scores": tensors["calibration.scores"].flip(0)}, str(path))
+    with pytest.raises(StateError, match="sorted"):
+        DfkdePlugin.load(tmp_path / "b", CPU)

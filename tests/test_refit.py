@@ -95,10 +95,19 @@ def test_refit_summary_and_manifest(refitted):
     assert calibration["held_out_share"] == 0.3
     assert calibration["false_reject_resolution"] == pytest.approx(1 / images["held_out"])
     assert calibration["held_out"] == images["held_out"]
-    assert abs(calibration["held_out_false_reject"] - 0.1) <= 1.5 / images["held_out"]
+    # split-conformal: the k-th lowest of the n held-out scores, k = floor(0.1 (n + 1))
+    n = images["held_out"]
+    k = int(0.1 * (n + 1))
+    assert (calibration["n"], calibration["k"]) == (n, k) and k >= 1
+    assert calibration["expected_false_reject"] == pytest.approx(k / (n + 1)) and k / (n + 1) <= 0.1
+    assert calibration["held_out_false_reject"] == pytest.approx(k / n)
+    interval = calibration["false_reject_interval"]
+    assert interval["low"] < k / (n + 1) < interval["high"] and interval["distribution"] == f"Beta({k}, {n + 1 - k})"
     quantiles = calibration["held_out_log_density_quantiles"]
-    assert quantiles["0.1"] == pytest.approx(calibration["boundary_log_density"])
+    assert quantiles["0.001"] <= calibration["boundary_log_density"] <= quantiles["0.1"]
     assert manifest["settings"]["threshold_offset"] == pytest.approx(calibration["threshold_offset"])
+    assert "expected false-reject rate on fresh good parts" in result.stdout
+    assert "this threshold's own rate:" in result.stdout
 
 
 def test_calibrated_threshold_holds_on_fresh_good_images(refitted):
@@ -122,15 +131,17 @@ def test_calibrated_threshold_holds_on_fresh_good_images(refitted):
 
 
 def test_too_few_images_exits_1_and_writes_nothing(tmp_path):
-    _archive(tmp_path / "few", 12, seed=3)  # 15 image files, 12 of them readable; n_comps 24 needs 26
+    (tmp_path / "few").mkdir()  # 5 image files; 4 components x 2 images: 8 are needed
+    for i, image in enumerate(samples.make_images(5, seed=3, size=64)):
+        Image.fromarray(image).save(tmp_path / "few" / f"part{i}.png")
     result = inspector("refit", "--data", "few", "--no-calibrate", "--no-announce", cwd=tmp_path)
     assert result.returncode == 1
-    assert "needs at least 26 images to fit; found 15 image files" in result.stderr
+    assert "needs at least 8 images to fit; found 5 image files" in result.stderr
     assert "Traceback" not in result.stderr
-    _archive(tmp_path / "unreadable", 24, seed=3)  # 27 files pass the count, 24 decode
+    _archive(tmp_path / "unreadable", 6, seed=3)  # 9 files pass the count, 6 decode
     result = inspector("refit", "--data", "unreadable", "--no-calibrate", "--no-announce", cwd=tmp_path)
     assert result.returncode == 1
-    assert "needs at least 26 images to fit; 24 usable of 27 image files" in result.stderr
+    assert "needs at least 8 images to fit; 6 usable of 9 image files" in result.stderr
     assert "(3 unreadable)" in result.stderr and "Traceback" not in result.stderr
     assert ModelStore(tmp_path / "models").names() == []
     result = inspector("refit", "--data", "few", "--no-announce", cwd=tmp_path)
@@ -313,3 +324,60 @@ def test_refit_skips_and_counts_what_a_hostile_archive_holds(tmp_path):
     assert images["skipped"] == 8
     assert "8 files under archive skipped" in result.stderr and "image_too_complex" in result.stderr
     assert "skipped: 3 symlinked_folder, 2 file_not_found" in result.stdout
+
+
+def _twin_config(root: Path, **refit) -> Path:
+    lines = ['device = "cpu"', "[store]", f'path = "{root / "models"}"', "[refit]", "batch_size = 16",
+             *(f"{k} = {v!r}".replace("'", '"').replace("True", "true").replace("False", "false")
+               for k, v in refit.items()), "[plugins.dfkde]", "input_size = 64"]
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "inspector.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _calibrated(root: Path, data: Path, **refit) -> tuple[dict, object]:
+    from inspector import config
+    from inspector.tools.refit import RefitOptions, run_refit
+
+    settings = config.load(_twin_config(root, **refit))
+    result = run_refit(settings, RefitOptions(data=data, model="default", target_false_reject=0.05, announce=False))
+    return ModelStore(root / "models").info("default").manifest, result
+
+
+def test_a_twin_archive_calibrates_as_the_single_archive_does(tmp_path):
+    """Each good part captured twice (a PNG and a JPEG of it): its frames are one part, never in two folds, so
+    the boundary is the single archive's; grouped by nothing, the twins lift each other's out-of-fold
+    scores and the boundary moves up."""
+    images = samples.make_images(40, seed=41, size=64)
+    single, twice = tmp_path / "single", tmp_path / "twice"
+    single.mkdir()
+    twice.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(single / f"p{i:03d}_a.png")
+        Image.fromarray(image).save(twice / f"p{i:03d}_a.png")
+        Image.fromarray(image).save(twice / f"p{i:03d}_b.jpg", quality=95)
+    alone, _ = _calibrated(tmp_path / "one", single)
+    grouped, result = _calibrated(tmp_path / "two", twice, group_pattern=r"(?P<part>p\d+)_")
+    leaked, _ = _calibrated(tmp_path / "three", twice, group_twins=False)
+    assert result.groups["groups"] == 40 and result.groups["images_with_twin"] == 80
+    assert grouped["images"]["groups"]["merged_by"]["pattern"] == 40
+    fresh = [torch.stack([DfkdePlugin.create(config_dfkde(), torch.device("cpu")).prepare(image)
+                          for image in samples.make_images(200, seed=43, size=64)])]
+    rates = []
+    for root in ("one", "two", "three"):
+        stored = DfkdePlugin.load(ModelStore(tmp_path / root / "models").load_path("default").path,
+                                  torch.device("cpu"))
+        calibration = ModelStore(tmp_path / root / "models").info("default").manifest["calibration"]
+        raw = np.concatenate([stored.score(batch).raw for batch in fresh])
+        rates.append(float(np.mean(raw <= calibration["boundary_log_density"])))
+    print(f"fresh good parts rejected for a 5% target: single {rates[0]:.1%}, twins grouped {rates[1]:.1%}, "
+          f"twins not grouped {rates[2]:.1%}")
+    assert abs(rates[1] - rates[0]) <= 0.05  # 10 of 200 fresh parts: the band the Beta spread of k/(n+1) allows
+    assert rates[2] > rates[1]
+
+
+def config_dfkde():
+    from plugins.dfkde.plugin import DfkdeSettings
+
+    return DfkdeSettings(input_size=64)

@@ -28,6 +28,7 @@ from inspector.broker import announcement
 from inspector.store import ModelStore
 from inspector.tools import samples
 from inspector.worker.loop import Worker
+from plugins.dfkde.conformal import ConformalScale
 from plugins.dfkde.plugin import DfkdePlugin
 from tests.workerkit import SIZE, Line, close_all_connections, encoded, http_status, scrape, worker_config
 
@@ -284,8 +285,10 @@ def _new_version(store: Path, offset_shift: float, corrupt: bool = False, name: 
     info = model_store.load_path("default")
     plugin = DfkdePlugin.load(info.path, torch.device("cpu"))
     plugin.model.threshold_offset += offset_shift
+    scale = plugin.model.calibration  # a calibrated version's probability follows its calibration scores
+    plugin.model.calibration = scale and ConformalScale(scale.scores + offset_shift, scale.k, scale.threshold)
     manifest = {k: v for k, v in info.manifest.items()
-                if k not in ("schema", "name", "version", "created_at", "files", "checksum")}
+                if k not in ("schema", "name", "version", "created_at", "files", "sizes", "checksum")}
     time.sleep(1.1)  # version ids have one-second resolution
     new = model_store.write(name, plugin.save, manifest)
     if corrupt:

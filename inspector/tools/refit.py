@@ -11,9 +11,9 @@ Calibration sets the threshold from good images, each scored by a model fitted w
   on every image. A plugin that can embed images once (ReusesEmbeddings: DFKDE's backbone
   features) refits only the cheap part per fold; any other plugin is fitted k + 1 times.
 
-The automatic choice holds out `refit.held_out_share` when that gives at least CROSS_FIT_BELOW
-images and cross-fits below that; `--held-out SHARE` asks for a plain hold-out and
-`--calibration` names the method.
+The automatic choice cross-fits a plugin that ReusesEmbeddings at any archive size; any other plugin
+holds out `refit.held_out_share` when that gives at least CROSS_FIT_BELOW images and cross-fits below
+that. `--held-out SHARE` asks for a plain hold-out and `--calibration` names the method.
 
 Decoding runs on a thread pool with a bounded window of images in flight, so the
 archive is never held in memory (cross-fitting keeps one embedding per image) and the
@@ -50,6 +50,7 @@ from inspector.imagefiles import scan_images
 from inspector.plugin import FitReport, Plugin, Scores, decode_size, get_plugin, score_all
 from inspector.s3store import is_s3_url
 from inspector.stores import open_store
+from inspector.tools import groups
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.progress import Progress
 from inspector.worker.decode import DecodeLimits, read_file
@@ -61,7 +62,6 @@ MIN_HELD_OUT = 20
 # The automatic choice cross-fits when a hold-out would give fewer images than this: 200 are the
 # fewest that resolve the default target of 0.5% (one image in 200).
 CROSS_FIT_BELOW = 200
-DEFAULT_FOLDS = 5
 
 AUTO = "auto"
 CROSS_FIT = "cross-fit"
@@ -79,7 +79,12 @@ class RefitOptions:
     held_out_share: float | None = None
     # AUTO, CROSS_FIT or HELD_OUT; None: HELD_OUT when a share is given, else AUTO.
     calibration: str | None = None
-    folds: int = DEFAULT_FOLDS
+    folds: int = 0  # 0: automatic (auto_folds)
+    # None: the [refit] settings (fold_order, group_pattern, group_sidecar, group_seconds, group_twins).
+    fold_order: str | None = None
+    group_pattern: str | None = None
+    group_sidecar: Path | None = None
+    group_seconds: float | None = None
     keep: int = 0
     announce: bool = True
 
@@ -96,6 +101,8 @@ class RefitResult:
     announced: bool
     pruned: list[str] = field(default_factory=list)
     skipped_reasons: dict[str, int] = field(default_factory=dict)  # see skip_reasons
+    groups: dict[str, Any] | None = None  # see Grouping.summary
+    components: dict[str, int] | None = None  # the plugin's component count and why (DFKDE)
 
     @property
     def images_per_second(self) -> float:
@@ -115,11 +122,13 @@ class ReusesEmbeddings(Protocol):
     def score_embeddings(self, embeddings: torch.Tensor) -> Scores: ...
 
 
-def split_held_out(paths: Sequence[Path], share: float, seed: int) -> tuple[list[Path], list[Path]]:
-    """A seeded random `share` of the paths held out of the fit, for calibration."""
+def split_held_out(paths: Sequence[Path], share: float, seed: int,
+                   labels: np.ndarray | None = None) -> tuple[list[Path], list[Path]]:
+    """A seeded random `share` of the paths held out of the fit, for calibration: whole groups (`labels`,
+    see groups.Grouping; None: one image each), so that no part has frames on both sides."""
     count = held_out_count(len(paths), share)
-    order = np.random.default_rng(seed).permutation(len(paths))
-    held = set(order[:count].tolist())
+    labels = np.arange(len(paths)) if labels is None else labels
+    held = set(groups.split_groups(labels, count, seed).tolist())
     fit = [p for i, p in enumerate(paths) if i not in held]
     return fit, [paths[i] for i in sorted(held)]
 
@@ -140,19 +149,59 @@ def kfold(n: int, k: int, seed: int) -> list[np.ndarray]:
     return [np.sort(part) for part in np.split(order, np.cumsum(sizes)[:-1])]
 
 
+def auto_folds(images: int, groups: int) -> int:
+    """Folds when --folds is not given. Each fold's model misses 1/k of the images, and its scores drift from
+    the served model's as images per dimension fall, so small archives get more folds: 20 below 100 images
+    (each fold's fit keeps 95%), 10 below 1000, 5 from there (fold fits cost more, the drift is small). With
+    reused embeddings a fold costs a PCA and KDE fit, not a pass over the images. Never more than groups."""
+    k = 20 if images < 100 else 10 if images < 1000 else 5
+    return min(k, groups)
+
+
+@dataclass
+class FoldPlan:
+    """How a cross-fit cuts its folds: the groups the archive names (`keys`, per path), joined by measured
+    twins once the images are embedded, then k folds of whole groups (`k` 0: auto_folds), seeded or in
+    capture-time order (`times`)."""
+
+    keys: dict[str, list[Any]]
+    k: int
+    seed: int
+    times: list[float] | None = None
+    measure: bool = True
+    grouping: groups.Grouping | None = None  # set by folds()
+
+    def folds(self, n: int, rows: np.ndarray | None = None, positions: np.ndarray | None = None
+              ) -> list[np.ndarray]:
+        pairs = {}
+        if self.measure and rows is not None and positions is not None:
+            pairs["embeddings"] = [(int(positions[i]), int(positions[j])) for i, j in groups.twins(rows)]
+        self.grouping = groups.group(n, self.keys, pairs)
+        k = self.k or auto_folds(n, self.grouping.groups)
+        if k > self.grouping.groups:
+            raise FitError(f"{k} folds of {self.grouping.groups} groups of the same part ({n} images): lower "
+                           "--folds, or add images of more parts")
+        return groups.group_folds(self.grouping.labels, k, self.seed, self.times)
+
+
 class CalibrationChoice(NamedTuple):
     method: str  # CROSS_FIT or HELD_OUT
     share: float  # held out, for HELD_OUT
     automatic: bool  # chosen by the rule, not asked for
 
 
-def choose_calibration(options: RefitOptions, found: int, configured_share: float) -> CalibrationChoice:
+def choose_calibration(options: RefitOptions, found: int, configured_share: float, *,
+                       reuses_embeddings: bool) -> CalibrationChoice:
     """The calibration for an archive of `found` images: the method asked for, a plain hold-out when a share
-    was given, else the automatic rule (held out when that gives at least CROSS_FIT_BELOW images)."""
+    was given, else the automatic rule. A plugin that ReusesEmbeddings always cross-fits (it costs what a
+    hold-out costs and scores every image, so no archive size switches methods); any other holds out when
+    that gives at least CROSS_FIT_BELOW images (cross-fitting refits it once per fold)."""
     share = options.held_out_share if options.held_out_share is not None else configured_share
     method = options.calibration or (HELD_OUT if options.held_out_share is not None else AUTO)
     if method != AUTO:
         return CalibrationChoice(method, share, automatic=False)
+    if reuses_embeddings:
+        return CalibrationChoice(CROSS_FIT, share, automatic=True)
     held = held_out_count(found, share)
     return CalibrationChoice(HELD_OUT if held >= CROSS_FIT_BELOW else CROSS_FIT, share, automatic=True)
 
@@ -170,14 +219,19 @@ class CrossFit:
     skipped: list[tuple[Path, str]]
     fold_seconds: float  # the fold fits and their scoring: the cost beyond one ordinary fit
     reused_embeddings: bool
+    grouping: groups.Grouping | None = None  # with a FoldPlan
+    components: dict[str, int] | None = None  # a plugin's component count fixed for every fit (DFKDE)
 
 
-def cross_fit(plugin: Plugin, create: Callable[[], Plugin], paths: Sequence[Path], folds: list[np.ndarray],
-              stream: Callable[[], ImageStream], batch_size: int) -> CrossFit:
+def cross_fit(plugin: Plugin, create: Callable[[], Plugin], paths: Sequence[Path],
+              folds: list[np.ndarray] | FoldPlan, stream: Callable[[], ImageStream], batch_size: int) -> CrossFit:
     """Score each fold of `paths` with a model fitted on the others, then fit `plugin` on all of them.
 
-    A plugin that ReusesEmbeddings embeds every image once; any other is fitted afresh (`create`) per fold,
-    reading the images again each time.
+    `folds`: the folds, or a FoldPlan that cuts them from groups (measured twins included, where the plugin
+    embeds). A plugin that ReusesEmbeddings embeds every image once, and fits each fold with the final
+    model's scale where it can (fit_fold_embeddings); any other is fitted afresh (`create`) per fold,
+    reading the images again each time. A plugin with `fix_components` fits as many components in every
+    fold as its rule allows the smallest fold's fit, and the final model the same.
     """
     if isinstance(plugin, ReusesEmbeddings):
         return _cross_fit_embedded(plugin, paths, folds, stream, batch_size)
@@ -201,7 +255,13 @@ def _cross_fit_embedded(plugin: ReusesEmbeddings, paths: Sequence[Path], folds: 
         rows.append(plugin.embed(batch))
     _check_readable(feed.used, len(paths))
     embeddings = torch.cat(rows)
+    plan = folds if isinstance(folds, FoldPlan) else None
+    if plan is not None:
+        pooled = getattr(plugin, "pooled", lambda rows: rows)(embeddings)
+        folds = plan.folds(len(paths), pooled.double().numpy(), np.asarray(positions, dtype=np.int64))
     fold_of = _fold_labels(len(paths), folds)[np.asarray(positions, dtype=np.int64)]
+    components = _fix_components(plugin, len(positions) - int(np.bincount(fold_of).max()))
+    fit_fold = getattr(plugin, "fit_fold_embeddings", None)
     raw = np.empty(len(positions))
     probability = np.empty(len(positions))
     started = time.perf_counter()
@@ -209,24 +269,34 @@ def _cross_fit_embedded(plugin: ReusesEmbeddings, paths: Sequence[Path], folds: 
         inside = fold_of == j
         if not inside.any():
             continue  # every file of the fold was unreadable
-        _fit_fold(plugin.fit_embeddings, embeddings[torch.from_numpy(~inside)], j, len(folds))
+        rest = embeddings[torch.from_numpy(~inside)]
+        _fit_fold(plugin.fit_embeddings if fit_fold is None else lambda rows: fit_fold(rows, embeddings), rest, j,
+                  len(folds))
         scores = plugin.score_embeddings(embeddings[torch.from_numpy(inside)])
         raw[inside], probability[inside] = scores.raw, scores.probability
     fold_seconds = time.perf_counter() - started
     report = plugin.fit_embeddings(embeddings)
     return CrossFit(report=report, scores=Scores(probability=probability, raw=raw),
                     positions=np.asarray(positions, dtype=np.int64), folds=folds, used=feed.used,
-                    skipped=feed.skipped, fold_seconds=fold_seconds, reused_embeddings=True)
+                    skipped=feed.skipped, fold_seconds=fold_seconds, reused_embeddings=True,
+                    grouping=plan.grouping if plan else None, components=components)
 
 
 def _cross_fit_refitting(plugin: Plugin, create: Callable[[], Plugin], paths: Sequence[Path],
-                         folds: list[np.ndarray], stream: Callable[[], ImageStream], batch_size: int) -> CrossFit:
+                         folds: list[np.ndarray] | FoldPlan, stream: Callable[[], ImageStream], batch_size: int
+                         ) -> CrossFit:
     started = time.perf_counter()
+    plan = folds if isinstance(folds, FoldPlan) else None
+    if plan is not None:
+        folds = plan.folds(len(paths))
     raw = np.full(len(paths), np.nan)
     probability = np.full(len(paths), np.nan)
     fold_of = _fold_labels(len(paths), folds)
+    smallest_fit = len(paths) - max(map(len, folds))
+    components = _fix_components(plugin, smallest_fit)
     for j, fold in enumerate(folds):
         fold_plugin = create()
+        _fix_components(fold_plugin, smallest_fit)
         rest = [path for path, label in zip(paths, fold_of) if label != j]
         _fit_fold(fold_plugin.fit, stream().batches(rest, batch_size), j, len(folds))
         for indices, batch in stream().indexed_batches([paths[i] for i in fold], batch_size):
@@ -239,7 +309,20 @@ def _cross_fit_refitting(plugin: Plugin, create: Callable[[], Plugin], paths: Se
     positions = np.flatnonzero(~np.isnan(raw))
     return CrossFit(report=report, scores=Scores(probability=probability[positions], raw=raw[positions]),
                     positions=positions, folds=folds, used=final.used, skipped=final.skipped,
-                    fold_seconds=fold_seconds, reused_embeddings=False)
+                    fold_seconds=fold_seconds, reused_embeddings=False,
+                    grouping=plan.grouping if plan else None, components=components)
+
+
+def _fix_components(plugin: Any, images: int) -> dict[str, int] | None:
+    """The plugin's own component rule, applied once for every fit of a cross-fit (DFKDE: fix_components)."""
+    fix = getattr(plugin, "fix_components", None)
+    if fix is None:
+        return None
+    try:
+        return fix(images)
+    except FitError as exc:
+        raise FitError(f"cross-fitted calibration: {exc} for the smallest fold's fit. Add images, raise --folds "
+                       "(each fold's fit then keeps more of them), or use --no-calibrate") from exc
 
 
 def _fit_fold(fit: Callable[[Any], FitReport], data: Any, j: int, k: int) -> None:
@@ -266,13 +349,13 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
     scan = scan_images(options.data)
     paths = scan.paths
     _check_store_writable(settings)
-    choice = choose_calibration(options, len(paths), refit.held_out_share)
-    share = choice.share
-
     device = resolve_device(settings.device)
     plugin_cls = get_plugin(model_settings.plugin)
     plugin_settings = settings.plugin_settings(model_settings.plugin)
     plugin = plugin_cls.create(plugin_settings, device)
+    choice = choose_calibration(options, len(paths), refit.held_out_share,
+                                reuses_embeddings=isinstance(plugin, ReusesEmbeddings))
+    share = choice.share
     workers = refit.decode_workers or max(1, os.cpu_count() or 1)
 
     limits = DecodeLimits(settings.worker.max_image_bytes, refit.max_image_pixels,
@@ -284,22 +367,30 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
 
     if options.calibrate and choice.method == CROSS_FIT:
         _check_cross_fit(paths, options, plugin.min_images, model_settings.plugin)
-        folds = kfold(len(paths), options.folds, refit.seed)
-        log.info("refit %r from %d images under %s, calibrated by cross-fitting %d folds, with %s on %s",
-                 options.model, len(paths), options.data, options.folds, model_settings.plugin,
+        keys, times = archive_groups(paths, options, settings)
+        plan = FoldPlan(keys, options.folds, refit.seed, times if _fold_order(options, settings) == groups.TIME
+                        else None, measure=refit.group_twins)
+        log.info("refit %r from %d images under %s, calibrated by cross-fitting %s folds of parts, with %s on %s",
+                 options.model, len(paths), options.data, options.folds or "automatic", model_settings.plugin,
                  describe_device(device))
-        passes = 1 if isinstance(plugin, ReusesEmbeddings) else options.folds + 1
+        passes = 1 if isinstance(plugin, ReusesEmbeddings) else (options.folds or auto_folds(len(paths), len(paths))
+                                                                 ) + 1
         with Progress(passes * len(paths), "refit") as progress:
-            crossed = cross_fit(plugin, lambda: plugin_cls.create(plugin_settings, device), paths, folds,
+            crossed = cross_fit(plugin, lambda: plugin_cls.create(plugin_settings, device), paths, plan,
                                 stream(progress), refit.batch_size)
         report, skipped, held_out = crossed.report, crossed.skipped, 0
+        found_groups = crossed.grouping
         calibration = plugin.calibrate(crossed.scores, model_settings.threshold, options.target_false_reject)
-        calibration |= {"folds": options.folds, "fold_seed": refit.seed,
+        calibration |= {"folds": len(crossed.folds), "fold_order": _fold_order(options, settings),
+                        "fold_seed": refit.seed,
                         "fold_seconds": round(crossed.fold_seconds, 3),
                         "reused_embeddings": crossed.reused_embeddings}
         scored = len(crossed.positions)
     else:
-        fit_paths, held_paths = split_held_out(paths, share if options.calibrate else 0.0, refit.seed)
+        keys, _ = archive_groups(paths, options, settings)
+        found_groups = groups.group(len(paths), keys)
+        fit_paths, held_paths = split_held_out(paths, share if options.calibrate else 0.0, refit.seed,
+                                               found_groups.labels)
         _check_held_out(paths, fit_paths, held_paths, options, share, plugin.min_images, model_settings.plugin)
         log.info("refit %r from %d images under %s (%d held out) with %s on %s", options.model, len(paths),
                  options.data, len(held_paths), model_settings.plugin, describe_device(device))
@@ -325,14 +416,15 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
             calibration = plugin.calibrate(held_scores, model_settings.threshold, options.target_false_reject)
             calibration |= {"held_out_share": share}
     if calibration is not None:
+        # A target too fine for the images scored is the plugin's to refuse (DFKDE: k = 0, see its calibrate).
         calibration |= {"method": choice.method, "automatic": choice.automatic, "held_out": scored,
                         "false_reject_resolution": 1.0 / scored}
-        if scored * options.target_false_reject < 1:
-            log.warning("a false-reject rate of %s cannot be resolved from %d calibration images (steps of 1/%d "
-                        "= %.2g): the threshold rests on the few lowest-scoring ones; %d images would resolve it",
-                        options.target_false_reject, scored, scored, 1.0 / scored,
-                        math.ceil(1 / options.target_false_reject))
 
+    components = getattr(plugin, "components", None)  # the plugin's component rule, as it applied (DFKDE)
+    if components and components["used"] < components["configured"]:
+        log.warning("%d components fitted of the %d configured: %d images per fit carry %d at %d images per "
+                    "component", components["used"], components["configured"], components["images_per_fit"],
+                    components["used"], components["images_per_component"])
     skipped = scan.skipped + skipped
     reasons = skip_reasons(skipped)
     if skipped:
@@ -343,7 +435,8 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
         "settings": plugin.describe(),
         "threshold": model_settings.threshold,
         "images": {"found": len(paths), "used": report.images, "embeddings": report.embeddings,
-                   "held_out": held_out, "skipped": len(skipped), "skipped_reasons": reasons},
+                   "held_out": held_out, "skipped": len(skipped), "skipped_reasons": reasons,
+                   "groups": found_groups.summary()} | ({"components": components} if components else {}),
         "source": str(options.data.resolve()),
         "calibration": calibration,
         "device": str(device),
@@ -364,7 +457,37 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
             log.warning("%s", exc)
     return RefitResult(version=info.version, found=len(paths), used=report.images, skipped=len(skipped),
                        held_out=held_out, seconds=seconds, calibration=calibration, announced=announced,
-                       pruned=pruned, skipped_reasons=reasons)
+                       pruned=pruned, skipped_reasons=reasons, groups=found_groups.summary(), components=components)
+
+
+def _fold_order(options: RefitOptions, settings: Settings) -> str:
+    return options.fold_order or settings.refit.fold_order
+
+
+def archive_groups(paths: Sequence[Path], options: RefitOptions, settings: Settings
+                   ) -> tuple[dict[str, list[Any]], list[float]]:
+    """What the archive says of its parts, as configured: a part key per image from the file-name pattern,
+    the sidecar and capture-time blocks (groups.group joins them), and each image's capture time (mtime)."""
+    refit = settings.refit
+    names = [path.relative_to(options.data).as_posix() if path.is_relative_to(options.data) else path.name
+             for path in paths]
+    times = []
+    for path in paths:
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:
+            times.append(math.inf)  # unreadable: skipped when read, its own block here
+    keys: dict[str, list[Any]] = {}
+    pattern = options.group_pattern if options.group_pattern is not None else refit.group_pattern
+    if pattern:
+        keys["pattern"] = groups.by_pattern(names, pattern)
+    sidecar = options.group_sidecar if options.group_sidecar is not None else refit.group_sidecar
+    if sidecar:
+        keys["sidecar"] = groups.by_sidecar(names, groups.read_sidecar(Path(sidecar)))
+    seconds = options.group_seconds if options.group_seconds is not None else refit.group_seconds
+    if seconds > 0:
+        keys["capture_time"] = groups.capture_blocks(times, seconds)
+    return keys, times
 
 
 def skip_reasons(skipped: Sequence[tuple[Path, str]]) -> dict[str, int]:
@@ -391,21 +514,27 @@ def _check_options(settings: Settings, options: RefitOptions) -> None:
     if options.calibration == CROSS_FIT and options.held_out_share is not None:
         raise ConfigError("--held-out sets the share of a held-out calibration, and --calibration cross-fit holds "
                           "nothing out: give one of them")
-    if options.folds < 2:
-        raise ConfigError(f"--folds {options.folds}: cross-fitting needs at least 2 folds")
+    if options.folds != 0 and options.folds < 2:
+        raise ConfigError(f"--folds {options.folds}: cross-fitting needs at least 2 folds (0: automatic)")
+    if options.fold_order is not None and options.fold_order not in groups.FOLD_ORDERS:
+        raise ConfigError(f"--fold-order {options.fold_order!r}: must be one of {', '.join(groups.FOLD_ORDERS)}")
+    if options.group_pattern:
+        groups.compile_pattern(options.group_pattern, "--group-pattern")
+    if options.group_seconds is not None and options.group_seconds < 0:
+        raise ConfigError(f"--group-seconds {options.group_seconds}: must be 0 (off) or more")
 
 
 def _check_cross_fit(paths: Sequence[Path], options: RefitOptions, min_images: int, plugin: str) -> None:
-    found = len(paths)
-    if found < max(MIN_HELD_OUT, options.folds):
+    found, folds = len(paths), options.folds or auto_folds(len(paths), len(paths))
+    if found < max(MIN_HELD_OUT, folds):
         raise FitError(
             f"calibration needs at least {MIN_HELD_OUT} images (and one per fold); found {found} image files under "
             f"{options.data}. Add images, or use --no-calibrate to keep the configured threshold"
         )
-    smallest_fit = found - math.ceil(found / options.folds)
+    smallest_fit = found - math.ceil(found / folds)  # before grouping; FoldPlan and the plugin check again
     if smallest_fit < min_images:
         raise FitError(
-            f"{plugin} needs at least {min_images} images to fit, and cross-fitting {options.folds} folds of the "
+            f"{plugin} needs at least {min_images} images to fit, and cross-fitting {folds} folds of the "
             f"{found} image files under {options.data} leaves {smallest_fit} for a fold's fit. Add images, raise "
             "--folds, or use --no-calibrate"
         )

@@ -1,7 +1,8 @@
 """DfkdeModel: anomalib's DFKDE normality model, with the seed's API and math.
 
 features (pooled CNN layers) -> PCA -> scale or norm -> Gaussian KDE log-density
--> anomaly probability = 1 / (1 + exp(steepness * (log_density - offset))).
+-> anomaly probability: the log-density's rank among good parts' calibration scores (conformal.py), or,
+for a state saved before those were kept, 1 / (1 + exp(steepness * (log_density - offset))).
 
 Plain torch: no files, no queues. Differences from the seed, all on purpose:
 log-densities through logsumexp (no underflow, defects stay ranked), one
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from inspector.errors import FitError
 from plugins.dfkde.backbones import Backbone, create_backbone
+from plugins.dfkde.conformal import ConformalScale
 from plugins.dfkde.kde import GaussianKDE
 from plugins.dfkde.maps import LocalStats
 from plugins.dfkde.pca import PCA
@@ -90,6 +92,10 @@ class DfkdeModel(nn.Module):
         # What the anomaly maps need (plugins/dfkde/maps.py); fitted by the plugin alongside PCA and the KDE,
         # and absent from states saved before maps existed.
         self.local_stats = LocalStats()
+        # The conformal calibration (plugins/dfkde/conformal.py), set by the plugin's `calibrate`. None: the
+        # logistic above gives the probability, as it did for every state saved before calibration scores
+        # were kept. Plain float64 on the CPU, not a buffer: it follows no device.
+        self.calibration: ConformalScale | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -141,8 +147,14 @@ class DfkdeModel(nn.Module):
 
     # -- fit --------------------------------------------------------------------------------
 
-    def fit(self, embeddings: Sequence[Tensor] | Tensor) -> bool:
+    def fit(self, embeddings: Sequence[Tensor] | Tensor, max_length: Tensor | None = None) -> bool:
         """Fit PCA and KDE to embeddings (a list of B x D tensors, or one N x D tensor).
+
+        `max_length` ("scale" only): the scale to divide by in place of the fit's own largest norm. A cross-fit's
+        fold passes the final model's (`scale_of` every image), so that its scores carry the scale the final
+        model's do: the KDE's bandwidth follows the data's covariance, so the scale only adds
+        d log(max_length) to every log-density, and a fold whose own largest norm differs would shift all
+        its scores by that much.
 
         Raises FitError when there are fewer than `min_embeddings` or they are degenerate;
         the model is then left as it was.
@@ -170,14 +182,36 @@ class DfkdeModel(nn.Module):
             raise FitError("DFKDE fit failed: the embeddings hold NaN or infinite values")
         try:
             projected = pca.fit_transform(stack)
-            scaled, max_length = self.preprocess(projected)
+            given = None if max_length is None else torch.as_tensor(max_length, dtype=projected.dtype,
+                                                                      device=projected.device)
+            scaled, max_length = self.preprocess(projected, given)
             if not max_length > 0:
                 raise ValueError("all embeddings are identical; use more varied images")
             kde.fit(scaled)
         except ValueError as exc:
             raise FitError(f"DFKDE fit failed: {exc}") from exc
         self.pca_model, self.kde_model, self.max_length = pca, kde, max_length
+        self.calibration = None  # calibrated for the scores of the model it replaces
         return True
+
+    def scale_of(self, embeddings: Tensor) -> Tensor:
+        """The max_length a fit on `embeddings` would have (the same subsample, its own PCA)."""
+        stack = embeddings.detach().float()
+        if self.filter_count and stack.shape[0] > self.filter_count:
+            generator = torch.Generator().manual_seed(self.seed)
+            stack = stack[torch.randperm(stack.shape[0], generator=generator)[: self.filter_count].to(stack.device)]
+        try:
+            return _largest_norm(PCA(self.n_components).fit_transform(stack))
+        except ValueError as exc:
+            raise FitError(f"DFKDE fit failed: {exc}") from exc
+
+    def use_components(self, n_comps: int) -> None:
+        """Fit with `n_comps` PCA components from now on (the plugin's rule for what an archive can carry);
+        the fitted state, if any, is dropped."""
+        if n_comps < 1:
+            raise ValueError(f"n_comps must be at least 1, got {n_comps}")
+        self.n_components = n_comps
+        self.pca_model, self.kde_model = PCA(n_components=n_comps), GaussianKDE()
 
     def preprocess(self, feature_stack: Tensor, max_length: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Scale by the largest training norm ("scale") or to unit length ("norm"); returns new tensors."""
@@ -200,7 +234,11 @@ class DfkdeModel(nn.Module):
         return log_density if as_log_likelihood else torch.exp(log_density)
 
     def to_probability(self, densities: Tensor) -> Tensor:
-        """Log-densities -> anomaly probabilities (a logistic around threshold_offset)."""
+        """Log-densities -> anomaly probabilities: the conformal scale's, float64 on the CPU, when the model is
+        calibrated so; else the logistic around threshold_offset, in the densities' own dtype and device."""
+        if self.calibration is not None:
+            raw = densities.detach().double().cpu().numpy()
+            return torch.from_numpy(self.calibration.probability(raw))
         return torch.sigmoid(-self.threshold_steepness * (densities - self.threshold_offset))
 
     def predict(self, features: Tensor) -> Tensor:
@@ -221,4 +259,8 @@ class DfkdeModel(nn.Module):
 
     def forward(self, batch: Tensor) -> Tensor:
         return self.score(batch)[0]
+
+
+def _largest_norm(rows: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(rows, ord=2, dim=1).max()
 

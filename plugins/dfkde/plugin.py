@@ -15,7 +15,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from inspector.errors import ConfigError, FitError, PluginError
 from inspector.plugin import Explained, FitReport, Scores
+from plugins.dfkde.conformal import MAX_SCORES, ConformalScale, boundary_rank, images_needed
 from plugins.dfkde.maps import LocalStats, draw
+from plugins.dfkde.maps import LocalSums as _Sums
 from plugins.dfkde.model import DfkdeModel
 from plugins.dfkde.state import load_state, model_settings, read_settings, save_state
 
@@ -60,6 +62,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
+# A fit needs at least this many images per PCA component; fewer images fit fewer components. Measured on the
+# sample line (56 images, shipped backbone): 24 components (2.3 images each) AUROC 0.993, 16: 0.977,
+# 11 (5 each): 0.957, 8: 0.919, so a floor of 5 lost detection there; 2 keeps that fit's 24 and cuts the
+# README's 40-image row (24 components on 32 images per fold) to what its folds can carry.
+IMAGES_PER_COMPONENT = 2
+# Below this many components the density separates too little to be worth serving: the fit is refused.
+MIN_COMPONENTS = 4
+
+
 class DfkdePlugin:
     """DFKDE behind inspector's plugin contract."""
 
@@ -70,6 +81,8 @@ class DfkdePlugin:
         self.model = model.to(device).eval()
         self.device = device
         self.jpeg_reduced_decode = jpeg_reduced_decode
+        self.configured_components = model.n_components
+        self.fixed_components: int | None = None  # set by fix_components; else each fit follows its images
 
     @classmethod
     def create(cls, settings: BaseModel, device: torch.device) -> "DfkdePlugin":
@@ -98,7 +111,38 @@ class DfkdePlugin:
 
     @property
     def min_images(self) -> int:
-        return self.model.min_embeddings
+        """The fewest images a fit accepts: MIN_COMPONENTS components' worth (or n_comps' when fewer)."""
+        return IMAGES_PER_COMPONENT * min(MIN_COMPONENTS, self.configured_components)
+
+    def components_for(self, images: int) -> int:
+        """The one rule for the components an archive can carry: the configured n_comps, or one per
+        IMAGES_PER_COMPONENT images of a fit when that is fewer."""
+        return min(self.configured_components, images // IMAGES_PER_COMPONENT)
+
+    def fix_components(self, images: int) -> dict[str, int]:
+        """Fit `components_for(images)` components from now on, whatever each fit's own count: a cross-fit
+        fixes it from its smallest fold's fit, so that the fold models and the final one share it. FitError
+        when that is below MIN_COMPONENTS. Returns the figures for the manifest."""
+        used = self.components_for(images)
+        if used < min(MIN_COMPONENTS, self.configured_components):
+            raise FitError(self._too_few(images))
+        self.fixed_components, self._images_per_fit = used, images
+        if used != self.model.n_components:
+            self.model.use_components(used)
+        return self.components
+
+    @property
+    def components(self) -> dict[str, int]:
+        """The components fitted and why: the configured count, the count used, the images per fit it was
+        chosen for and the floor per component."""
+        return {"configured": self.configured_components, "used": self.model.n_components,
+                "images_per_fit": self._images_per_fit, "images_per_component": IMAGES_PER_COMPONENT}
+
+    _images_per_fit = 0  # the images the component count was chosen for
+
+    def _too_few(self, images: int) -> str:
+        return (f"DFKDE needs at least {self.min_images} images to fit ({IMAGES_PER_COMPONENT} per component, "
+                f"at least {min(MIN_COMPONENTS, self.configured_components)} components), got {images}")
 
     def describe(self) -> dict[str, Any]:
         return model_settings(self.model) | {"jpeg_reduced_decode": self.jpeg_reduced_decode}
@@ -139,15 +183,16 @@ class DfkdePlugin:
         return self._fit_reservoir(reservoir, sums)
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
-        """The backbone's features of a batch of prepared images: B x (2 x features), float32, on the CPU:
-        the pooled features (what the KDE sees), then each channel's mean square over the image (what the
-        anomaly maps' statistics are summed from, see plugins/dfkde/maps.py).
+        """The backbone's features of a batch of prepared images: B x (2 + SAMPLED_LOCATIONS) x features,
+        float32, on the CPU: the pooled features (what the KDE sees), then each channel's mean square over the
+        image and the features at a few of its locations (what the anomaly maps' statistics and scale are
+        fitted from, see plugins/dfkde/maps.py).
 
         The backbone is nearly all the cost of a fit; cross-fitted calibration embeds each image once and
         refits only PCA and the KDE per fold (fit_embeddings, score_embeddings).
         """
         maps = self.model.get_feature_maps(batch.to(self.device, non_blocking=True))
-        return torch.cat([self.model.pool(maps), LocalStats.moments(maps)], dim=1).cpu()
+        return torch.cat([self.model.pool(maps), LocalStats.moments(maps, batch)], dim=1).cpu()
 
     def fit_embeddings(self, embeddings: torch.Tensor) -> FitReport:
         """Fit PCA, the KDE and the maps' statistics to rows of `embed`, in the order of their images: the
@@ -180,7 +225,7 @@ class DfkdePlugin:
         return _scores(self.model.to_probability(log_density), log_density)
 
     def _check_rows(self, embeddings: torch.Tensor) -> torch.Tensor:
-        width = 2 * self.model.feature_dim
+        width = self.model.feature_dim + LocalStats.width(self.model.feature_dim)
         if embeddings.ndim != 2 or embeddings.shape[1] != width:
             raise ValueError(f"expected rows of `embed` (N x {width}), got {tuple(embeddings.shape)}")
         return embeddings
@@ -192,45 +237,83 @@ class DfkdePlugin:
     def _reservoir(self) -> _Reservoir:
         return _Reservoir(self.model.filter_count or None, seed=self.model.seed)
 
-    def _fit_reservoir(self, reservoir: _Reservoir, sums: _Sums) -> FitReport:
+    def pooled(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The part of rows of `embed` that the KDE sees (what twins are measured by)."""
+        return self._check_rows(embeddings)[:, : self.model.feature_dim]
+
+    def fit_fold_embeddings(self, embeddings: torch.Tensor, every: torch.Tensor) -> FitReport:
+        """`fit_embeddings` for a cross-fit's fold: the fold's rows fit the model, scaled as the final model
+        fitted on `every` row is (the largest norm of all of them), so that its scores carry the served
+        model's scale instead of a scale of its own (see DfkdeModel.fit)."""
+        reservoir, sums = self._reservoir(), _Sums()
+        self._add(self._check_rows(embeddings), reservoir, sums)
+        key = (every.data_ptr(), tuple(every.shape), self.model.n_components)
+        if self._final_scale is None or self._final_scale[0] != key:  # once per cross-fit, not per fold
+            whole = _Reservoir(self.model.filter_count or None, seed=self.model.seed)
+            whole.add(self.pooled(every).contiguous())
+            with _one_cpu_thread():
+                self._final_scale = (key, self.model.scale_of(whole.sample().to(self.device)))
+        return self._fit_reservoir(reservoir, sums, max_length=self._final_scale[1])
+
+    _final_scale: tuple[tuple, torch.Tensor] | None = None
+
+    def _fit_reservoir(self, reservoir: _Reservoir, sums: _Sums, max_length: torch.Tensor | None = None
+                       ) -> FitReport:
         if reservoir.seen < self.min_images:
-            raise FitError(
-                f"DFKDE with n_comps={self.model.n_components} needs at least {self.min_images} "
-                f"images, got {reservoir.seen}"
-            )
-        d = self.model.feature_dim
+            raise FitError(self._too_few(reservoir.seen))
+        if self.fixed_components is None:
+            used = self.components_for(reservoir.seen)
+            if used != self.model.n_components:
+                self.model.use_components(used)
+            self._images_per_fit = reservoir.seen
         try:
-            local = LocalStats().fit(sums.total[:d], sums.total[d:], sums.count).to(self.device)
+            local = LocalStats().fit(sums, self.model.backbone.channels).to(self.device)
         except ValueError as exc:
             raise FitError(f"DFKDE fit failed: {exc}") from exc
         with _one_cpu_thread():
-            self.model.fit(reservoir.sample().to(self.device))
+            self.model.fit(reservoir.sample().to(self.device), max_length=max_length)
         self.model.local_stats = local
         return FitReport(images=reservoir.seen, embeddings=reservoir.kept)
 
     def calibrate(self, held_out: Scores, threshold: float, target_false_reject: float) -> dict[str, Any]:
-        """Move the logistic's offset so that probability == threshold at the log-density below which
-        `target_false_reject` of the calibration images lie; the steepness stays the seed's. Those are good
-        parts, each scored by a model fitted without it (held out of the fit, or out of its fold).
+        """Split-conformal: the boundary is the k-th lowest log-density of the calibration images,
+        k = floor(target x (n + 1)), so a fresh good part of the same line fails with probability
+        k / (n + 1) <= target; probabilities become ranks among those images, with `threshold` on the
+        boundary (plugins/dfkde/conformal.py). Those are good parts, each scored by a model fitted without it
+        (held out of the fit, or out of its fold). FitError when n is too small for the target (k = 0).
 
-        prob(L) = sigmoid(-s (L - offset)) = threshold at L* gives offset = L* + logit(threshold) / s.
+        The logistic's offset is moved to the boundary too (probability == threshold there), so the stored
+        settings still place it, though the conformal scale now gives the probability.
         """
         if not 0.0 < threshold < 1.0:
             raise ConfigError(f"calibration needs a threshold strictly between 0 and 1, got {threshold}")
         raw = np.asarray(held_out.raw, dtype=np.float64)
-        boundary = float(np.quantile(raw, target_false_reject))
+        if not np.isfinite(raw).all():
+            raise FitError(f"{int((~np.isfinite(raw)).sum())} of {len(raw)} calibration scores are not finite")
+        if len(raw) > MAX_SCORES:
+            raise FitError(f"{len(raw)} calibration images are over the {MAX_SCORES} a DFKDE version keeps; "
+                           "use --calibration held-out with a --held-out share that holds out fewer")
+        k = boundary_rank(len(raw), target_false_reject)
+        if k < 1:
+            raise FitError(
+                f"a false-reject rate of {target_false_reject:g} needs at least {images_needed(target_false_reject)} "
+                f"calibration images (k = floor(target x (n + 1)) must be at least 1), got {len(raw)}. Add good "
+                f"images, or raise --target-false-reject to at least {1 / (len(raw) + 1):.3g}"
+            )
+        scale = ConformalScale.fit(raw, target_false_reject, threshold)
         steepness = self.model.threshold_steepness
-        offset = boundary + math.log(threshold / (1.0 - threshold)) / steepness
+        offset = scale.boundary + math.log(threshold / (1.0 - threshold)) / steepness
         self.model.threshold_offset = offset
+        self.model.calibration = scale
         probability = self.model.to_probability(torch.from_numpy(raw)).numpy()
         levels = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 0.9)
         return {
-            "rule": "quantile of the good images' log-density",
+            **scale.figures(),
             "target_false_reject": target_false_reject,
             "threshold": threshold,
             "threshold_offset": offset,
             "threshold_steepness": steepness,
-            "boundary_log_density": boundary,
+            "boundary_log_density": scale.boundary,
             "held_out_false_reject": float(np.mean(probability >= threshold)),
             "held_out_log_density_quantiles": {str(q): float(np.quantile(raw, q)) for q in levels},
         }
@@ -272,24 +355,11 @@ class _MapDrawer:
             raise PluginError(f"anomaly map size {width}x{height}: each side must be 1..{self.MAX_SIDE}")
         with torch.inference_mode():
             distance = self.stats.distance([m[index : index + 1] for m in self.maps])[0]
-            return draw(distance, (width, height), self.input_size)
+            return draw(distance, (width, height), self.input_size, self.stats.map_scale)
 
 
 def _scores(probability: torch.Tensor, log_density: torch.Tensor) -> Scores:
     return Scores(probability=probability.double().cpu().numpy(), raw=log_density.double().cpu().numpy())
-
-
-class _Sums:
-    """Column sums of embedding rows in float64, and how many rows."""
-
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.count = 0
-
-    def add(self, rows: torch.Tensor) -> None:
-        summed = rows.double().sum(0)
-        self.total = summed if self.total is None else self.total + summed
-        self.count += rows.shape[0]
 
 
 class _Reservoir:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from inspector.errors import StateError, StoreUnavailable
 from plugins.dfkde.backbones import weights_digest
+from plugins.dfkde.conformal import MAX_SCORES, ConformalScale
 from plugins.dfkde.model import DfkdeModel
 
 STATE_FILE = "state.safetensors"
@@ -54,6 +55,12 @@ _OPTIONAL_TENSORS = {
     "local.mean": ("local_stats", "mean"),
     "local.variance": ("local_stats", "variance"),
 }
+# The maps' own scale (plugins/dfkde/maps.py); a state saved before it existed draws with the fixed scale.
+_MAP_SCALE = "local.scale"
+# The conformal calibration (plugins/dfkde/conformal.py), float64: the sorted calibration scores, the
+# boundary's rank k and the threshold placed on it. A state saved before they were kept has none, loads all
+# the same and scores with its logistic as before.
+_CALIBRATION_TENSORS = ("calibration.scores", "calibration.k", "calibration.threshold")
 
 
 def backbone_digest(model: DfkdeModel) -> str:
@@ -89,6 +96,13 @@ def save_state(model: DfkdeModel, folder: Path, plugin: dict[str, Any] | None = 
     if model.local_stats.fitted:
         for key, (part, attr) in _OPTIONAL_TENSORS.items():
             tensors[key] = getattr(getattr(model, part), attr)
+        if model.local_stats.scale.numel():
+            tensors[_MAP_SCALE] = model.local_stats.scale.reshape(1)
+    if model.calibration is not None:
+        scale = model.calibration
+        tensors |= dict(zip(_CALIBRATION_TENSORS, (torch.from_numpy(scale.scores),
+                                                    torch.tensor(float(scale.k), dtype=torch.float64),
+                                                    torch.tensor(scale.threshold, dtype=torch.float64))))
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(folder / STATE_FILE))
     meta = {"format": FORMAT, "settings": model_settings(model), "backbone_digest": backbone_digest(model),
             "plugin": dict(plugin or {})}
@@ -189,16 +203,22 @@ def _check_header(path: Path, settings: dict[str, Any], feature_dim: int) -> Non
     expected = {
         "max_length": [1], "pca.mean": [d], "pca.components": [d, k], "pca.explained_variance": [k],
         "kde.whitened": [rows, k], "kde.neg_half_sq_norm": [rows], "kde.bw_transform": [k, k], "kde.log_norm": [],
-        "local.mean": [d], "local.variance": [d],
+        "local.mean": [d], "local.variance": [d], _MAP_SCALE: [1],
     }
+    scores = header.get("calibration.scores")
+    count = scores.get("shape", [0])[0] if isinstance(scores, dict) and scores.get("shape") else 0
+    if scores is not None and not (isinstance(count, int) and 1 <= count <= MAX_SCORES):
+        raise StateError(f"{path}: calibration.scores holds {count!r:.20} scores, not 1 to {MAX_SCORES}")
+    expected |= {"calibration.scores": [count], "calibration.k": [], "calibration.threshold": []}
     for key, entry in header.items():
         if key == "__metadata__":
             continue
         if key not in expected:
             raise StateError(f"{path}: unexpected tensor {key!r}")
-        if not isinstance(entry, dict) or entry.get("dtype") != "F32" or entry.get("shape") != expected[key]:
+        dtype = "F64" if key in _CALIBRATION_TENSORS else "F32"
+        if not isinstance(entry, dict) or entry.get("dtype") != dtype or entry.get("shape") != expected[key]:
             found = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else entry
-            raise StateError(f"{path}: {key} is {found!r:.100}, expected F32 {expected[key]} for these settings")
+            raise StateError(f"{path}: {key} is {found!r:.100}, expected {dtype} {expected[key]} for these settings")
 
 
 def load_state(folder: Path, device: torch.device, precision: str | None = None,
@@ -243,7 +263,30 @@ def load_state(folder: Path, device: torch.device, precision: str | None = None,
             raise StateError(f"{folder / STATE_FILE}: {key} has shape {tuple(tensors[key].shape)}, "
                              f"not ({model.feature_dim},) for the backbone's features")
         setattr(getattr(model, part), attr, tensors[key])
+    if _MAP_SCALE in tensors:
+        scale = tensors[_MAP_SCALE].reshape(-1)
+        if not present or scale.shape != (1,) or not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            raise StateError(f"{folder / STATE_FILE}: {_MAP_SCALE} must be one positive number beside the maps' "
+                             "statistics; refit the model")
+        model.local_stats.scale = scale
+    model.calibration = _calibration(folder / STATE_FILE, tensors)
     if model.pca_model.components.shape != (model.feature_dim, model.n_components):
         raise StateError(f"{folder}: PCA shape {tuple(model.pca_model.components.shape)} does not fit the backbone")
     return model.to(device)
 
+
+
+def _calibration(path: Path, tensors: dict[str, torch.Tensor]) -> ConformalScale | None:
+    """The stored conformal calibration, checked; None for a state saved before it was kept."""
+    present = [key for key in _CALIBRATION_TENSORS if key in tensors]
+    if not present:
+        return None
+    if len(present) != len(_CALIBRATION_TENSORS):
+        raise StateError(f"{path}: has {present} of the calibration's tensors but not all")
+    scores, k, threshold = (tensors[key].double() for key in _CALIBRATION_TENSORS)
+    if scores.ndim != 1 or k.numel() != 1 or threshold.numel() != 1 or float(k) != int(float(k)):
+        raise StateError(f"{path}: the calibration's tensors have the wrong shapes")
+    try:
+        return ConformalScale(scores.numpy(), int(float(k)), float(threshold))
+    except ValueError as exc:
+        raise StateError(f"{path}: bad calibration ({exc}); refit the model") from None
