@@ -175,23 +175,30 @@ def read_file(path: Path, limits: DecodeLimits, min_size: tuple[int, int] | None
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:  # ELOOP (x -> x), a dangling link, no permission
         raise FrameError("file_not_found", f"the file cannot be opened ({exc.strerror or exc})") from exc
+    data = _read_open_file(fd, "the file", limits)
+    if not data:
+        raise FrameError("empty_body", "the file is empty")
+    return _decode_image(data, "the file", limits, min_size)
+
+
+def _read_open_file(fd: int, what: str, limits: DecodeLimits) -> bytes:
+    """The bytes of an opened file, which must be a regular one of at most max_image_bytes (sized once
+    open, and again after reading, in case it grew); closes `fd`. Every failure is a FrameError."""
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise FrameError("file_not_found", "not a regular file (a FIFO, a device or a folder)")
+            raise FrameError("file_not_found", f"{what} is not a regular file (a FIFO, a device or a folder)")
         if info.st_size > limits.max_image_bytes:
-            raise _too_large("the file", info.st_size, limits)
+            raise _too_large(what, info.st_size, limits)
         with os.fdopen(fd, "rb", closefd=False) as file:
             data = file.read(limits.max_image_bytes + 1)
     except OSError as exc:
-        raise FrameError("file_not_found", f"the file could not be read ({exc.strerror or exc})") from exc
+        raise FrameError("file_not_found", f"{what} could not be read ({exc.strerror or exc})") from exc
     finally:
         os.close(fd)
-    if not data:
-        raise FrameError("empty_body", "the file is empty")
     if len(data) > limits.max_image_bytes:  # it grew after fstat
-        raise _too_large("the file", len(data), limits)
-    return _decode_image(data, "the file", limits, min_size)
+        raise _too_large(what, len(data), limits)
+    return data
 
 
 def _check_tiff_tiles(image: Image.Image, what: str, width: int, height: int) -> None:
@@ -460,18 +467,4 @@ def _read_uri(uri: str, limits: DecodeLimits) -> bytes:
         fd = _open_beneath(root, resolved)
     except OSError as exc:
         raise FrameError("file_not_found", f"{quoted} names no readable file ({exc.strerror})") from exc
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FrameError("file_not_found", f"{quoted} names no regular file (a folder or a device)")
-        if info.st_size > limits.max_image_bytes:
-            raise _too_large(quoted, info.st_size, limits)
-        with os.fdopen(fd, "rb", closefd=False) as file:
-            data = file.read(limits.max_image_bytes + 1)
-    except OSError as exc:
-        raise FrameError("file_not_found", f"{quoted} could not be read ({exc.strerror})") from exc
-    finally:
-        os.close(fd)
-    if len(data) > limits.max_image_bytes:  # it grew after fstat
-        raise _too_large(quoted, len(data), limits)
-    return data
+    return _read_open_file(fd, quoted, limits)

@@ -253,6 +253,7 @@ class Reloader:
         self._stopping = False
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="inspector-reload", daemon=True)
+        self._starting = False  # load_at_start runs: a load in service is not counted as a reload
 
     def start(self) -> None:
         self._thread.start()
@@ -330,7 +331,15 @@ class Reloader:
     def load_at_start(self, name: str) -> ServedModel | None:
         """Put the current version of `name` in service, or, when it cannot serve, its last good version:
         the newest older one that verifies and loads (at most FALLBACK_TRIES are tried). None when no
-        version serves; the reloader keeps trying the current one if its failure may pass."""
+        version serves; the reloader keeps trying the current one if its failure may pass. A load here is
+        not a reload: only failures are counted (inspector_model_reloads_total), as they always were."""
+        self._starting = True
+        try:
+            return self._load_at_start(name)
+        finally:
+            self._starting = False
+
+    def _load_at_start(self, name: str) -> ServedModel | None:
         loaded = self.reload(name)
         if loaded is not None or self.models.get(name) is not None:
             return loaded
@@ -406,7 +415,8 @@ class Reloader:
         log.info("model %s: version %s in service (was %s)", name, version,
                  previous.version if previous else "none", extra={"model": name, "version": version})
         self.on_loaded(loaded)
-        self.on_outcome(name, "success")
+        if not self._starting:
+            self.on_outcome(name, "success")
         return loaded
 
 
