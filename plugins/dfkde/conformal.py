@@ -129,10 +129,21 @@ class ConformalScale:
         raw = np.asarray(raw, dtype=np.float64)
         first, last, n = self.knots[0], self.knots[-1], float(self.n)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            inside = np.interp(raw, self.knots, self.ranks)
+            inside = self._between_knots(raw)
             below = self.ranks[0] / (1.0 + (first - raw) / self.low_scale)
             above = n + 1.0 / (1.0 + self.high_scale / (raw - last))
         return np.where(raw < first, below, np.where(raw > last, above, inside))
+
+    def _between_knots(self, raw: np.ndarray) -> np.ndarray:
+        """The rank by linear interpolation between the knots. Not np.interp: it takes the slope first, and
+        between knots a subnormal apart that slope overflows to inf; the fraction of the gap never does."""
+        last = len(self.knots) - 1
+        low = np.clip(np.searchsorted(self.knots, raw, side="right") - 1, 0, last)
+        high = np.minimum(low + 1, last)
+        x0, x1 = self.knots[low], self.knots[high]
+        gap = x1 - x0
+        fraction = np.clip(np.where(gap > 0, (raw - x0) / np.where(gap > 0, gap, 1.0), 0.0), 0.0, 1.0)
+        return self.ranks[low] + fraction * (self.ranks[high] - self.ranks[low])
 
     def probability(self, raw: np.ndarray) -> np.ndarray:
         """The anomaly probability of raw scores (log-densities), float64 in [0, 1], a frame failing iff it
