@@ -34,7 +34,7 @@ Methods (see plugins/dfkde/maps.py for the one shipped):
 - mean good: |image - mean good image| (grey levels; the mean of train/good resized to 256 x 256,
   brought back to each image's size), smoothed.
 
-    .venv/bin/python bench/anomaly_maps.py             # ../shared/datasets/magnetic-tile: 40 s on 2 idle cores (13 min when busy)
+    .venv/bin/python bench/anomaly_maps.py             # --data PATH (or $MAGNETIC_TILE): 40 s on 2 idle cores (13 min when busy)
     .venv/bin/python bench/anomaly_maps.py --data DIR --json
 """
 
@@ -56,11 +56,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+import datasets
 from inspector.imagefiles import find_images, read_image
 from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-MAGNETIC_TILE = ROOT.parent / "shared" / "datasets" / "magnetic-tile"
+MAGNETIC_TILE = datasets.magnetic_tile()
 BATCH = 4  # worker.batch_size
 MAX_PIXELS = 10**8
 PRO_FPR = 0.3
@@ -332,7 +333,7 @@ def fit(data: Path) -> tuple[DfkdePlugin, list[torch.Tensor], torch.Tensor]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=MAGNETIC_TILE, help="MVTec AD layout with ground_truth/")
+    parser.add_argument("--data", type=Path, default=MAGNETIC_TILE, help=datasets.HELP)
     parser.add_argument("--pixel-share", type=float, default=0.1, help="share of pixels sampled for AUROC")
     parser.add_argument("--occlusion-every", type=int, default=16,
                         help="occlusion on every N'th batch of 4 test images, for its cost (0: none)")

@@ -38,6 +38,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import CONFIDENCE, clopper_pearson  # noqa: E402  (bench/quality.py, beside this file)
 
+import datasets
 from inspector import config  # noqa: E402
 from inspector.imagefiles import find_images  # noqa: E402
 from inspector.plugin import decode_size  # noqa: E402
@@ -47,7 +48,7 @@ from inspector.worker.decode import DecodeLimits  # noqa: E402
 from plugins.dfkde.conformal import boundary_rank  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MAGNETIC_TILE = ROOT.parent / "shared" / "datasets" / "magnetic-tile"
+MAGNETIC_TILE = datasets.magnetic_tile()
 TARGETS = (0.005, 0.01, 0.02)
 TWIN_QUALITY = 90  # the second frame's JPEG quality
 MODEL = "default"
@@ -166,7 +167,7 @@ def table(report: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=MAGNETIC_TILE, help="MVTec AD layout: train/good, test/good")
+    parser.add_argument("--data", type=Path, default=MAGNETIC_TILE, help=datasets.HELP)
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="false-reject rates")
     parser.add_argument("--refit-target", type=float, default=0.01, help="the target each refit is run at")
     parser.add_argument("--before-folds", type=int, default=5, help="folds of the 'before' calibration")

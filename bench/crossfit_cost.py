@@ -7,7 +7,7 @@ per fold from the images (what refit does for a plugin that cannot reuse embeddi
 that rotate their order. Then one PCA + KDE fit on one CPU thread (what the plugin uses) against torch's
 threads, alternating.
 
-    .venv/bin/python bench/crossfit_cost.py [--data ../shared/datasets/magnetic-tile/train/good] [--folds 5]
+    .venv/bin/python bench/crossfit_cost.py [--data MAGNETIC_TILE/train/good] [--folds 5]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import datasets
 from inspector.imagefiles import find_images
 from inspector.plugin import decode_size, score_all
 from inspector.tools.imagestream import ImageStream
@@ -28,7 +29,7 @@ from inspector.tools.refit import cross_fit, kfold, split_held_out
 from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "magnetic-tile" / "train" / "good"
+DATA = datasets.magnetic_tile() / "train" / "good"
 BATCH = 32  # refit.batch_size
 FIT_ROUNDS = 9
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+import datasets
 from inspector.imagefiles import find_images, map_image, read_image
 from inspector.tools.overlay import Header, overlay
 
@@ -34,7 +35,7 @@ def smooth_map(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=Path, default=Path("../shared/datasets/magnetic-tile/test"))
+    parser.add_argument("--images", type=Path, default=datasets.magnetic_tile() / "test", help=datasets.HELP)
     parser.add_argument("--count", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()

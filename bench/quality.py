@@ -10,7 +10,7 @@ Last, for one setting, the calibration: the false-reject rate on the good test i
 calibrated for each target, cross-fitted and held out from the whole training archive and cross-fitted
 from a small one (40 of its images), with a 95% Clopper-Pearson interval.
 
-Data: the magnetic-tile photographs (read where they lie, `../shared/datasets/magnetic-tile`) and the
+Data: the magnetic-tile photographs (the public Magnetic Tile Defect set, `--magnetic-tile PATH` or $MAGNETIC_TILE; bench/datasets.py) and the
 synthetic sample line (written to a temporary folder, as `inspector samples --out DIR` writes it).
 
     .venv/bin/python bench/quality.py --save quality.json  # the default grid, both data sets: ~13 min on 2 cores
@@ -37,6 +37,7 @@ import numpy as np
 import scipy.stats
 import torch
 
+import datasets as public_data
 from inspector import config
 from inspector.imagefiles import find_images, read_image
 from inspector.store import ModelStore
@@ -46,7 +47,7 @@ from inspector.tools.refit import RefitOptions, RefitResult, run_refit
 from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-MAGNETIC_TILE = ROOT.parent / "shared" / "datasets" / "magnetic-tile"
+MAGNETIC_TILE = public_data.magnetic_tile()
 DATASETS = ("magnetic-tile", "sample-line")
 GRID_KEYS = ("layers", "input_size", "n_comps", "pre_processing", "filter_count")
 
@@ -186,7 +187,7 @@ def main() -> int:
     parser.add_argument("--rows", help="comma-separated settings of the grid (default: all; see --list)")
     parser.add_argument("--list", action="store_true", help="print the grid's settings and exit")
     parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of {', '.join(DATASETS)}")
-    parser.add_argument("--magnetic-tile", type=Path, default=MAGNETIC_TILE, help="the magnetic-tile data set")
+    parser.add_argument("--magnetic-tile", type=Path, default=MAGNETIC_TILE, help=public_data.HELP)
     parser.add_argument("--calibration-row", default="shipped",
                         help="the setting whose calibration is checked on the first data set ('none' skips it)")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="false-reject rates to calibrate for")
