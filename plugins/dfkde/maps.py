@@ -1,6 +1,6 @@
 """Anomaly maps for DFKDE: where the backbone's local features are unlike the good parts' features.
 
-Chosen by measurement against pixel masks of real defects (bench/anomaly_maps.py, README "Anomaly
+Chosen by measurement against pixel masks of real defects (bench/anomaly_maps.py, docs/tools.md "Anomaly
 maps"). The score is a KDE over each image's pooled features; the map looks at the same feature maps
 before pooling: every location of every layer is scored by its squared distance to the good parts'
 features, channel by channel in units of their spread (a diagonal Gaussian, one for all positions,

@@ -28,7 +28,7 @@ class DfkdeSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backbone: str = Field("tf_efficientnet_lite0", description="timm architecture of the feature extractor")
-    # layers, n_comps and input_size: chosen by bench/quality.py on real photographs (README, Detection quality);
+    # layers, n_comps and input_size: chosen by bench/quality.py on real photographs (docs/quality.md);
     # DfkdeModel keeps the seed's own defaults.
     layers: list[str] = Field(["blocks.4", "blocks.6"], min_length=1, description="timm feature_info layer names")
     weights: str = Field(
@@ -65,7 +65,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 # A fit needs at least this many images per PCA component; fewer images fit fewer components. Measured on the
 # sample line (56 images, shipped backbone): 24 components (2.3 images each) AUROC 0.993, 16: 0.977,
 # 11 (5 each): 0.957, 8: 0.919, so a floor of 5 lost detection there; 2 keeps that fit's 24 and cuts the
-# README's 40-image row (24 components on 32 images per fold) to what its folds can carry.
+# docs/quality.md's 40-image row (24 components on 32 images per fold) to what its folds can carry.
 IMAGES_PER_COMPONENT = 2
 # Below this many components the density separates too little to be worth serving: the fit is refused.
 MIN_COMPONENTS = 4
