@@ -761,10 +761,12 @@ def test_a_burst_of_errors_never_evicts_a_reject_and_the_cap_holds_at_every_writ
         replaced = _value(metrics, "inspector_evidence_pruned_total", reason="size")
         refused = _value(metrics, "inspector_evidence_dropped_total", reason="archive_full")
         assert replaced + refused == 50 - len(kept["error"])
+        kept_before = kept
         _keep_all(evidence, "fail", range(6, 12), 1000)  # a reject takes the errors' room, then the oldest reject's
         kept = _kept(tmp_path)
         assert "error" not in kept and kept["fail"] == set(range(2, 12))
-        assert _value(metrics, "inspector_evidence_pruned_total", reason="size") == replaced + 6
+        errors_before = len(kept_before["error"])  # every error that was kept, then rejects 0 and 1
+        assert _value(metrics, "inspector_evidence_pruned_total", reason="size") == replaced + errors_before + 2
     finally:
         evidence.stop(5)
 
