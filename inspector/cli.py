@@ -245,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "measures the frame path's own ceiling")
     bench.set_defaults(func=_cmd_bench)
 
+    opcua = commands.add_parser(
+        "opcua",
+        help="serve each line and camera's latest verdict to PLCs, HMIs and MES over OPC UA",
+        description="Take results from the results exchange (a queue of its own, bound with opcua.binding_keys) "
+        "and serve, per line and camera, the last verdict, probability, frame id, model version and times, "
+        "counters by verdict and a reject pulse (true for opcua.reject_pulse_s after a fail) on an OPC UA server "
+        "at opcua.endpoint, under Objects/Inspector/Lines/<line>/<camera>. Needs the `opcua` extra "
+        "(pip install 'inspector[opcua]'). SIGTERM or SIGINT: exit 0.",
+    )
+    _add_config(opcua)
+    opcua.set_defaults(func=_cmd_opcua, check_plugins=False)  # a broker tool: no torch to load
+
     config = commands.add_parser("config", help="check the configuration and print it as JSON")
     _add_config(config)
     config.set_defaults(func=_cmd_config)
@@ -498,6 +510,12 @@ def _cmd_bench(settings, args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_opcua(settings, args) -> int:
+    from inspector.tools.opcua.bridge import run_bridge
+
+    return run_bridge(settings)
 
 
 def _cmd_config(settings, args) -> int:

@@ -224,6 +224,51 @@ class EvidenceSettings(_Section):
         return self
 
 
+class OpcuaSourceSettings(_Section):
+    line: str = Field(min_length=1, max_length=124, pattern=r"^[\w:@+=~-][\w.:@+=~-]*$",
+                      description="a line id as results carry it")
+    camera: str = Field(min_length=1, max_length=124, pattern=r"^[\w:@+=~-][\w.:@+=~-]*$",
+                        description="a camera id as results carry it")
+
+
+class OpcuaSettings(_Section):
+    """`inspector opcua`: the bridge that serves each line and camera's latest verdict to OPC UA clients."""
+
+    endpoint: str = Field("opc.tcp://0.0.0.0:4840/inspector", pattern=r"^opc\.tcp://[^/\s]+:\d+(/\S*)?$",
+                          description="opc.tcp://HOST:PORT/PATH the server listens on")
+    namespace: str = Field("urn:inspector:results", min_length=1, description="the namespace URI of the nodes")
+    binding_keys: list[str] = Field(default_factory=lambda: ["#"], min_length=1,
+                                    description="topic patterns on <verdict>.<line>.<camera> the bridge takes")
+    queue_max_length: int = Field(10000, ge=1, description="results held for the bridge at most; oldest dropped")
+    reject_pulse_s: float = Field(0.5, gt=0, le=3600, description="seconds Reject stays true after a fail")
+    max_sources: int = Field(100, ge=1, le=10000, description="line/camera pairs served; later ones count as other")
+    sources: list[OpcuaSourceSettings] = Field(default_factory=list,
+                                               description="pairs served from the start, outside the cap")
+    security: list[Literal["none", "sign", "sign_and_encrypt"]] = Field(
+        default_factory=lambda: ["none"], min_length=1, description="security modes offered (Basic256Sha256)")
+    certificate: str = Field("", description="the server's certificate (DER or PEM); needed for sign modes")
+    private_key: str = Field("", description="its private key (PEM)")
+    username: str = Field("", description="the one user allowed in; '' = anonymous clients")
+    password: SecretStr = Field(SecretStr(""), description="from INSPECTOR_OPCUA__PASSWORD only")
+
+    @field_validator("binding_keys")
+    @classmethod
+    def _binding_patterns(cls, patterns: list[str]) -> list[str]:
+        return [_topic(p) for p in patterns]
+
+    @model_validator(mode="after")
+    def _security_needs_keys(self) -> "OpcuaSettings":
+        signed = any(mode != "none" for mode in self.security)
+        if signed and not (self.certificate and self.private_key):
+            raise ValueError("opcua.security offers a signed mode: set opcua.certificate and opcua.private_key "
+                             "(paths), or offer only 'none'")
+        if bool(self.certificate) != bool(self.private_key):
+            raise ValueError("opcua.certificate and opcua.private_key go together: set both or neither")
+        if self.username and not self.password.get_secret_value():
+            raise ValueError("opcua.username is set: set its password in INSPECTOR_OPCUA__PASSWORD")
+        return self
+
+
 class ModelSettings(_Section):
     plugin: str = Field("dfkde", description="the plugin that scores this model's frames")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="anomaly probability at or over which a frame fails")
@@ -251,6 +296,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     metrics: MetricsSettings = MetricsSettings()
     evidence: EvidenceSettings = EvidenceSettings()
+    opcua: OpcuaSettings = OpcuaSettings()
     default_model: str = Field("default", pattern=MODEL_NAME_PATTERN)
     models: dict[str, ModelSettings] = Field(default_factory=lambda: {"default": ModelSettings()})
     plugins: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -412,7 +458,12 @@ def _check_environment(environ: Mapping[str, str]) -> None:
 
 
 def _check_no_secrets_in_file(data: Mapping[str, Any]) -> None:
-    """The broker password comes from the environment only, never from a file that gets copied around."""
+    """The broker and OPC UA passwords come from the environment only, never from a file that gets copied
+    around."""
+    opcua = data.get("opcua")
+    if isinstance(opcua, Mapping) and "password" in opcua:
+        raise ConfigError("OPC UA password in the config file: remove opcua.password and set "
+                          "INSPECTOR_OPCUA__PASSWORD in the environment instead")
     broker = data.get("broker")
     if not isinstance(broker, Mapping):
         return
