@@ -94,8 +94,13 @@ def problems(document: dict) -> list[str]:
     return found
 
 
-def by_kind(documents: list[dict], kind: str) -> dict:
-    (only,) = [d for d in documents if d["kind"] == kind]
+def by_kind(documents: list[dict], kind: str, component: str | None = None) -> dict:
+    """The one object of `kind`: of the OPC UA bridge with component "opcua", else of the rest."""
+    def mine(document: dict) -> bool:
+        label = document["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        return label == component if component else label != "opcua"
+
+    (only,) = [d for d in documents if d["kind"] == kind and mine(d)]
     return only
 
 
@@ -161,7 +166,7 @@ def test_each_kustomization_builds_and_its_output_validates(overlay):
     failures = [f"{d['kind']} {d['metadata']['name']}: {p}" for d in built for p in problems(d)]
     assert not failures, "\n".join(failures)
     assert {d["kind"] for d in built} == {"Namespace", "ConfigMap", "PersistentVolumeClaim", "Deployment",
-                                          "PodDisruptionBudget", "ScaledObject", "TriggerAuthentication"}
+                                          "PodDisruptionBudget", "ScaledObject", "TriggerAuthentication", "Service"}
     for document in built:
         if document["kind"] != "Namespace":
             assert document["metadata"]["namespace"] == "inspector", document["kind"]
@@ -282,3 +287,28 @@ def test_keda_scales_the_worker_deployment_on_the_capture_queue_it_consumes():
     secret = by_kind(objects, "Secret")
     assert ref["parameter"] == "host" and ref["name"] == secret["metadata"]["name"]
     assert secret["stringData"][ref["key"]].startswith("http://")
+
+
+def test_the_opcua_bridge_is_one_pod_on_the_shared_configuration_behind_a_service_on_its_port():
+    from inspector.config import OpcuaSettings
+
+    objects = all_objects()
+    bridge = by_kind(objects, "Deployment", "opcua")
+    service = by_kind(objects, "Service", "opcua")
+    main = container(bridge)
+    assert main["args"] == ["opcua"] and bridge["spec"]["replicas"] == 1
+    (port,) = main["ports"]
+    endpoint = worker_config().get("opcua", {}).get("endpoint", OpcuaSettings().endpoint)
+    assert int(endpoint.rsplit(":", 1)[1].split("/")[0]) == port["containerPort"]
+    assert main["livenessProbe"]["tcpSocket"]["port"] == port["name"]
+    (exposed,) = service["spec"]["ports"]
+    assert exposed["targetPort"] == port["name"]
+    assert service["spec"]["selector"].items() <= bridge["spec"]["template"]["metadata"]["labels"].items()
+    assert not service["spec"]["selector"].items() <= by_kind(objects, "Deployment")["spec"]["template"][
+        "metadata"]["labels"].items(), "the Service must not pick the workers"
+    named = Path(env(main)["INSPECTOR_CONFIG"]["value"])
+    volumes = {v["name"]: v for v in bridge["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
+    assert volumes[mounts[str(named.parent)]["name"]]["configMap"]["name"] == by_kind(objects, "ConfigMap")[
+        "metadata"]["name"]
+    assert "opcua.yaml" in yaml.safe_load((KUBERNETES / "base" / "kustomization.yaml").read_text())["resources"]

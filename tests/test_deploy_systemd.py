@@ -21,7 +21,8 @@ from inspector.worker.watchdog import Watchdog
 from tests.deploykit import runnable_tool
 
 SYSTEMD = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
-UNITS = {"inspector.service": "inspector.service", "inspector-refit@.service": "inspector-refit@default.service"}
+UNITS = {"inspector.service": "inspector.service", "inspector-refit@.service": "inspector-refit@default.service",
+         "inspector-opcua.service": "inspector-opcua.service"}
 INSTALLED_BINARY = "/opt/inspector/venv/bin/inspector"
 SECURITY_THRESHOLD = 20  # systemd-analyze's exposure level times ten: both units score 1.7 ("OK") as shipped
 
