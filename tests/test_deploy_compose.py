@@ -129,16 +129,17 @@ def test_the_store_is_s3_on_seaweedfs_shared_by_the_workers_and_the_refit():
 
 
 def test_the_password_comes_from_the_environment_never_from_the_file():
-    for name in ("worker", "refit"):
+    for name in ("worker", "refit", "opcua"):
         environment = service(name)["environment"]
         assert environment["INSPECTOR_BROKER__PASSWORD"].startswith("${RABBITMQ_PASSWORD:?")
         assert environment["INSPECTOR_CONFIG"] == "/etc/inspector/inspector.toml"
     assert service("rabbitmq")["environment"]["RABBITMQ_DEFAULT_PASS"].startswith("${RABBITMQ_PASSWORD:?")
 
 
-def test_rabbitmq_runs_the_management_and_prometheus_plugins_and_gets_the_policy():
+def test_rabbitmq_runs_the_management_prometheus_and_mqtt_plugins_and_gets_the_policy():
     plugins = (COMPOSE_DIR / "rabbitmq" / "enabled_plugins").read_text()
-    assert re.fullmatch(r"\[rabbitmq_management,rabbitmq_prometheus\]\.\s*", plugins)
+    assert re.fullmatch(r"\[rabbitmq_management,rabbitmq_prometheus,rabbitmq_mqtt\]\.\s*", plugins)
+    assert "1883:1883" in service("rabbitmq")["ports"]
     policy = service("rabbitmq-policy")
     assert "/api/definitions" in policy["command"][0] and "--fail-with-body" in policy["command"][0]
     assert compose()["configs"]["rabbitmq-definitions"]["file"] == "../rabbitmq/definitions.json"
@@ -176,3 +177,13 @@ def test_promtool_accepts_the_prometheus_configuration_with_the_rules_where_comp
     jobs = {job["job_name"]: job for job in scrape}
     assert jobs["inspector"]["dns_sd_configs"][0]["names"] == ["worker"]
     assert jobs["rabbitmq"]["static_configs"][0]["targets"] == ["rabbitmq:15692"]
+
+
+def test_the_opcua_bridge_serves_on_the_port_compose_publishes_once_the_broker_is_set_up():
+    bridge = service("opcua")
+    assert bridge["command"] == ["opcua"] and bridge["image"] == service("worker")["image"]
+    endpoint = config.load(COMPOSE_DIR / "inspector.toml").opcua.endpoint
+    port = endpoint.rsplit(":", 1)[1].split("/")[0]
+    assert f"{port}:{port}" in bridge["ports"] and endpoint.startswith("opc.tcp://0.0.0.0:")
+    assert bridge["depends_on"]["rabbitmq-policy"]["condition"] == "service_completed_successfully"
+    assert bridge["stop_signal"] == "SIGTERM" and bridge["init"] is True and bridge["read_only"] is True
