@@ -38,6 +38,8 @@ def _frames(plan: list[tuple[str, bytes]]) -> list[tuple[str, bytes, dict]]:
 
 
 # -- MQTT, through RabbitMQ's plugin -----------------------------------------------------------
+# These start a RabbitMQ node of their own (the shared broker may lack the plugin and is not ours to
+# reconfigure): 20 to 50 s on two busy cores before the first test, so they run in `make test-slow`.
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,7 @@ class Subscriber:
         self.client.loop_stop()
 
 
+@pytest.mark.slow
 def test_an_mqtt_subscriber_to_one_lines_failures_gets_exactly_those_verdicts_as_published(fitted, tmp_path,
                                                                                           mqtt_node):
     line = Line("inspection", port=mqtt_node.port)  # the shipped names: definitions.json binds them for MQTT
@@ -116,6 +119,7 @@ def test_an_mqtt_subscriber_to_one_lines_failures_gets_exactly_those_verdicts_as
         assert payload == encode(body)  # byte for byte the result the worker published
 
 
+@pytest.mark.slow
 def test_mqtt_5_needs_a_newer_broker_than_this_one_and_3_1_1_is_served(mqtt_node):
     """RabbitMQ serves MQTT 5 from 3.13; on an older node a v5 CONNECT is refused, and the docs say so."""
     import paho.mqtt.client as mqtt
@@ -304,3 +308,43 @@ def test_an_opcua_client_reads_and_subscribes_to_what_a_real_worker_published(fi
     held = rejects[2][1] - rejects[1][1]
     assert PULSE_S - 0.05 <= held <= PULSE_S + 1.0, held
 
+
+
+@pytest.mark.slow
+def test_an_mqtt_user_without_write_on_amq_topic_subscribes_but_cannot_publish_a_verdict(mqtt_node):
+    """The permissions deploy/README.md gives MQTT clients: they read results, and a forged verdict they
+    publish reaches no subscriber."""
+    import paho.mqtt.client as mqtt
+
+    def ctl(*words: str) -> None:
+        subprocess.run(["rabbitmqctl", "-n", mqtt_node.node, "-q", *words], env=mqtt_node._environment(), check=True,
+                       capture_output=True, timeout=60)
+
+    ctl("add_user", "plc", "plc-password")
+    ctl("set_permissions", "-p", "/", "plc", "^mqtt-subscription-.*", "^mqtt-subscription-.*",
+        r"^(amq\.topic|mqtt-subscription-.*)$")
+    watcher = Subscriber(mqtt_node.mqtt_port, "fail/line7/+")  # guest, who may do anything
+    reader = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="plc-reader", protocol=mqtt.MQTTv311)
+    reader.username_pw_set("plc", "plc-password")
+    granted: list[object] = []
+    reader.on_connect = lambda client, *_: client.subscribe("fail/line7/+", qos=1)
+    reader.on_subscribe = lambda _c, _u, _m, codes, _p: granted.extend(codes)
+    reader.connect("127.0.0.1", mqtt_node.mqtt_port)
+    reader.loop_start()
+    try:
+        deadline = time.monotonic() + 20
+        while not granted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert granted and not granted[0].is_failure, granted  # it may subscribe
+        reader.publish("fail/line7/cam1", b'{"forged": true}', qos=1)
+        time.sleep(1.5)
+        assert watcher.received == []  # and its publish reaches nobody
+        with pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", mqtt_node.port)) as connection:
+            connection.channel().basic_publish("amq.topic", "fail.line7.cam1", b"{}")  # the path itself works
+        deadline = time.monotonic() + 10
+        while not watcher.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watcher.received == [("fail/line7/cam1", b"{}")]
+    finally:
+        reader.loop_stop()
+        watcher.close()
