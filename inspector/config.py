@@ -246,8 +246,8 @@ class OpcuaSettings(_Section):
                                                description="pairs served from the start, outside the cap")
     security: list[Literal["none", "sign", "sign_and_encrypt"]] = Field(
         default_factory=lambda: ["none"], min_length=1, description="security modes offered (Basic256Sha256)")
-    certificate: str = Field("", description="the server's certificate (DER or PEM); needed for sign modes")
-    private_key: str = Field("", description="its private key (PEM)")
+    certificate: str = Field("", description="the server's certificate, DER (PEM if named .pem); for sign modes")
+    private_key: str = Field("", description="its private key, DER (PEM if named .pem)")
     username: str = Field("", description="the one user allowed in; '' = anonymous clients")
     password: SecretStr = Field(SecretStr(""), description="from INSPECTOR_OPCUA__PASSWORD only")
 

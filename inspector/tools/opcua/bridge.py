@@ -54,9 +54,24 @@ def _one_user_manager(username: str, password: str) -> Any:
 
 
 async def make_server(opcua: OpcuaSettings) -> Any:
-    """An initialised asyncua Server with the configured endpoint, security and users."""
+    """An initialised asyncua Server with the configured endpoint, security and users. The certificate and
+    key are read first, so that one that cannot be read fails before the slow part (asyncua's standard
+    address space)."""
     from asyncua import Server, ua
+    from asyncua.crypto import uacrypto
 
+    keys = {}
+    for key, load in (("certificate", uacrypto.load_certificate), ("private_key", uacrypto.load_private_key)):
+        path = getattr(opcua, key)
+        if not path:
+            continue
+        try:
+            keys[key] = await load(Path(path).expanduser())
+        except OSError as exc:
+            raise ConfigError(f"opcua.{key} {path}: {exc.strerror or exc}") from None
+        except (ValueError, TypeError) as exc:
+            form = "PEM" if Path(path).suffix == ".pem" else "DER (a name ending .pem is read as PEM)"
+            raise ConfigError(f"opcua.{key} {path}: not a {key.replace('_', ' ')} in {form}: {exc}") from None
     user_manager = None
     if opcua.username:
         user_manager = _one_user_manager(opcua.username, opcua.password.get_secret_value())
@@ -69,16 +84,8 @@ async def make_server(opcua: OpcuaSettings) -> Any:
                 "sign_and_encrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt}
     server.set_security_policy([policies[mode] for mode in opcua.security])
     server.set_identity_tokens([ua.UserNameIdentityToken] if opcua.username else [ua.AnonymousIdentityToken])
-    for key, load in (("certificate", server.load_certificate), ("private_key", server.load_private_key)):
-        path = getattr(opcua, key)
-        if not path:
-            continue
-        try:
-            await load(Path(path).expanduser())
-        except OSError as exc:
-            raise ConfigError(f"opcua.{key} {path}: {exc.strerror or exc}") from None
-        except ValueError as exc:
-            raise ConfigError(f"opcua.{key} {path}: not a {key.replace('_', ' ')} asyncua can read ({exc})") from None
+    if keys:
+        server.iserver.certificate, server.iserver.private_key = keys["certificate"], keys["private_key"]
     return server
 
 
