@@ -336,7 +336,8 @@ def test_an_mqtt_user_without_write_on_amq_topic_subscribes_but_cannot_publish_a
         while not granted and time.monotonic() < deadline:
             time.sleep(0.05)
         assert granted and not granted[0].is_failure, granted  # it may subscribe
-        reader.publish("fail/line7/cam1", b'{"forged": true}', qos=1)
+        # QoS 0: the broker refuses it (and closes the connection), and paho holds no unacknowledged message
+        reader.publish("fail/line7/cam1", b'{"forged": true}', qos=0)
         time.sleep(1.5)
         assert watcher.received == []  # and its publish reaches nobody
         with pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", mqtt_node.port)) as connection:
@@ -346,5 +347,6 @@ def test_an_mqtt_user_without_write_on_amq_topic_subscribes_but_cannot_publish_a
             time.sleep(0.05)
         assert watcher.received == [("fail/line7/cam1", b"{}")]
     finally:
+        reader.disconnect()
         reader.loop_stop()
         watcher.close()

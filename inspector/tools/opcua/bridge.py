@@ -111,11 +111,14 @@ async def _serve(settings: Settings) -> None:
     for source, state in board.sources.items():
         await namespace.add_source(source, state)
 
-    feed = ResultFeed(
-        settings,
-        deliver=lambda body, ack: loop.call_soon_threadsafe(inbox.put_nowait, ("result", body, ack)),
-        connected=lambda up: loop.call_soon_threadsafe(inbox.put_nowait, ("connected", up)),
-    )
+    def post(item: tuple) -> None:
+        """From the feed's thread; after the loop has closed (a stop that outlasted the join) nothing is left
+        to tell."""
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+    feed = ResultFeed(settings, deliver=lambda body, ack: post(("result", body, ack)),
+                      connected=lambda up: post(("connected", up)))
     chatter.setLevel(logging.CRITICAL)  # a port in use: asyncua logs a traceback, the error below says it all
     try:
         await server.start()
