@@ -175,7 +175,8 @@ def main() -> int:
         exchanges = "\n".join(f'{e} = "{prefix}.{e}"' for e in EXCHANGES)
         endpoint = f"opc.tcp://127.0.0.1:{free_port()}/inspector"
         path = work / "inspector.toml"
-        path.write_text(f'device = "cpu"\n[store]\npath = "{store}"\n[broker]\nurl = "{amqp_url.replace("guest:guest@", "guest@")}"\n'
+        broker_url = amqp_url.replace("guest:guest@", "guest@")  # the password is never in the file
+        path.write_text(f'device = "cpu"\n[store]\npath = "{store}"\n[broker]\nurl = "{broker_url}"\n'
                         f'[broker.exchanges]\n{exchanges}\n[worker]\nqueue = "{prefix}.q"\n'
                         f'dead_letter_queue = "{prefix}.dead"\n[metrics]\nenabled = false\n'
                         f'[opcua]\nendpoint = "{endpoint}"\nsources = [{{line = "{LINE}", camera = "{CAMERA}"}}]\n')

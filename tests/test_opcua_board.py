@@ -21,7 +21,8 @@ def _result(kind: str = "pass", line: str = "line1", camera: str = "cam1", frame
                       content_type="image/png", headers={}, body=b"", redelivered=False,
                       captured_at=datetime(2026, 11, 28, 10, 15, 1, 120000, tzinfo=timezone.utc))
     if kind == "error":
-        body = result_body(capture, verdict="error", error=("empty_body", "empty"), inspected_at="2026-11-28T10:15:02.000Z")
+        body = result_body(capture, verdict="error", error=("empty_body", "empty"),
+                           inspected_at="2026-11-28T10:15:02.000Z")
     else:
         body = result_body(capture, verdict=kind, probability=0.9 if kind == "fail" else 0.1, score=1.0,
                            threshold=0.5, model={"name": "default", "version": "20261128T101500Z-3f9c2a"},

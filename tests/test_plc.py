@@ -34,7 +34,8 @@ CRACK = encoded(samples.make_images(4, defective=True, seed=11, size=SIZE)[3], "
 
 
 def _frames(plan: list[tuple[str, bytes]]) -> list[tuple[str, bytes, dict]]:
-    return [(key, body, {"content_type": "image/png", "message_id": f"{key}-{i}"}) for i, (key, body) in enumerate(plan)]
+    return [(key, body, {"content_type": "image/png", "message_id": f"{key}-{i}"})
+            for i, (key, body) in enumerate(plan)]
 
 
 # -- MQTT, through RabbitMQ's plugin -----------------------------------------------------------
@@ -302,7 +303,8 @@ def test_an_opcua_client_reads_and_subscribes_to_what_a_real_worker_published(fi
 
     changes: Changes = seen["changes"]
     line1 = [b for b in bodies if (b["line_id"], b["camera_id"]) == ("line1", "cam1")]
-    assert [value for value, _ in changes.of("Lines/line1/cam1/FrameId")][-len(line1):] == [b["frame_id"] for b in line1]
+    frame_ids = [value for value, _ in changes.of("Lines/line1/cam1/FrameId")]
+    assert frame_ids[-len(line1):] == [b["frame_id"] for b in line1]  # every one, in order
     rejects = [(value, at) for value, at in changes.of("Lines/line1/cam1/Reject")]
     assert [value for value, _ in rejects] == [False, True, False]  # the initial value, then one pulse
     held = rejects[2][1] - rejects[1][1]
