@@ -144,7 +144,8 @@ def test_each_unit_is_hardened_and_takes_the_password_from_an_environment_file(n
 def test_only_refit_may_write_the_store_the_shipped_configuration_names():
     settings = config.load(SYSTEMD / "inspector.toml")
     store = Path(settings.store.path)
-    assert not values("inspector.service", "ReadWritePaths") and not values("inspector.service", "StateDirectory")
+    assert not values("inspector.service", "ReadWritePaths")
+    assert values("inspector.service", "StateDirectory") == ["inspector/evidence"], "its archive, not the store"
     writable = [Path(p.lstrip("-")) for p in values("inspector-refit@.service", "ReadWritePaths")]
     assert any(store == path or path in store.parents for path in writable), (store, writable)
     assert one("inspector-refit@.service", "ExecStart").startswith(f"{INSTALLED_BINARY} refit --model %i ")
