@@ -176,3 +176,45 @@ def test_promtool_accepts_the_prometheus_configuration_with_the_rules_where_comp
     jobs = {job["job_name"]: job for job in scrape}
     assert jobs["inspector"]["dns_sd_configs"][0]["names"] == ["worker"]
     assert jobs["rabbitmq"]["static_configs"][0]["targets"] == ["rabbitmq:15692"]
+
+
+# -- the admin surfaces ----------------------------------------------------------------------------------
+
+CAMERA_PORTS = {5672}  # the cameras publish from the plant's network: the one port open on every interface
+
+
+def published(spec: dict) -> list[tuple[str, int]]:
+    """(host address, container port) of each published port, `${VAR:-default}` read at its default;
+    a port without an address is published on every interface, 0.0.0.0."""
+    found = []
+    for entry in spec.get("ports", []):
+        text = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(entry))
+        parts = text.split(":")
+        address = ":".join(parts[:-2]) if len(parts) > 2 else "0.0.0.0"
+        found.append((address, int(parts[-1].split("/")[0])))
+    return found
+
+
+def test_only_the_camera_port_is_published_beyond_this_host():
+    every = [(name, address, port) for name, spec in compose()["services"].items()
+             for address, port in published(spec)]
+    assert {port for _, _, port in every} >= {5672, 15672, 9090, 3000}
+    for name, address, port in every:
+        if port in CAMERA_PORTS:
+            continue
+        assert address == "127.0.0.1", f"{name} publishes its admin port {port} on {address}"
+
+
+def test_prometheus_cannot_be_stopped_or_changed_over_http():
+    assert not [flag for flag in service("prometheus")["command"]
+                if flag.startswith(("--web.enable-lifecycle", "--web.enable-admin-api"))]
+
+
+def test_grafana_has_no_anonymous_access_and_no_default_admin_password():
+    environment = service("grafana")["environment"]
+    assert str(environment.get("GF_AUTH_ANONYMOUS_ENABLED", "false")).lower() == "false"
+    password = environment.get("GF_SECURITY_ADMIN_PASSWORD", "")
+    from_file = environment.get("GF_SECURITY_ADMIN_PASSWORD__FILE", "")
+    assert password.startswith("${GRAFANA_ADMIN_PASSWORD:?") or from_file.startswith("/run/secrets/"), (
+        "without it Grafana's admin password is admin")
+    assert str(environment.get("GF_USERS_ALLOW_SIGN_UP", "false")).lower() == "false"
