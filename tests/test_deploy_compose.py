@@ -218,3 +218,38 @@ def test_grafana_has_no_anonymous_access_and_no_default_admin_password():
     assert password.startswith("${GRAFANA_ADMIN_PASSWORD:?") or from_file.startswith("/run/secrets/"), (
         "without it Grafana's admin password is admin")
     assert str(environment.get("GF_USERS_ALLOW_SIGN_UP", "false")).lower() == "false"
+
+
+# -- the GPU override ----------------------------------------------------------------------------------
+
+GPU_OVERRIDE = COMPOSE_DIR / "compose.gpu.yaml"
+
+
+def merged(base: dict, override: dict) -> dict:
+    """Compose's merge of an override file for what the override uses: mappings merge key by key, a
+    scalar replaces (the Compose Specification, "Merge and override")."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+@needs_check_jsonschema
+def test_the_gpu_override_follows_the_compose_specification_schema():
+    result = validate(GPU_OVERRIDE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_gpu_override_gives_each_worker_a_gpu_the_cuda_image_and_keeps_the_rest():
+    base, override = compose(), yaml.safe_load(GPU_OVERRIDE.read_text())
+    assert set(override["services"]) == {"worker"}
+    worker = merged(base["services"]["worker"], override["services"]["worker"])
+    assert worker["image"].endswith("-cuda") and worker["build"]["args"]["TORCH_VARIANT"].startswith("cu")
+    assert worker["build"]["dockerfile"] == base["services"]["worker"]["build"]["dockerfile"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    assert worker["environment"]["INSPECTOR_DEVICE"] == "cuda"
+    assert worker["environment"]["INSPECTOR_BROKER__PASSWORD"].startswith("${RABBITMQ_PASSWORD:?")
+    assert worker["read_only"] is True and worker["volumes"] == base["services"]["worker"]["volumes"]
+    gpu_args = re.search(r"--build-arg TORCH_VARIANT=(\S+)", (ROOT / "deploy/docker/Dockerfile").read_text())
+    assert worker["build"]["args"]["TORCH_VARIANT"] == gpu_args.group(1), "the CUDA build the Dockerfile names"
