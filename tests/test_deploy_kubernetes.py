@@ -103,13 +103,28 @@ def all_objects() -> list[dict]:
     return [document for _, document in manifests()]
 
 
+BASE = KUBERNETES / "base"
+
+
+def kustomization(folder: Path = BASE) -> dict:
+    return yaml.safe_load((folder / "kustomization.yaml").read_text())
+
+
 def worker_config() -> dict:
-    configmap = by_kind(all_objects(), "ConfigMap")
-    return tomllib.loads(configmap["data"]["inspector.toml"])
+    """The workers' configuration: the file the base kustomization's configMapGenerator makes its ConfigMap of."""
+    (generator,) = kustomization()["configMapGenerator"]
+    (name,) = generator["files"]
+    return tomllib.loads((BASE / name).read_text())
 
 
-def container(deployment: dict) -> dict:
-    (only,) = deployment["spec"]["template"]["spec"]["containers"]
+def pod_spec(document: dict) -> dict:
+    """The pod template's spec of a Deployment, a Job or a CronJob."""
+    spec = document["spec"]["jobTemplate"]["spec"] if document["kind"] == "CronJob" else document["spec"]
+    return spec["template"]["spec"]
+
+
+def container(document: dict) -> dict:
+    (only,) = pod_spec(document)["containers"]
     return only
 
 
@@ -123,7 +138,7 @@ def env(spec: dict) -> dict[str, dict]:
 def test_every_manifest_validates_against_its_schema():
     found = manifests()
     kinds = {document["kind"] for _, document in found}
-    assert {"Deployment", "ConfigMap", "Secret", "PodDisruptionBudget", "Job", "ScaledObject",
+    assert {"Deployment", "Secret", "PodDisruptionBudget", "CronJob", "ScaledObject",
             "TriggerAuthentication", "PersistentVolumeClaim"} <= kinds
     failures = [f"{path} {document['kind']}: {problem}" for path, document in found for problem in problems(document)]
     assert not failures, "\n".join(failures)
@@ -161,7 +176,7 @@ def test_each_kustomization_builds_and_its_output_validates(overlay):
     failures = [f"{d['kind']} {d['metadata']['name']}: {p}" for d in built for p in problems(d)]
     assert not failures, "\n".join(failures)
     assert {d["kind"] for d in built} == {"Namespace", "ConfigMap", "PersistentVolumeClaim", "Deployment",
-                                          "PodDisruptionBudget", "ScaledObject", "TriggerAuthentication"}
+                                          "PodDisruptionBudget", "ScaledObject", "TriggerAuthentication", "CronJob"}
     for document in built:
         if document["kind"] != "Namespace":
             assert document["metadata"]["namespace"] == "inspector", document["kind"]
@@ -206,9 +221,9 @@ def test_the_worker_pods_probe_health_readiness_and_the_start_and_outlast_the_gr
 def test_the_worker_pods_run_unprivileged_on_a_read_only_root_with_the_writable_paths_as_volumes():
     dockerfile_user = re.search(r"^USER (\d+)", (ROOT / "deploy/docker/Dockerfile").read_text(), re.MULTILINE)
     for document in all_objects():
-        if document["kind"] not in ("Deployment", "Job"):
+        if document["kind"] not in ("Deployment", "CronJob"):
             continue
-        pod = document["spec"]["template"]["spec"]
+        pod = pod_spec(document)
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["runAsUser"] == int(dockerfile_user.group(1)), "the image's own user"
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -226,26 +241,26 @@ def test_the_worker_pods_run_unprivileged_on_a_read_only_root_with_the_writable_
 def test_the_worker_and_the_refit_share_the_configuration_the_store_and_the_secret():
     objects = all_objects()
     config = worker_config()
-    configmap = by_kind(objects, "ConfigMap")
+    (generator,) = kustomization()["configMapGenerator"]
     secret = by_kind(objects, "Secret")
     store = config["store"]["path"]
-    for kind, writes in (("Deployment", False), ("Job", True)):
+    for kind, writes in (("Deployment", False), ("CronJob", True)):
         document = by_kind(objects, kind)
-        pod, main = document["spec"]["template"]["spec"], container(document)
+        pod, main = pod_spec(document), container(document)
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
         named = Path(env(main)["INSPECTOR_CONFIG"]["value"])
-        assert volumes[mounts[str(named.parent)]["name"]]["configMap"]["name"] == configmap["metadata"]["name"]
-        assert named.name in configmap["data"]
+        assert volumes[mounts[str(named.parent)]["name"]]["configMap"]["name"] == generator["name"]
+        assert named.name in generator["files"]
         claim = volumes[mounts[store]["name"]]["persistentVolumeClaim"]
         assert claim["claimName"] == by_kind(objects, "PersistentVolumeClaim")["metadata"]["name"]
         assert mounts[store].get("readOnly", False) is not writes, f"{kind}: only the refit writes the store"
         password = env(main)["INSPECTOR_BROKER__PASSWORD"]["valueFrom"]["secretKeyRef"]
         assert password["name"] == secret["metadata"]["name"] and password["key"] in secret["stringData"]
     assert "ReadWriteMany" in by_kind(objects, "PersistentVolumeClaim")["spec"]["accessModes"]
-    job = by_kind(objects, "Job")
-    assert job["metadata"]["generateName"] and "name" not in job["metadata"]
-    assert container(job)["args"][:3] == ["refit", "--data", "/archive"]
+    refit = by_kind(objects, "CronJob")
+    assert refit["spec"]["suspend"] is True, "a template for `kubectl create job --from=cronjob/...`, never run by itself"
+    assert container(refit)["args"][:3] == ["refit", "--data", "/archive"]
 
 
 def test_the_secret_is_a_placeholder_kept_out_of_the_kustomization():
@@ -294,3 +309,32 @@ def test_no_shipped_file_promises_a_later_issue():
              if path.is_file() and path.suffix in {".yaml", ".yml", ".toml", ".service", ".md", ""}
              and "later issue" in path.read_text(errors="replace")]
     assert not stale, stale
+
+
+@needs_kustomize
+def test_a_configuration_change_rolls_the_workers_and_the_refit_takes_the_same_image(tmp_path):
+    """The ConfigMap's name carries a hash of its content and the pods name it, so a changed configuration
+    is a changed pod template (a rollout); the refit CronJob is in the kustomization, so `images:` and the
+    generated name reach it as they reach the workers."""
+    copy = tmp_path / "base"
+    shutil.copytree(BASE, copy)
+
+    def names_and_images() -> tuple[str, set[str], set[str]]:
+        built = build(copy)
+        configmap = by_kind(built, "ConfigMap")["metadata"]["name"]
+        used = {v["configMap"]["name"] for kind in ("Deployment", "CronJob")
+                for v in pod_spec(by_kind(built, kind))["volumes"] if "configMap" in v}
+        images = {container(by_kind(built, kind))["image"] for kind in ("Deployment", "CronJob")}
+        return configmap, used, images
+
+    before, used, images = names_and_images()
+    assert used == {before} and before.startswith("inspector-config-")
+    assert len(images) == 1, f"the workers and the refit run different images: {images}"
+    toml = (copy / "inspector.toml").read_text()
+    assert "[worker]\n" in toml
+    (copy / "inspector.toml").write_text(toml.replace("[worker]\n", "[worker]\nprefetch = 32\n"))
+    text = (copy / "kustomization.yaml").read_text()
+    (copy / "kustomization.yaml").write_text(text.replace("newName: inspector ", "newName: registry.example.com/inspector "))
+    after, used, images = names_and_images()
+    assert after != before and used == {after}, "the pods name the new ConfigMap: a rollout"
+    assert images == {"registry.example.com/inspector:0.1.0"}

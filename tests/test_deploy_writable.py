@@ -138,14 +138,15 @@ def quantity(text: str) -> int:
 def test_kubernetes_the_workers_write_their_evidence_archive_on_a_volume_larger_than_its_cap():
     objects = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "base" / "deployment.yaml")
                                                         .read_text()) if d}
-    configmap = yaml.safe_load((DEPLOY / "kubernetes" / "base" / "configmap.yaml").read_text())
+    (generator,) = yaml.safe_load((DEPLOY / "kubernetes" / "base" / "kustomization.yaml").read_text())[
+        "configMapGenerator"]
     pod = objects["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
     writable = {PurePosixPath(m["mountPath"]): volumes[m["name"]] for m in container["volumeMounts"]
                 if not m.get("readOnly") and not {"configMap", "secret"} & set(volumes[m["name"]])}
-    settings = shipped(configmap["data"]["inspector.toml"])
+    settings = shipped((DEPLOY / "kubernetes" / "base" / generator["files"][0]).read_text())
     evidence = resolved(settings.evidence.path, container.get("workingDir", "/var/lib/inspector"))
     (mount,) = [target for target in writable if evidence == target or target in evidence.parents] or [None]
     assert mount is not None, f"evidence.path {evidence} is on the read-only root ({sorted(writable)})"
