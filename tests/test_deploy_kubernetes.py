@@ -30,7 +30,8 @@ SCHEMAS = KUBERNETES / "schemas"
 # The oldest Kubernetes still in wide use and the newest kubernetes-validate knows.
 VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 CUSTOM = {("keda.sh/v1alpha1", "ScaledObject"): "keda-scaledobject.schema.json",
-          ("keda.sh/v1alpha1", "TriggerAuthentication"): "keda-triggerauthentication.schema.json"}
+          ("keda.sh/v1alpha1", "TriggerAuthentication"): "keda-triggerauthentication.schema.json",
+          ("monitoring.coreos.com/v1", "PodMonitor"): "prometheus-podmonitor.schema.json"}
 
 
 def _kustomize() -> list[str] | None:
@@ -154,6 +155,7 @@ def test_every_manifest_validates_against_its_schema():
     ("ScaledObject", lambda d: d["spec"]["scaleTargetRef"].pop("name"), "'name' is a required property"),
     ("ScaledObject", lambda d: d["spec"]["triggers"][0]["metadata"].update(mode="Length"), "is not one of"),
     ("TriggerAuthentication", lambda d: d["spec"]["secretTargetRef"][0].pop("key"), "'key' is a required property"),
+    ("PodMonitor", lambda d: d["spec"].update(podMetricEndpoints=[]), "'podMetricEndpoints' was unexpected"),
 ])
 def test_the_schemas_catch_manifests_broken_on_purpose(kind, breaks, expected):
     document = json.loads(json.dumps(by_kind(all_objects(), kind)))
@@ -338,3 +340,19 @@ def test_a_configuration_change_rolls_the_workers_and_the_refit_takes_the_same_i
     after, used, images = names_and_images()
     assert after != before and used == {after}, "the pods name the new ConfigMap: a rollout"
     assert images == {"registry.example.com/inspector:0.1.0"}
+
+
+def test_the_pod_monitor_scrapes_the_workers_metrics_port_into_the_job_the_rules_select():
+    objects = all_objects()
+    monitor = by_kind(objects, "PodMonitor")
+    deployment = by_kind(objects, "Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
+    assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+    assert {"action": "replace", "targetLabel": "job", "replacement": "inspector"} in endpoint["relabelings"]
+    rules = (ROOT / "deploy" / "prometheus" / "inspector-rules.yml").read_text()
+    assert 'job="inspector"' in rules, "the job the rules select is the one the PodMonitor sets"
+    for kustomization_file in KUBERNETES.rglob("kustomization.yaml"):
+        assert "podmonitor" not in kustomization_file.read_text().lower(), "a cluster without the CRD fails apply -k"
