@@ -22,8 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from inspector.devices import DEVICE_PATTERN
 from inspector import secretfiles
+from inspector.devices import DEVICE_PATTERN
 from inspector.errors import ConfigError, PluginError
 from inspector.topics import check_pattern
 
