@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from inspector import secretfiles
 from inspector.devices import DEVICE_PATTERN
 from inspector.errors import ConfigError, PluginError
 from inspector.topics import check_pattern
@@ -355,7 +356,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The file's values arrive as init arguments; the environment overrides them.
+        # The file's values arrive as init arguments; the environment overrides them. The file forms of
+        # secrets (INSPECTOR_BROKER__PASSWORD_FILE) are read by `load` and arrive with the file's values.
+        if hasattr(env_settings, "env_vars"):
+            env_settings.env_vars = {name: value for name, value in env_settings.env_vars.items()
+                                     if not secretfiles.is_secret_file_variable(name, ENV_PREFIX, ENV_DELIMITER)}
         return (env_settings, init_settings)
 
     def plugin_settings(self, plugin: str) -> BaseModel:
@@ -484,6 +489,9 @@ def load(path: Path | str | None = None, *, check_plugins: bool = True) -> Setti
         data = _read_toml(Path(path).expanduser())
     _check_environment(os.environ)
     _check_no_secrets_in_file(data)
+    for (section, key), secret in secretfiles.setting_secret_files(os.environ, ENV_PREFIX, ENV_DELIMITER).items():
+        table = data.get(section, {})
+        data = {**data, section: {**table, key: secret} if isinstance(table, Mapping) else table}
     try:
         settings = Settings(**data)
     except ValidationError as exc:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from inspector import secretfiles
 from inspector.errors import ConfigError, StateError, StoreUnavailable, VersionIncomplete
 from inspector.store import (
     CURRENT,
@@ -429,4 +430,4 @@ def make_client() -> Any:
     except ImportError:
         raise ConfigError("store.path is an s3:// URL, but boto3 is not installed: pip install boto3") from None
     config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
-    return boto3.client("s3", config=config)
+    return boto3.client("s3", config=config, **secretfiles.aws_credentials(os.environ))

@@ -34,8 +34,8 @@ def _free_port_pair() -> int:
 class SeaweedS3:
     """`weed server` with master, volume, filer and S3 gateway; `endpoint` is the S3 URL."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, options: tuple[str, ...] = ()) -> None:
+        self.folder, self.options = folder, options
         self.ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.process: subprocess.Popen | None = None
@@ -50,7 +50,7 @@ class SeaweedS3:
              f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
              f"-filer.port={self.ports['filer']}", "-s3", f"-s3.port={self.ports['s3']}",
              "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port.grpc={_free_port_pair()}",
-             "-volume.max=20", "-master.volumeSizeLimitMB=64"],
+             "-volume.max=20", "-master.volumeSizeLimitMB=64", *self.options],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + timeout

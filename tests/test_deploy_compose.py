@@ -187,3 +187,80 @@ def test_the_opcua_bridge_serves_on_the_port_compose_publishes_once_the_broker_i
     assert f"{port}:{port}" in bridge["ports"] and endpoint.startswith("opc.tcp://0.0.0.0:")
     assert bridge["depends_on"]["rabbitmq-policy"]["condition"] == "service_completed_successfully"
     assert bridge["stop_signal"] == "SIGTERM" and bridge["init"] is True and bridge["read_only"] is True
+
+
+# -- the admin surfaces ----------------------------------------------------------------------------------
+
+LINE_PORTS = {5672, 1883, 4840}  # cameras (AMQP) and the line's controllers (MQTT, OPC UA): open on every interface
+
+
+def published(spec: dict) -> list[tuple[str, int]]:
+    """(host address, container port) of each published port, `${VAR:-default}` read at its default;
+    a port without an address is published on every interface, 0.0.0.0."""
+    found = []
+    for entry in spec.get("ports", []):
+        text = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(entry))
+        parts = text.split(":")
+        address = ":".join(parts[:-2]) if len(parts) > 2 else "0.0.0.0"
+        found.append((address, int(parts[-1].split("/")[0])))
+    return found
+
+
+def test_only_the_line_facing_ports_are_published_beyond_this_host():
+    every = [(name, address, port) for name, spec in compose()["services"].items()
+             for address, port in published(spec)]
+    assert {port for _, _, port in every} >= {5672, 15672, 9090, 3000}
+    for name, address, port in every:
+        if port in LINE_PORTS:
+            continue
+        assert address == "127.0.0.1", f"{name} publishes its admin port {port} on {address}"
+
+
+def test_prometheus_cannot_be_stopped_or_changed_over_http():
+    assert not [flag for flag in service("prometheus")["command"]
+                if flag.startswith(("--web.enable-lifecycle", "--web.enable-admin-api"))]
+
+
+def test_grafana_has_no_anonymous_access_and_no_default_admin_password():
+    environment = service("grafana")["environment"]
+    assert str(environment.get("GF_AUTH_ANONYMOUS_ENABLED", "false")).lower() == "false"
+    password = environment.get("GF_SECURITY_ADMIN_PASSWORD", "")
+    from_file = environment.get("GF_SECURITY_ADMIN_PASSWORD__FILE", "")
+    assert password.startswith("${GRAFANA_ADMIN_PASSWORD:?") or from_file.startswith("/run/secrets/"), (
+        "without it Grafana's admin password is admin")
+    assert str(environment.get("GF_USERS_ALLOW_SIGN_UP", "false")).lower() == "false"
+
+
+# -- the GPU override ----------------------------------------------------------------------------------
+
+GPU_OVERRIDE = COMPOSE_DIR / "compose.gpu.yaml"
+
+
+def merged(base: dict, override: dict) -> dict:
+    """Compose's merge of an override file for what the override uses: mappings merge key by key, a
+    scalar replaces (the Compose Specification, "Merge and override")."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+@needs_check_jsonschema
+def test_the_gpu_override_follows_the_compose_specification_schema():
+    result = validate(GPU_OVERRIDE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_gpu_override_gives_each_worker_a_gpu_the_cuda_image_and_keeps_the_rest():
+    base, override = compose(), yaml.safe_load(GPU_OVERRIDE.read_text())
+    assert set(override["services"]) == {"worker"}
+    worker = merged(base["services"]["worker"], override["services"]["worker"])
+    assert worker["image"].endswith("-cuda") and worker["build"]["args"]["TORCH_VARIANT"].startswith("cu")
+    assert worker["build"]["dockerfile"] == base["services"]["worker"]["build"]["dockerfile"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    assert worker["environment"]["INSPECTOR_DEVICE"] == "cuda"
+    assert worker["environment"]["INSPECTOR_BROKER__PASSWORD"].startswith("${RABBITMQ_PASSWORD:?")
+    assert worker["read_only"] is True and worker["volumes"] == base["services"]["worker"]["volumes"]
+    gpu_args = re.search(r"--build-arg TORCH_VARIANT=(\S+)", (ROOT / "deploy/docker/Dockerfile").read_text())
+    assert worker["build"]["args"]["TORCH_VARIANT"] == gpu_args.group(1), "the CUDA build the Dockerfile names"

@@ -93,7 +93,8 @@ def test_inspector_config_is_not_taken_for_an_unknown_key(tmp_path, monkeypatch)
 
 
 def shipped_configurations() -> list[tuple[str, str]]:
-    """(where, TOML text) of every worker configuration under deploy/: files, and the Kubernetes ConfigMap's."""
+    """(where, TOML text) of every worker configuration under deploy/: files (the Kubernetes one is made a
+    ConfigMap by its kustomization), and any ConfigMap written out in YAML."""
     found = [(str(path.relative_to(ROOT)), path.read_text()) for path in sorted(DEPLOY.rglob("*.toml"))]
     for path in sorted((DEPLOY / "kubernetes").rglob("*.yaml")):
         for document in yaml.safe_load_all(path.read_text()):

@@ -145,10 +145,35 @@ def test_each_unit_is_hardened_and_takes_the_password_from_an_environment_file(n
 def test_only_refit_may_write_the_store_the_shipped_configuration_names():
     settings = config.load(SYSTEMD / "inspector.toml")
     store = Path(settings.store.path)
-    assert not values("inspector.service", "ReadWritePaths") and not values("inspector.service", "StateDirectory")
+    assert not values("inspector.service", "ReadWritePaths")
+    assert values("inspector.service", "StateDirectory") == ["inspector/evidence"], "its archive, not the store"
     writable = [Path(p.lstrip("-")) for p in values("inspector-refit@.service", "ReadWritePaths")]
     assert any(store == path or path in store.parents for path in writable), (store, writable)
     assert one("inspector-refit@.service", "ExecStart").startswith(f"{INSTALLED_BINARY} refit --model %i ")
+
+
+def test_a_configuration_error_is_not_restarted_like_a_crash():
+    """Exit 2 (ConfigError: bad settings, a refused login) comes back at every restart; exit 1 may mend."""
+    from inspector.errors import ConfigError
+
+    assert str(ConfigError.exit_code) in one("inspector.service", "RestartPreventExitStatus").split()
+    assert "1" not in one("inspector.service", "RestartPreventExitStatus").split()
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_a_path_the_unit_does_not_create_may_be_missing(name):
+    """systemd sets up the mount namespace before the command runs: a ReadOnlyPaths=, ReadWritePaths= or
+    InaccessiblePaths= folder that does not exist fails the unit with 226/NAMESPACE unless it starts with
+    "-". Only the folders the unit's own *Directory= settings create are sure to exist."""
+    created = [Path(base) / word for key, base in (("StateDirectory", "/var/lib"), ("CacheDirectory", "/var/cache"),
+                                                   ("LogsDirectory", "/var/log"), ("RuntimeDirectory", "/run"))
+               for value in values(name, key) for word in value.split()]
+    for key in ("ReadOnlyPaths", "ReadWritePaths", "InaccessiblePaths"):
+        for value in values(name, key):
+            for word in value.split():
+                path = Path(word.lstrip("+"))
+                sure = any(path == folder or folder in path.parents for folder in created)
+                assert word.startswith("-") or sure, f"{name}: {key}={word} fails the unit where it is missing"
 
 
 def test_the_environment_file_example_holds_a_placeholder_only():

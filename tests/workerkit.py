@@ -237,3 +237,8 @@ class SecondBroker:
     def stop(self) -> None:
         subprocess.run(["rabbitmqctl", "-n", self.node, "stop"], env=self._environment(), capture_output=True,
                        timeout=60)
+
+    def ctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """`rabbitmqctl -n <this node> args...`, with this node's environment (and so its Erlang cookie)."""
+        return subprocess.run(["rabbitmqctl", "-n", self.node, *args], env=self._environment(), capture_output=True,
+                              text=True, timeout=timeout)

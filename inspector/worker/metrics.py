@@ -39,6 +39,7 @@ import inspector
 from inspector.config import MetricsSettings, Settings
 from inspector.errors import FRAME_ERROR_CODES, ConfigError
 from inspector.messages import SOURCE_ID_MAX_BYTES, clean_id
+from inspector.worker.memlimit import memory_limit_bytes
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,30 @@ class GpuMemoryCollector:
                     family.add_metric([f"cuda:{index}"], float(torch.cuda.memory_allocated(index)))
         except Exception:
             self._throttle.warning("gpu", "metrics: reading GPU memory failed")
+        return [family]
+
+
+class MemoryLimitCollector:
+    """`inspector_memory_limit_bytes`: the memory the kernel lets the worker hold (cgroup v2 `memory.max`),
+    read at scrape time; no series where nothing limits it, so an alert on a share of it cannot misfire."""
+
+    NAME = "inspector_memory_limit_bytes"
+    HELP = "The worker's memory limit in bytes (cgroup v2 memory.max along its cgroup); absent when unlimited."
+
+    def __init__(self, throttle: _Throttle, read: Callable[[], int | None] = memory_limit_bytes) -> None:
+        self._throttle, self._read = throttle, read
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(self.NAME, self.HELP)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.HELP)
+        try:
+            limit = self._read()
+            if limit is not None:
+                family.add_metric([], float(limit))
+        except Exception:  # noqa: BLE001 - a scrape must still answer
+            self._throttle.warning("memory-limit", "metrics: reading the cgroup memory limit failed")
         return [family]
 
 
@@ -354,6 +379,8 @@ class Metrics:
             "inspector_evidence_queue_depth", "Frames waiting to be written to the evidence archive.", registry=r
         )
         r.register(GpuMemoryCollector(self.throttle))
+        self.memory_limit = MemoryLimitCollector(self.throttle)
+        r.register(self.memory_limit)
         r.register(ThreadStallCollector(self))
         register_runtime_collectors(r)
 
