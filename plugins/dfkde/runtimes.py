@@ -74,6 +74,7 @@ def _openvino_capabilities() -> list[str]:
 
 
 _runners: OrderedDict[tuple, Runner] = OrderedDict()
+_graphs: dict[tuple, bytes] = {}
 _lock = threading.Lock()
 
 
@@ -85,7 +86,10 @@ def runner_for(extractor: torch.nn.Module, key: tuple, runtime: str, precision: 
         if full_key in _runners:
             _runners.move_to_end(full_key)
             return _runners[full_key]
-        graph = export_onnx(extractor, input_size)
+        graph_key = (*key, input_size)
+        graph = _graphs.get(graph_key) or export_onnx(extractor, input_size)
+        _graphs.clear()  # the last export only, for the other runtime of the same backbone (a comparison)
+        _graphs[graph_key] = graph
         build = _onnxruntime if runtime == "onnxruntime" else _openvino
         runner = build(graph, precision, torch.get_num_threads())
         _runners[full_key] = runner
