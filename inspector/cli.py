@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plugin", metavar="NAME",
                        help="score with this plugin instead of the default model's; `null` (a fixed score, no work) "
                        "measures the frame path's own ceiling")
+    bench.add_argument("--runtime", metavar="LIST",
+                       help="comma list of backbone runtimes (torch, onnxruntime, openvino): the whole bench once "
+                       "per runtime, then their raw and whole-path rates side by side (default: the configured one)")
     bench.set_defaults(func=_cmd_bench)
 
     config = commands.add_parser("config", help="check the configuration and print it as JSON")
@@ -491,6 +494,17 @@ def _cmd_bench(settings, args) -> int:
         frames=args.frames, half_load_s=args.half_load_s, batch_size=args.batch_size, device=args.device,
         skip_broker=args.skip_broker, plugin=args.plugin,
     )
+    if args.runtime:
+        from inspector.tools.bench import runtimes
+
+        reports = runtimes.run_runtimes(settings, options, [r.strip() for r in args.runtime.split(",") if r.strip()])
+        print(json.dumps(runtimes.summary(reports), indent=2, allow_nan=False) if args.json
+              else runtimes.table(reports))
+        lost = sum(report.frames_lost for report in reports)
+        if lost:
+            print(f"inspector: error: {lost} frames were missing, duplicated or answered with an error",
+                  file=sys.stderr)
+        return 1 if lost else 0
     report = run_bench(settings, options)
     print(json.dumps(report.as_dict(), indent=2, allow_nan=False) if args.json else report.table())
     if report.frames_lost:

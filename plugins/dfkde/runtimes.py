@@ -121,6 +121,8 @@ def _onnxruntime(graph: bytes, precision: str, threads: int) -> Runner:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    # no spinning between calls: the decode pool needs those cores while a batch is being gathered
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
     def run(batch: torch.Tensor) -> list[torch.Tensor]:  # InferenceSession.run is thread safe
