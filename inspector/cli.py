@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runtime", metavar="LIST",
                        help="comma list of backbone runtimes (torch, onnxruntime, openvino): the whole bench once "
                        "per runtime, then their raw and whole-path rates side by side (default: the configured one)")
+    bench.add_argument("--rounds", type=int, default=1, metavar="N",
+                       help="with --runtime: the runtimes take turns N times; the medians are compared (default 1)")
     bench.set_defaults(func=_cmd_bench)
 
     config = commands.add_parser("config", help="check the configuration and print it as JSON")
@@ -497,10 +499,11 @@ def _cmd_bench(settings, args) -> int:
     if args.runtime:
         from inspector.tools.bench import runtimes
 
-        reports = runtimes.run_runtimes(settings, options, [r.strip() for r in args.runtime.split(",") if r.strip()])
-        print(json.dumps(runtimes.summary(reports), indent=2, allow_nan=False) if args.json
-              else runtimes.table(reports))
-        lost = sum(report.frames_lost for report in reports)
+        rounds = runtimes.run_runtimes(settings, options, [r.strip() for r in args.runtime.split(",") if r.strip()],
+                                       args.rounds)
+        print(json.dumps(runtimes.summary(rounds), indent=2, allow_nan=False) if args.json
+              else runtimes.table(rounds))
+        lost = sum(report.frames_lost for reports in rounds for report in reports)
         if lost:
             print(f"inspector: error: {lost} frames were missing, duplicated or answered with an error",
                   file=sys.stderr)
