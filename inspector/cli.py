@@ -243,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plugin", metavar="NAME",
                        help="score with this plugin instead of the default model's; `null` (a fixed score, no work) "
                        "measures the frame path's own ceiling")
+    bench.add_argument("--runtime", metavar="LIST",
+                       help="comma list of backbone runtimes (torch, onnxruntime, openvino): the whole bench once "
+                       "per runtime, then their raw and whole-path rates side by side (default: the configured one)")
+    bench.add_argument("--rounds", type=int, default=1, metavar="N",
+                       help="with --runtime: the runtimes take turns N times; the medians are compared (default 1)")
     bench.set_defaults(func=_cmd_bench)
 
     opcua = commands.add_parser(
@@ -503,6 +508,18 @@ def _cmd_bench(settings, args) -> int:
         frames=args.frames, half_load_s=args.half_load_s, batch_size=args.batch_size, device=args.device,
         skip_broker=args.skip_broker, plugin=args.plugin,
     )
+    if args.runtime:
+        from inspector.tools.bench import runtimes
+
+        rounds = runtimes.run_runtimes(settings, options, [r.strip() for r in args.runtime.split(",") if r.strip()],
+                                       args.rounds)
+        print(json.dumps(runtimes.summary(rounds), indent=2, allow_nan=False) if args.json
+              else runtimes.table(rounds))
+        lost = sum(report.frames_lost for reports in rounds for report in reports)
+        if lost:
+            print(f"inspector: error: {lost} frames were missing, duplicated or answered with an error",
+                  file=sys.stderr)
+        return 1 if lost else 0
     report = run_bench(settings, options)
     print(json.dumps(report.as_dict(), indent=2, allow_nan=False) if args.json else report.table())
     if report.frames_lost:

@@ -71,8 +71,10 @@ class Plugin(Protocol):
         """An unfitted plugin from its validated settings."""
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device) -> "Plugin":
-        """A fitted plugin from the files `save` wrote; raises StateError when they are bad."""
+    def load(cls, folder: Path, device: torch.device, settings: BaseModel | None = None) -> "Plugin":
+        """A fitted plugin from the files `save` wrote; raises StateError when they are bad. `settings`, when
+        given: the plugin's table as configured now, for choices of how to run a version that are not part of
+        it (DFKDE's runtime); the callers in this package pass it."""
 
     @property
     def min_images(self) -> int:

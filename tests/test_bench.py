@@ -85,6 +85,32 @@ def test_bench_without_the_broker_prints_stages_1_and_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_bench_runs_each_runtime_and_puts_them_side_by_side(tmp_path: Path) -> None:
+    result = bench(tmp_path, "--resolution", "64", "--encoding", "jpeg", "--skip-broker", "--json",
+                   "--runtime", "torch,openvino", "--rounds", "2", broker_url="amqp://guest@127.0.0.1:1/%2F")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [row["runtime"] for row in data["runtimes"]] == ["torch", "openvino"]
+    assert data["rounds"] == 2 and all([r["settings"]["runtime"] for r in reports] == ["torch", "openvino"]
+                                       for reports in data["reports"])
+    for row, column in zip(data["runtimes"], range(2)):  # the median of the rounds, in the order they ran
+        rates = [reports[column]["raw"]["images_per_second"] for reports in data["reports"]]
+        assert row["raw_rounds"] == rates and row["raw_images_per_second"] == round(sum(rates) / 2, 3)
+    torch_rate, openvino_rate = (row["raw_images_per_second"] for row in data["runtimes"])
+    assert torch_rate > 0 and openvino_rate > 0
+    assert data["runtimes"][1]["raw_vs_first"] == round(openvino_rate / torch_rate, 2)
+
+
+@pytest.mark.parametrize(("runtime", "message"), [
+    ("tensorrt", "plugins.dfkde.runtime"), ("torch,torch", "name each runtime once"),
+    ("torch --rounds 0", "--rounds 0"),
+])
+def test_a_bad_runtime_is_a_usage_error_before_anything_runs(tmp_path: Path, runtime: str, message: str) -> None:
+    result = bench(tmp_path, "--skip-broker", "--runtime", *runtime.split(), timeout=60)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert "fitting" not in result.stderr  # refused before the throwaway model is fitted
+
+
 def test_bench_without_a_broker_says_so_in_one_line(tmp_path: Path) -> None:
     result = bench(tmp_path, "--resolution", "64", broker_url="amqp://guest@127.0.0.1:1/%2F")
     assert result.returncode == 1

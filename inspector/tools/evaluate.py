@@ -246,7 +246,8 @@ def load_current(settings: Settings, name: str, device: torch.device) -> ServedM
                  f"`inspector models rollback {name} VERSION`") if stored else ""
         raise StateError(f"model {name!r} has no current version in the store {settings.store.path}; run "
                          f"`inspector refit --model {name} --data DIR` to fit one{extra}")
-    return load_version(store, name, settings.models[name], device)
+    model = settings.models[name]
+    return load_version(store, name, model, device, plugin_settings=settings.plugin_settings(model.plugin))
 
 
 def check_model_and_batch(settings: Settings, model: str, batch_size: int) -> None:

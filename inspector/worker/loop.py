@@ -105,7 +105,8 @@ class Worker:
         self._prepared: queue.Queue[_Prepared | None] = queue.Queue()
         self._scorer = threading.Thread(target=self._score_loop, name="inspector-score", daemon=True)
         self._reloader = Reloader(self.store, self.models, self.device, settings.worker.store_poll_s,
-                                  on_loaded=self._model_in_service, on_outcome=self.metrics.model_reload)
+                                  on_loaded=self._model_in_service, on_outcome=self.metrics.model_reload,
+                                  plugin_settings=settings.plugin_settings)
         self.consumer = Consumer(settings, self._on_delivery, self._on_settled, self._on_control,
                                  self._on_connection)
         for name in settings.models:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 
 from inspector import topics
 from inspector.config import ModelSettings, RouteSettings
@@ -62,10 +63,11 @@ def is_final(exc: BaseException) -> bool:
 
 def load_version(
     store: ModelStore, name: str, settings: ModelSettings, device: torch.device, version: str | None = None,
-    progress: Callable[[], None] | None = None,
+    progress: Callable[[], None] | None = None, plugin_settings: BaseModel | None = None,
 ) -> ServedModel:
     """Verify, load and warm up a stored version (None: the current one); StateError when any step fails.
-    `progress` is called as files are fetched and hashed, and between steps (a watchdog's beat)."""
+    `progress` is called as files are fetched and hashed, and between steps (a watchdog's beat).
+    `plugin_settings`: the plugin's table as configured now, for its serving choices (DFKDE's runtime)."""
     info = store.load_path(name, version, progress=progress) if progress else store.load_path(name, version)
     if info.plugin != settings.plugin:
         raise StateError(
@@ -74,7 +76,11 @@ def load_version(
         )
     if progress:
         progress()
-    plugin = get_plugin(info.plugin).load(info.path, device)
+    plugin_cls = get_plugin(info.plugin)
+    if plugin_settings is None:
+        plugin = plugin_cls.load(info.path, device)
+    else:
+        plugin = plugin_cls.load(info.path, device, settings=plugin_settings)
     if progress:
         progress()
     warm_up(plugin)
@@ -237,8 +243,10 @@ class Reloader:
         poll_s: float,
         on_loaded: Callable[[ServedModel], None],
         on_outcome: Callable[[str, str], None],
+        plugin_settings: Callable[[str], BaseModel] | None = None,
     ) -> None:
         self.store = store
+        self.plugin_settings = plugin_settings  # plugin name -> its configured table
         self.models = models
         self.device = device
         self.poll_s = poll_s
@@ -390,7 +398,9 @@ class Reloader:
         failures, _ = self.retry_at.get((name, version), (0, 0.0))
         log.info("model %s: loading version %s", name, version, extra={"model": name, "version": version})
         try:
-            loaded = load_version(self.store, name, self.models.settings[name], self.device, version, self.beat)
+            settings = self.models.settings[name]
+            table = self.plugin_settings(settings.plugin) if self.plugin_settings else None
+            loaded = load_version(self.store, name, settings, self.device, version, self.beat, table)
         except Exception as exc:  # noqa: BLE001 - whatever goes wrong, the old version keeps serving
             kept = f"version {served.version} keeps serving" if served else "no version is in service"
             if is_final(exc):

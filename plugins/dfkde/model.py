@@ -26,6 +26,7 @@ from plugins.dfkde.conformal import ConformalScale
 from plugins.dfkde.kde import GaussianKDE
 from plugins.dfkde.maps import LocalStats
 from plugins.dfkde.pca import PCA
+from plugins.dfkde.runtimes import RUNTIMES, runner_for
 
 PRE_PROCESSING = ("scale", "norm")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -44,6 +45,7 @@ class DfkdeModel(nn.Module):
         weights: "hub", "none", a packaged source name or a local file (see backbones).
         input_size: images are resized (antialiased) to this square size.
         precision: the backbone's compute precision; PCA and KDE always run in float32.
+        runtime: where the backbone runs (plugins/dfkde/runtimes.py): a serving choice, not part of the model.
         seed: seeds the subsample (and random weights, for tests).
     """
 
@@ -61,6 +63,7 @@ class DfkdeModel(nn.Module):
         input_size: int = 256,
         precision: str = "fp32",
         seed: int = 0,
+        runtime: str = "torch",
     ) -> None:
         super().__init__()
         if pre_processing not in PRE_PROCESSING:
@@ -69,6 +72,8 @@ class DfkdeModel(nn.Module):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if n_comps < 1:
             raise ValueError(f"n_comps must be at least 1, got {n_comps}")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if isinstance(backbone, str):
             # Random weights are only reproducible (save, load, same scores) from a fixed seed.
             with torch.random.fork_rng(devices=[]):
@@ -83,6 +88,7 @@ class DfkdeModel(nn.Module):
         self.threshold_offset = threshold_offset
         self.input_size = input_size
         self.precision = precision
+        self.runtime = runtime
         self.seed = seed
         self.register_buffer("input_mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
         self.register_buffer("input_std", torch.tensor(backbone.std).view(1, 3, 1, 1))
@@ -130,10 +136,17 @@ class DfkdeModel(nn.Module):
     def get_feature_maps(self, batch: Tensor) -> list[Tensor]:
         """The requested layers' spatial feature maps, float32, each B x C x h x w (deepest smallest)."""
         self.feature_extractor.eval()
+        if self.runtime != "torch":
+            return self._runner()(self.normalise_input(batch).contiguous())
         x = self.normalise_input(batch).contiguous(memory_format=torch.channels_last)
         with self._autocast(x.device):
             maps = self.feature_extractor(x)
         return [m.float() for m in maps]
+
+    def _runner(self):
+        """The backbone exported to this model's runtime, shared by every model of the same backbone."""
+        key = (self.backbone.name, self.backbone.digest or id(self.feature_extractor), self.backbone.layers)
+        return runner_for(self.feature_extractor, key, self.runtime, self.precision, self.input_size)
 
     @staticmethod
     def pool(maps: Sequence[Tensor]) -> Tensor:

@@ -19,6 +19,7 @@ from plugins.dfkde.conformal import MAX_SCORES, ConformalScale, boundary_rank, i
 from plugins.dfkde.maps import LocalStats, draw
 from plugins.dfkde.maps import LocalSums as _Sums
 from plugins.dfkde.model import DfkdeModel
+from plugins.dfkde.runtimes import RUNTIMES, check_runtime, missing_packages
 from plugins.dfkde.state import load_state, model_settings, read_settings, save_state
 
 
@@ -42,10 +43,25 @@ class DfkdeSettings(BaseModel):
     threshold_offset: float = 12.0
     input_size: int = Field(128, ge=32, le=1024)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
+        "auto", description="where the backbone runs; 'auto': CPU_RUNTIME on the CPU, torch on CUDA. A serving "
+        "choice, not stored with a version: any version loads with any runtime"
+    )
     seed: int = 0
     jpeg_reduced_decode: bool = Field(
         True, description="decode JPEGs at 1/2, 1/4 or 1/8 scale down to input_size; fixed at fit time"
     )
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_installed(cls, runtime: str) -> str:
+        """A runtime named outright must be installed: said when the configuration is read, not at a load."""
+        if runtime in RUNTIMES and runtime != "torch":
+            missing = missing_packages(runtime)
+            if missing:
+                raise ValueError(f"runtime {runtime!r} needs the Python package(s) {', '.join(missing)}, not "
+                                 f"installed: pip install {' '.join(missing)} (or `make setup`), or use 'torch'")
+        return runtime
 
     @field_validator("layers")
     @classmethod
@@ -60,6 +76,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     return "fp16" if device.type == "cuda" else "fp32"
+
+
+# The backbone's runtime on the CPU when `runtime = "auto"`: the fastest with features within float32 noise of
+# torch's, by `inspector bench --runtime torch,onnxruntime,openvino` (docs/performance.md).
+CPU_RUNTIME = "openvino"
+
+
+def resolve_runtime(runtime: str, precision: str, device: torch.device) -> str:
+    """"auto": CPU_RUNTIME on the CPU, torch elsewhere; ConfigError when the runtime cannot run here."""
+    if runtime == "auto":
+        runtime = CPU_RUNTIME if device.type == "cpu" else "torch"
+    check_runtime(runtime, precision, device)
+    return runtime
 
 
 # A fit needs at least this many images per PCA component; fewer images fit fewer components. Measured on the
@@ -87,6 +116,8 @@ class DfkdePlugin:
     @classmethod
     def create(cls, settings: BaseModel, device: torch.device) -> "DfkdePlugin":
         s = DfkdeSettings.model_validate(settings.model_dump() if isinstance(settings, BaseModel) else settings)
+        precision = resolve_precision(s.precision, device)
+        runtime = resolve_runtime(s.runtime, precision, device)
         model = DfkdeModel(
             s.backbone,
             n_comps=s.n_comps,
@@ -97,17 +128,23 @@ class DfkdePlugin:
             layers=s.layers,
             weights=s.weights,
             input_size=s.input_size,
-            precision=resolve_precision(s.precision, device),
+            precision=precision,
             seed=s.seed,
+            runtime=runtime,
         )
         return cls(model, device, s.jpeg_reduced_decode)
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device) -> "DfkdePlugin":
+    def load(cls, folder: Path, device: torch.device, settings: BaseModel | None = None) -> "DfkdePlugin":
+        """The stored version, its backbone on the runtime `settings` (the `[plugins.dfkde]` table now) name:
+        the runtime is where the backbone runs, not part of the model, so any version loads with any."""
         # A state saved before this choice existed was fitted on fully decoded images. The stored settings
         # are checked with DfkdeSettings and its bounds before anything is built (see state.load_state).
         reduced = bool(read_settings(folder).get("plugin", {}).get("jpeg_reduced_decode", False))
-        return cls(load_state(folder, device, schema=DfkdeSettings), device, reduced)
+        s = DfkdeSettings.model_validate(settings.model_dump() if isinstance(settings, BaseModel) else settings or {})
+        model = load_state(folder, device, schema=DfkdeSettings)
+        model.runtime = resolve_runtime(s.runtime, model.precision, device)
+        return cls(model, device, reduced)
 
     @property
     def min_images(self) -> int:
@@ -145,7 +182,8 @@ class DfkdePlugin:
                 f"at least {min(MIN_COMPONENTS, self.configured_components)} components), got {images}")
 
     def describe(self) -> dict[str, Any]:
-        return model_settings(self.model) | {"jpeg_reduced_decode": self.jpeg_reduced_decode}
+        return model_settings(self.model) | {"jpeg_reduced_decode": self.jpeg_reduced_decode,
+                                             "runtime": self.model.runtime}
 
     @property
     def decode_size(self) -> tuple[int, int] | None:

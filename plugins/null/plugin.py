@@ -47,7 +47,7 @@ class NullPlugin:
         return cls(NullSettings.model_validate(settings.model_dump() if isinstance(settings, BaseModel) else settings))
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device) -> "NullPlugin":
+    def load(cls, folder: Path, device: torch.device, settings: BaseModel | None = None) -> "NullPlugin":
         path = Path(folder) / STATE_FILE
         try:
             return cls(NullSettings.model_validate(json.loads(path.read_text(encoding="utf-8"))))

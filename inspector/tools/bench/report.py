@@ -75,7 +75,8 @@ class BenchReport:
              f"{self.seconds:.0f} s"),
             (f"machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']} ({m['torch_threads']} threads); "
              f"device {device}"),
-            (f"model: {s['plugin']} {s['backbone']} at {s['input_size']} px, {s['precision']}; a throwaway fitted "
+            (f"model: {s['plugin']} {s['backbone']} at {s['input_size']} px, {s['precision']}"
+             f"{', on ' + s['runtime'] if s.get('runtime') else ''}; a throwaway fitted "
              f"on {s['fit_images']} generated frames" if s["plugin"] != NULL_PLUGIN else
              "model: the null plugin (a fixed score, no work): the frame path's own ceiling"),
             (f"worker policy: batches of up to {s['batch_size']}, waiting {s['max_batch_wait_ms']:g} ms at most; "

@@ -94,7 +94,9 @@ def run_bench(settings: Settings, options: BenchOptions) -> BenchReport:
         })
         fit_images = _fit(bench_settings, root)
         frames = make_frames(options, worker.max_image_bytes)
-        served = load_version(ModelStore(root / "models"), name, model_settings, device)
+        plugin_table = bench_settings.plugin_settings(model_settings.plugin)
+        served = load_version(ModelStore(root / "models"), name, model_settings, device,
+                              plugin_settings=plugin_table)
         limits = DecodeLimits.from_settings(worker)
         threads = worker.decode_threads or max(1, os.cpu_count() or 1)
         decode: dict[str, dict[str, Any]] = {}
@@ -119,6 +121,7 @@ def run_bench(settings: Settings, options: BenchOptions) -> BenchReport:
             settings={
                 "model": name, "plugin": model_settings.plugin, "backbone": described.get("backbone"),
                 "input_size": described.get("input_size"), "precision": described.get("precision"),
+                "runtime": described.get("runtime"),
                 "fit_images": fit_images, "batch_size": worker.batch_size,
                 "max_batch_wait_ms": worker.max_batch_wait_ms, "decode_threads": threads,
                 "prefetch": worker.prefetch,
