@@ -375,6 +375,8 @@ def main() -> int:
                         help="the rejected candidates too (--no-candidates: the two DFKDE maps and the baselines)")
     parser.add_argument("--train-every", type=int, default=1,
                         help="fit on every N'th good training image (a quicker run on a busy machine)")
+    parser.add_argument("--test-every", type=int, default=1,
+                        help="judge every N'th test image, of each kind alike (a quicker run on a busy machine)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine's cores: 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
@@ -390,7 +392,7 @@ def main() -> int:
                     "feature occlusion": feature_occlusion, "gradient x feature": gradient_x_feature,
                     "local kde": local_kde, "input gradient": input_gradient, "occlusion": occlusion}
     every = {"input gradient": args.gradient_every, "occlusion": args.occlusion_every}
-    items = test_set(args.data)
+    items = test_set(args.data)[:: max(1, args.test_every)]
     pixels = Pixels(args.pixel_share)
     located = Located()
     cost: dict[str, list[float]] = {name: [] for name in methods}

@@ -113,3 +113,23 @@ def test_the_level_holds_its_rate_on_fresh_good_peaks():
         peaks = rng.gamma(2.0, size=n + 1)
         over += peaks[-1] >= np.sort(peaks[:-1])[k - 1]
     assert 0.03 < over / trials <= rate + 3 * math.sqrt(rate * (1 - rate) / trials)
+
+
+def test_a_jpeg_decoded_at_reduced_scale_is_measured_in_its_own_pixels():
+    import io
+
+    from PIL import Image
+
+    from inspector.worker.locate import own_size
+
+    def body(fmt, size=(401, 299)):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (90, 90, 90)).save(buffer, fmt)
+        return buffer.getvalue()
+
+    jpeg = body("JPEG")
+    assert own_size(jpeg, (101, 75)) == (401, 299)  # 1/4 scale, rounded up as libjpeg does
+    assert own_size(jpeg, (401, 299)) == (401, 299)
+    assert own_size(jpeg, (64, 64)) == (64, 64)  # not this header's scale: the decoded size stands
+    assert own_size(body("PNG"), (401, 299)) == (401, 299)
+    assert own_size(b"\xff\xd8 not a jpeg", (10, 10)) == (10, 10)

@@ -54,8 +54,10 @@ def _regions(plugin, images, size=(SIZE, SIZE)):
 
 
 def test_the_refit_records_the_level_in_the_manifest_and_the_version(regions_store, plugin):
-    _, result = regions_store
-    figures = result.manifest["calibration"]["localisation_map"]
+    store, result = regions_store
+    (manifest,) = [json.loads(path.read_text()) for path in store.rglob("manifest.json")]
+    figures = manifest["calibration"]["localisation_map"]
+    assert result.calibration["localisation_map"] == figures
     assert figures["held_out_images"] >= 19 and figures["good_region_rate"] == GOOD_REGION_RATE
     assert figures["region_level"] == pytest.approx(plugin.region_level)
     assert 0 < plugin.region_level <= 1
@@ -73,6 +75,7 @@ def test_a_pasted_defect_gets_a_box_that_contains_it(plugin, top, left):
                and r.y + r.height >= 3 * (top + side) for r in scaled)  # in the image's own pixels
 
 
+@pytest.mark.slow
 def test_fresh_good_frames_get_regions_at_about_the_calibrated_rate(plugin):
     fresh = samples.make_images(60, seed=4242, size=SIZE)
     with_regions = sum(bool(found) for found in _regions(plugin, fresh))
