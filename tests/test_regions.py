@@ -133,3 +133,15 @@ def test_a_jpeg_decoded_at_reduced_scale_is_measured_in_its_own_pixels():
     assert own_size(jpeg, (64, 64)) == (64, 64)  # not this header's scale: the decoded size stands
     assert own_size(body("PNG"), (401, 299)) == (401, 299)
     assert own_size(b"\xff\xd8 not a jpeg", (10, 10)) == (10, 10)
+
+
+def test_watch_prints_the_count_and_the_largest_box():
+    from inspector.tools.watch import format_line
+
+    body = {"verdict": "fail", "anomaly_probability": 0.9, "line_id": "l1", "camera_id": "c1", "frame_id": "f1",
+            "regions": [{"box": [100, 50, 60, 30], "peak": 0.9, "area": 1500},
+                        {"box": [1, 2, 3, 4], "peak": 0.8, "area": 10}]}
+    assert format_line(body).endswith("f1 2 regions, largest 60x30 at 100,50")
+    assert format_line(body | {"regions": []}).endswith("f1 0 regions")
+    assert format_line(body | {"regions": [{"box": ["\x1b[2J", 0, 0, 0]}]}).endswith("f1 1 region")
+    assert format_line({k: v for k, v in body.items() if k != "regions"}).endswith("f1")
