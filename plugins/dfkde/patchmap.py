@@ -227,10 +227,13 @@ class PatchDensity(nn.Module):
 
     def draw(self, grid: Tensor, size: tuple[int, int]) -> np.ndarray:
         """One image's features (C x g x g) -> its map at (width, height), float32 in [0, 1]."""
+        return self.resized(self.smoothed_scores(grid[None])[0], size)
+
+    def resized(self, smoothed: Tensor, size: tuple[int, int]) -> np.ndarray:
+        """One image's smoothed scores (size x size) -> its map at (width, height), float32 in [0, 1]."""
         width, height = size
-        smoothed = self.smoothed_scores(grid[None])[None]
-        resized = F.interpolate(smoothed, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-        return self.transform(resized).cpu().numpy().astype(np.float32, copy=False)
+        resized = F.interpolate(smoothed[None, None], size=(height, width), mode="bilinear", align_corners=False)
+        return self.transform(resized[0, 0]).cpu().numpy().astype(np.float32, copy=False)
 
     # -- files ----------------------------------------------------------------------------------------
 
@@ -363,7 +366,8 @@ class PatchMap:
 
 
 class PatchDrawer:
-    """A batch's maps, each frame's pass run on first request and kept (regions and evidence may both ask)."""
+    """A batch's maps, each frame's pass and density run on first request and kept (regions and evidence may
+    both ask, at different sizes)."""
 
     def __init__(self, patch_map: PatchMap, batch: Tensor) -> None:
         self.patch_map = patch_map
@@ -372,8 +376,10 @@ class PatchDrawer:
         self.lock = threading.Lock()
 
     def __call__(self, index: int, size: tuple[int, int]) -> np.ndarray:
+        density = self.patch_map.density
         with self.lock:
-            grid = self.grids.get(index)
-            if grid is None:
-                grid = self.grids[index] = self.patch_map.extractor(self.batch[index : index + 1])[0]
-        return self.patch_map.density.draw(grid, size)
+            smoothed = self.grids.get(index)
+            if smoothed is None:
+                grid = self.patch_map.extractor(self.batch[index : index + 1])
+                smoothed = self.grids[index] = density.smoothed_scores(grid)[0]
+        return density.resized(smoothed, size)
