@@ -97,6 +97,7 @@ def test_samples_stay_bounded_whatever_the_archive(monkeypatch):
     assert sampler.patches_seen == 64 * min(patchmap.PATCHES_PER_IMAGE, 36)  # 64 fit images of 36 locations
 
 
+@pytest.mark.slow
 def test_cross_fitting_s_embeddings_fit_the_same_map_as_fit(fitted, images):
     crossed = _plugin()
     rows = torch.cat([crossed.embed(batch) for batch in _batches(crossed, images)])
