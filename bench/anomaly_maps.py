@@ -12,8 +12,12 @@ method at its own size; the maps are judged against ground_truth/<kind>/NAME.png
   then, on 32 test frames in batches of 4 in alternating rounds, `score` against `explain` per batch and
   `map_of` per frame at the image's own size.
 
-Methods (see plugins/dfkde/maps.py for the one shipped):
-- local diagonal (shipped, plugins/dfkde/maps.py; drawn through the plugin's own `explain` and `map_of`):
+Methods (see plugins/dfkde/patchmap.py for the one shipped):
+- patch density (shipped, plugins/dfkde/patchmap.py; drawn through the plugin's own `explain` and `map_of`):
+  a pass of its own on the prepared image enlarged twice (256 px), the backbone's stride-16 layer (16 x 16
+  locations), each location's features through a PCA to 32 and scored by a Gaussian KDE over 40,000
+  sampled locations of the good parts, smoothed; fitted in the same fit.
+- local diagonal (shipped before, plugins/dfkde/maps.py; what a version without the patch map draws):
   every location of every layer scored by its features' squared distance to the good parts' per-channel
   mean in units of their per-channel spread (one diagonal Gaussian for all positions, fitted alongside
   the KDE from two sums), averaged over each layer's channels, then over the layers on the finest grid,
@@ -58,7 +62,8 @@ from sklearn.metrics import roc_auc_score
 
 import datasets
 from inspector.imagefiles import find_images, read_image
-from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
+from inspector.regions import regions_of
+from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings, _MapDrawer
 
 ROOT = Path(__file__).resolve().parents[1]
 MAGNETIC_TILE = datasets.magnetic_tile()
@@ -66,7 +71,8 @@ BATCH = 4  # worker.batch_size
 MAX_PIXELS = 10**8
 PRO_FPR = 0.3
 MEAN_SIZE = 256
-SHIPPED = "local diagonal (shipped)"
+SHIPPED = "patch density (shipped)"
+BEFORE = "local diagonal (before)"
 SMOOTH_SIGMA = 4.0  # pixels of the 128 px model input, as anomalib smooths at 4 of 256
 
 
@@ -315,13 +321,38 @@ def pro(normal: np.ndarray, regions: list[np.ndarray], limit: float = PRO_FPR, s
     return float(np.trapezoid(y[inside], x[inside]) / limit)
 
 
+class Located:
+    """Regions at the calibrated level against the defect regions: how many of those a box overlaps, and how
+    many good images get any box."""
+
+    def __init__(self) -> None:
+        self.good_images = self.good_with_boxes = self.defects = self.defects_hit = self.boxes = 0
+
+    def add(self, boxes: list, truth: np.ndarray, n: int) -> None:
+        self.boxes += len(boxes)
+        if n == 0:
+            self.good_images += 1
+            self.good_with_boxes += bool(boxes)
+            return
+        hit: set[int] = set()
+        for box in boxes:
+            hit |= set(np.unique(truth[box.y : box.y + box.height, box.x : box.x + box.width]).tolist())
+        self.defects += n
+        self.defects_hit += len(hit - {0})
+
+    def figures(self, level: float | None) -> dict[str, Any]:
+        return {"level": level, "defect_regions": self.defects, "region_recall": self.defects_hit / max(1, self.defects),
+                "good_images": self.good_images, "good_with_boxes": self.good_with_boxes / max(1, self.good_images),
+                "boxes": self.boxes}
+
+
 # -- the run ----------------------------------------------------------------------------------------------
 
 
-def fit(data: Path) -> tuple[DfkdePlugin, list[torch.Tensor], torch.Tensor]:
+def fit(data: Path, every: int = 1) -> tuple[DfkdePlugin, list[torch.Tensor], torch.Tensor]:
     """The shipped defaults fitted on train/good, the prepared training batches, and the mean good image."""
     plugin = DfkdePlugin.create(DfkdeSettings(), torch.device("cpu"))
-    paths = find_images(data / "train" / "good")
+    paths = find_images(data / "train" / "good")[:: max(1, every)]
     prepared, total = [], torch.zeros(MEAN_SIZE, MEAN_SIZE)
     for path in paths:
         prepared.append(plugin.prepare(read_image(path, MAX_PIXELS, plugin.decode_size)))
@@ -340,6 +371,12 @@ def main() -> int:
     parser.add_argument("--gradient-every", type=int, default=2,
                         help="input gradients on every N'th batch of 4 test images, for their cost (0: none)")
     parser.add_argument("--cost-rounds", type=int, default=5, help="rounds of the explain / score timing")
+    parser.add_argument("--candidates", action=argparse.BooleanOptionalAction, default=True,
+                        help="the rejected candidates too (--no-candidates: the two DFKDE maps and the baselines)")
+    parser.add_argument("--train-every", type=int, default=1,
+                        help="fit on every N'th good training image (a quicker run on a busy machine)")
+    parser.add_argument("--test-every", type=int, default=1,
+                        help="judge every N'th test image, of each kind alike (a quicker run on a busy machine)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the machine's cores: 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
@@ -347,16 +384,17 @@ def main() -> int:
         parser.error(f"--data {args.data}: needs train/good/, test/ and ground_truth/ (MVTec AD's layout)")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    plugin, train_batches, mean_good = fit(args.data)
+    plugin, train_batches, mean_good = fit(args.data, args.train_every)
     fit_seconds = time.perf_counter() - started
-    gaussian = LocalGaussian(plugin, train_batches)
-    methods: dict[str, Callable[..., Any]] = {
-        SHIPPED: None, "local gaussian, full cov": gaussian, "feature occlusion": feature_occlusion,
-        "gradient x feature": gradient_x_feature, "local kde": local_kde, "input gradient": input_gradient,
-        "occlusion": occlusion}
+    methods: dict[str, Callable[..., Any]] = {SHIPPED: None, BEFORE: None}
+    if args.candidates:
+        methods |= {"local gaussian, full cov": LocalGaussian(plugin, train_batches),
+                    "feature occlusion": feature_occlusion, "gradient x feature": gradient_x_feature,
+                    "local kde": local_kde, "input gradient": input_gradient, "occlusion": occlusion}
     every = {"input gradient": args.gradient_every, "occlusion": args.occlusion_every}
-    items = test_set(args.data)
+    items = test_set(args.data)[:: max(1, args.test_every)]
     pixels = Pixels(args.pixel_share)
+    located = Located()
     cost: dict[str, list[float]] = {name: [] for name in methods}
     for start in range(0, len(items), BATCH):
         chunk = items[start : start + BATCH]
@@ -372,14 +410,19 @@ def main() -> int:
             if name in every and not (every[name] and (start // BATCH) % every[name] == 0):
                 continue
             t0 = time.perf_counter()
-            if method is None:  # the plugin's own maps, as the worker and the tools ask for them
+            if name == SHIPPED:  # the plugin's own maps, as the worker and the tools ask for them
                 drawn = [explained.map_of(i, s[1]) for i, s in enumerate(sampled)]
+            elif name == BEFORE:  # the scoring pass's map, as a version without a patch map draws it
+                before = _MapDrawer(plugin.model, maps)
+                drawn = [before(i, s[1]) for i, s in enumerate(sampled)]
             else:
                 grids = method(plugin, batch, maps)
                 drawn = [to_size(grid, s[1]) for grid, s in zip(grids, sampled)]
             cost[name].append(1000 * (time.perf_counter() - t0) / len(chunk))
-            for anomaly_map, (index, _, chosen, regions, n) in zip(drawn, sampled):
+            for anomaly_map, (index, size, chosen, regions, n) in zip(drawn, sampled):
                 pixels.add_map(name, index, chosen, regions, n, anomaly_map)
+                if name == SHIPPED and plugin.region_level is not None:
+                    located.add(regions_of(anomaly_map, plugin.region_level, size), regions, n)
         for image, (index, size, chosen, regions, n) in zip(images, sampled):
             pixels.add_map("centre prior", index, chosen, regions, n, centre_prior(size))
             diff = gaussian_blur((grey(image, MEAN_SIZE) - mean_good).abs()[None], 2 * SMOOTH_SIGMA)[0]
@@ -388,7 +431,9 @@ def main() -> int:
     report = {"seconds": time.perf_counter() - started, "fit_seconds": fit_seconds, "data": str(args.data),
               "explain_vs_score": explain_cost(plugin, items, args.cost_rounds),
               "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-              "pixel_share": args.pixel_share, "methods": {}}
+              "pixel_share": args.pixel_share, "methods": {},
+              "regions": located.figures(plugin.region_level), "localisation_map": plugin.patch_map.density.figures
+              if plugin.patch_map else None}
     for name in [m for m in list(methods) + ["centre prior", "mean good"] if m in pixels.scores]:  # --*-every 0: none
         report["methods"][name] = pixels.figures(name) | (
             {"ms_per_frame": statistics.median(cost[name])} if cost.get(name) else {})
@@ -447,6 +492,11 @@ def table(report: dict[str, Any]) -> str:
         ms = f"{f['ms_per_frame']:.1f}" if "ms_per_frame" in f else "-"
         lines.append(f"  {name:<26}{f['images']:>7}{f['auroc']:>7.3f}{f['pro']:>7.3f}"
                      + "".join(f"{f['kinds'][k]:>9.3f}" for k in kinds) + f"{ms:>10}")
+    r = report["regions"]
+    if r["level"] is not None:
+        lines += ["", (f"regions at the calibrated level {r['level']:.4f}: a box overlaps {r['region_recall']:.1%} of "
+                       f"the {r['defect_regions']} defect regions; {r['good_with_boxes']:.1%} of the "
+                       f"{r['good_images']} good images get any box ({r['boxes']} boxes in all)")]
     c = report["explain_vs_score"]
     lines += ["", (f"cost on the CPU, {c['frames']} test frames in batches of {BATCH}, median of {c['rounds']} rounds: "
                    f"score {c['score_ms_per_batch']:.1f} ms per batch, explain {c['explain_ms_per_batch']:.1f} ms "

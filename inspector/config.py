@@ -273,6 +273,7 @@ class OpcuaSettings(_Section):
 class ModelSettings(_Section):
     plugin: str = Field("dfkde", description="the plugin that scores this model's frames")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="anomaly probability at or over which a frame fails")
+    regions: bool = Field(False, description="publish where a failing frame's defect is (its map's regions)")
 
 
 class Settings(BaseSettings):

@@ -187,10 +187,12 @@ def result_body(
     error: tuple[str, str] | None = None,
     inspected_at: str,
     evidence: dict[str, Any] | None = None,
+    regions: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The contract's Result body. `error` is (code, message) and only goes with verdict 'error'.
     `evidence` (where the frame is kept) appears only when given: a worker that keeps nothing sends
-    the same fields as ever."""
+    the same fields as ever; so does `regions` (where the defect is: a failing frame's, when its model
+    publishes them)."""
     if verdict not in VERDICTS:
         raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
     if (verdict == "error") != (error is not None):
@@ -213,6 +215,8 @@ def result_body(
     }
     if evidence is not None:
         body["evidence"] = evidence
+    if regions is not None:
+        body["regions"] = regions
     return body
 
 

@@ -112,8 +112,13 @@ class Plugin(Protocol):
         """Optional: score a stacked batch exactly as `score` does, keeping what its anomaly maps need.
         A plugin without it gives verdicts without maps."""
 
+    @property
+    def region_level(self) -> float | None:
+        """Optional: the map value at or over which a cell belongs to a region (inspector/regions.py), calibrated
+        on good parts so that few of them reach it. None (and a plugin without it) means no regions."""
 
-OPTIONAL_MEMBERS = frozenset({"decode_size", "explain"})
+
+OPTIONAL_MEMBERS = frozenset({"decode_size", "explain", "region_level"})
 
 
 def can_explain(plugin: Any) -> bool:
@@ -139,6 +144,15 @@ def decode_size(plugin: Any) -> tuple[int, int] | None:
         return None
     width, height = (int(v) for v in size)
     return (width, height) if width > 0 and height > 0 else None
+
+
+def region_level(plugin: Any) -> float | None:
+    """A plugin's calibrated region level, or None when it has none (it is optional, and needs maps)."""
+    level = getattr(plugin, "region_level", None)
+    if level is None or not can_explain(plugin):
+        return None
+    level = float(level)
+    return level if 0.0 < level <= 1.0 else None
 
 
 def score_all(plugin: Plugin, batches: Iterable[torch.Tensor]) -> Scores:

@@ -22,9 +22,10 @@ MAGNETIC_TILE = Path(__file__).resolve().parents[1].parent / "shared" / "dataset
 
 
 def _plugin():
-    """A small random-weight ResNet-18 with two layers of different grids (8 x 8 and 4 x 4 at 64 px)."""
+    """A small random-weight ResNet-18 with two layers of different grids (8 x 8 and 4 x 4 at 64 px), drawing the
+    scoring pass's maps (plugins/dfkde/maps.py; the localisation map's own tests are tests/test_patchmap.py)."""
     settings = DfkdeSettings(backbone="resnet18", layers=["layer2", "layer3"], weights="none", precision="fp32",
-                             input_size=64, n_comps=8)
+                             input_size=64, n_comps=8, localisation_maps=False)
     return DfkdePlugin.create(settings, CPU)
 
 
@@ -211,7 +212,7 @@ def test_maps_of_real_defects_beat_the_centre_prior_and_the_mean_good_image():
 
     from inspector.imagefiles import find_images, read_image
 
-    plugin = DfkdePlugin.create(DfkdeSettings(), CPU)
+    plugin = DfkdePlugin.create(DfkdeSettings(localisation_maps=False), CPU)
 
     def grey(image):
         x = torch.from_numpy(image).permute(2, 0, 1).float().mean(0)[None, None]
@@ -276,7 +277,7 @@ def test_good_parts_look_the_same_on_models_whose_good_locations_spread_differen
     levels = {}
     for layers in (["layer1", "layer2"], ["layer2", "layer3"], ["layer3"], ["layer1"]):
         settings = DfkdeSettings(backbone="resnet18", layers=layers, weights="none", precision="fp32",
-                                 input_size=64, n_comps=8)
+                                 input_size=64, n_comps=8, localisation_maps=False)
         plugin = DfkdePlugin.create(settings, CPU)
         images = samples.make_images(40, seed=11, size=SIZE)
         plugin.fit(_batch(plugin, images[i : i + 8]) for i in range(0, 40, 8))

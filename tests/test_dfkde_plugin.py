@@ -64,7 +64,7 @@ def test_defects_score_above_held_out_good_parts(fitted):
 def test_save_then_load_gives_identical_scores(fitted, tmp_path):
     plugin, _ = fitted
     files = plugin.save(tmp_path)
-    assert sorted(files) == ["settings.json", "state.safetensors"]
+    assert sorted(files) == ["patchmap.safetensors", "settings.json", "state.safetensors"]  # with its localisation map
     loaded = DfkdePlugin.load(tmp_path, CPU)
     batch = next(_batches(plugin, samples.make_images(8, defective=True, seed=4)))
     before, after = plugin.score(batch), loaded.score(batch)

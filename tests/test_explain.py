@@ -234,3 +234,48 @@ def test_operator_mistakes_exit_2_naming_the_thing(fitted, tmp_path, case, capsy
     err = capsys.readouterr().err
     assert code == 2, err
     assert expected in err and "Traceback" not in err
+
+
+def test_overlay_outlines_each_region_in_its_colour():
+    from inspector.regions import Region
+    from inspector.tools.overlay import REGION_COLOUR
+
+    image = np.full((400, 400, 3), 90, np.uint8)
+    box = Region(x=100, y=150, width=60, height=40, peak=0.9, area=1000)
+    drawn = np.array(overlay(image, None, _header(), regions=[box]))
+    plain = np.array(overlay(image, None, _header()))
+    changed = np.argwhere((drawn != plain).any(axis=2))
+    band = plain.shape[0] - 400  # the header band above the image
+    ys, xs = changed[:, 0] - band, changed[:, 1]
+    assert (ys.min(), xs.min(), ys.max(), xs.max()) == (150, 100, 189, 159)  # the outline, nothing else
+    assert tuple(drawn[band + 150, 120]) == REGION_COLOUR and tuple(drawn[band + 170, 130]) == (90, 90, 90)
+
+
+def test_explain_writes_each_failing_file_s_regions_and_boxes_them(fitted, test_set, tmp_path, monkeypatch):
+    """A stand-in map (a ramp scaled by the probability) and level: the regions in results.jsonl are those of
+    inspector.regions on that map at the file's size, for fails only, and their overlays carry the boxes."""
+    from inspector.regions import regions_of
+    from inspector.tools.overlay import REGION_COLOUR
+
+    level = 0.3
+    monkeypatch.setattr(DfkdePlugin, "explain", _fake_explain, raising=False)
+    monkeypatch.setattr(DfkdePlugin, "region_level", level, raising=False)
+    settings = config.load(tool_config(tmp_path, fitted))
+    out = tmp_path / "out"
+    run_explain(settings, ExplainOptions(data=[test_set], out=out, model="default", batch_size=4))
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    validator = Draft202012Validator(RESULT_SCHEMA)
+    assert {r["verdict"] for r in results} == {"pass", "fail"}
+    for body in results:
+        assert not list(validator.iter_errors(body)), body
+        with Image.open(test_set / body["meta"]["source"]) as original:
+            width, height = original.size
+        with Image.open(out / body["meta"]["overlay"]) as drawn:
+            magenta = (np.array(drawn) == REGION_COLOUR).all(axis=2).any()
+        if body["verdict"] == "pass":
+            assert "regions" not in body and not magenta
+            continue
+        ramp = np.linspace(0.0, 1.0, width, dtype=np.float32)[np.newaxis, :].repeat(height, 0)
+        expected = regions_of(ramp * np.float32(body["anomaly_probability"]), level, (width, height))
+        assert body["regions"] == [r.as_json() for r in expected] and body["regions"]
+        assert magenta

@@ -27,7 +27,8 @@ from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import ConfigError, InspectorError, PluginError
 from inspector.imagefiles import find_images, is_image_file, map_image
-from inspector.plugin import can_explain, decode_size
+from inspector.plugin import can_explain, decode_size, region_level
+from inspector.regions import Region, regions_of
 from inspector.timestamps import utc_now
 from inspector.tools.evaluate import check_model_and_batch, load_current, read_like_a_capture
 from inspector.tools.maps import Answer, answers, full_size
@@ -115,8 +116,10 @@ def output_names(relative: list[str]) -> list[str]:
     return names
 
 
-def result(answer: Answer, name: str, source: str, served: ServedModel, wrote_map: bool) -> dict:
-    """The worker's result body for one file; meta carries its source and the files written for it."""
+def result(answer: Answer, name: str, source: str, served: ServedModel, wrote_map: bool,
+           regions: list[Region] | None = None) -> dict:
+    """The worker's result body for one file; meta carries its source and the files written for it, and a
+    failing file's regions are the worker's `regions` (when its version has a region level)."""
     headers = {"source": source, "overlay": f"{name}.png"}
     if wrote_map:
         headers["map"] = f"{name}{MAP_SUFFIX}"
@@ -125,7 +128,16 @@ def result(answer: Answer, name: str, source: str, served: ServedModel, wrote_ma
     verdict = answer.verdict(served.threshold)
     return messages.result_body(capture, verdict=verdict, probability=answer.probability, score=answer.score,
                                 threshold=served.threshold, model=served.identity(), error=answer.error,
-                                inspected_at=utc_now())
+                                inspected_at=utc_now(),
+                                regions=None if regions is None else [r.as_json() for r in regions])
+
+
+def regions(answer: Answer, served: ServedModel, level: float | None) -> list[Region] | None:
+    """A failing file's regions, from its map at its own size, as the worker publishes them; None where the
+    worker would publish none (a pass, no map, no level)."""
+    if level is None or answer.map is None or answer.size is None or answer.verdict(served.threshold) != "fail":
+        return None
+    return regions_of(answer.map, level, answer.size)
 
 
 def header(answer: Answer, served: ServedModel, source: str) -> Header:
@@ -134,7 +146,8 @@ def header(answer: Answer, served: ServedModel, source: str) -> Header:
                   error=answer.error[0] if answer.error else None)
 
 
-def _write(out: Path, name: str, answer: Answer, served: ServedModel, source: str, read_full) -> None:
+def _write(out: Path, name: str, answer: Answer, served: ServedModel, source: str, read_full,
+           boxes: list[Region] | None = None) -> None:
     """NAME.map.png and NAME.png; a file that cannot be read again in full (changed since it was scored)
     is named in a warning and gets no pictures, its result stands."""
     if answer.map is not None:
@@ -144,8 +157,8 @@ def _write(out: Path, name: str, answer: Answer, served: ServedModel, source: st
     except (InspectorError, OSError) as exc:
         log.warning("%s: no overlay drawn: the file cannot be read again in full: %s", answer.path, exc)
         return
-    overlay(pixels, answer.map, header(answer, served, source)).save(out / f"{name}.png",
-                                                                     compress_level=OVERLAY_COMPRESSION)
+    overlay(pixels, answer.map, header(answer, served, source), regions=boxes or ()).save(
+        out / f"{name}.png", compress_level=OVERLAY_COMPRESSION)
 
 
 def run_explain(settings: Settings, options: ExplainOptions) -> ExplainSummary:
@@ -171,6 +184,7 @@ def run_explain(settings: Settings, options: ExplainOptions) -> ExplainSummary:
     read_full = functools.partial(read_like_a_capture, limits=limits, min_size=None)
     workers = settings.worker.decode_threads or max(1, os.cpu_count() or 1)
     summary = ExplainSummary(out=options.out, model=served.identity(), device=str(device), seconds=0.0)
+    level = region_level(served.plugin)
     started = time.perf_counter()
     with (Progress(len(files), "explain") as progress, ThreadPoolExecutor(workers, thread_name_prefix="draw") as pool,
           open(options.out / RESULTS, "wb") as results):
@@ -178,9 +192,11 @@ def run_explain(settings: Settings, options: ExplainOptions) -> ExplainSummary:
         for answer in answers(served, [path for path, _ in files], read, options.batch_size, workers, progress):
             name, source = names[answer.index], files[answer.index][1]
             summary.verdicts[answer.verdict(served.threshold)] += 1
-            results.write(messages.encode(result(answer, name, source, served, answer.map is not None)) + b"\n")
+            boxes = regions(answer, served, level)
+            results.write(messages.encode(result(answer, name, source, served, answer.map is not None, boxes))
+                          + b"\n")
             if answer.pixels is not None:
-                drawing.append(pool.submit(_write, options.out, name, answer, served, source, read_full))
+                drawing.append(pool.submit(_write, options.out, name, answer, served, source, read_full, boxes))
             while len(drawing) > 2 * workers:
                 drawing.pop(0).result()
         for future in drawing:

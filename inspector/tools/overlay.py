@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from inspector.regions import Region
 
 # Map values at or under MAP_FLOOR are not drawn. Good parts' maps are not 0: on magnetic-tile (DFKDE, the
 # shipped settings) their median pixel is 0.013, their 99th percentile 0.078 and their maximum 0.097 at the
@@ -28,6 +31,7 @@ MAP_ALPHA = 0.55  # opacity of the colour; it ramps from 0 at MAP_FLOOR to this 
 ALPHA_FULL = 0.25
 COLOUR_FULL = 0.5  # the colour runs from blue (0) to dark red (COLOUR_FULL and over), on every overlay alike
 COLOURMAP = "turbo"
+REGION_COLOUR = (255, 0, 255)  # magenta: in no part of the turbo map, so a box stands out wherever it lies
 MIN_WIDTH = 384  # narrower images are enlarged for the overlay, so the header stays readable
 VERDICT_COLOURS = {"pass": (46, 125, 50), "fail": (198, 40, 40), "error": (97, 97, 97)}
 
@@ -59,8 +63,9 @@ def checked_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray | None, header: Header,
-            max_side: int | None = None) -> Image.Image:
-    """The image (H x W x 3 uint8) with the map's colour where it is over MAP_FLOOR, under a header band.
+            max_side: int | None = None, regions: Sequence[Region] = ()) -> Image.Image:
+    """The image (H x W x 3 uint8) with the map's colour where it is over MAP_FLOOR, under a header band;
+    each of `regions` (in the image's pixels) outlined in REGION_COLOUR.
 
     Images narrower than MIN_WIDTH are enlarged; with `max_side`, every image is scaled so that its longer
     side is that (the report's thumbnails). `anomaly_map`, when given, is H x W in [0, 1]."""
@@ -74,6 +79,12 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray | None, header: Header,
         alpha = MAP_ALPHA * np.clip((values - MAP_FLOOR) / (ALPHA_FULL - MAP_FLOOR), 0.0, 1.0)[..., np.newaxis]
         picture = picture * (1.0 - alpha) + colour * alpha
     composed = Image.fromarray(np.round(picture).astype(np.uint8), "RGB")
+    if regions:
+        pen = ImageDraw.Draw(composed)
+        line = max(1, round(max(composed.size) / 200))
+        for region in regions:
+            pen.rectangle([region.x, region.y, region.x + region.width - 1, region.y + region.height - 1],
+                          outline=REGION_COLOUR, width=line)
     composed = _fitted(composed, max_side)
     return _with_header(composed, header)
 

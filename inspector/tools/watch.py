@@ -82,7 +82,8 @@ def parse_result(body: bytes) -> dict[str, Any]:
 
 
 def format_line(result: dict[str, Any], colour: bool = False) -> str:
-    """time, line, camera, verdict, probability (or error code), model version, frame id [, source].
+    """time, line, camera, verdict, probability (or error code), model version, frame id [, source]
+    [, the regions' count and the largest box].
 
     Anyone may publish to the results exchange, so every field printed is made printable first: no
     escape sequence reaches the terminal and no newline forges a line."""
@@ -108,7 +109,26 @@ def format_line(result: dict[str, Any], colour: bool = False) -> str:
     meta = result.get("meta")
     if isinstance(meta, dict) and meta.get("source") is not None:
         fields.append(_shown(meta["source"]))
+    located = regions_field(result.get("regions"))
+    if located:
+        fields.append(located)
     return " ".join(fields)
+
+
+def regions_field(regions: Any) -> str | None:
+    """`2 regions, largest 60x30 at 100,50`: the count and the first (largest) box of a result's regions;
+    None when there are none to show. Only whole numbers are printed, whatever the message holds."""
+    if not isinstance(regions, list):
+        return None
+    if not regions:
+        return "0 regions"
+    first = regions[0] if isinstance(regions[0], dict) else {}
+    box = first.get("box")
+    count = f"{len(regions)} region{'s' if len(regions) != 1 else ''}"
+    if not (isinstance(box, list) and len(box) == 4 and all(type(v) is int for v in box)):
+        return count
+    x, y, width, height = box
+    return f"{count}, largest {width}x{height} at {x},{y}"
 
 
 def _shown(value: Any) -> str:

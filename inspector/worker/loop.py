@@ -48,6 +48,7 @@ from inspector.worker.consumer import Consumer, Delivery, Outcome
 from inspector.worker.decode import DecodeLimits, decode_capture
 from inspector.worker.evidence import Evidence
 from inspector.worker.ledger import Ledger
+from inspector.worker.locate import frame_regions
 from inspector.worker.metrics import Metrics, configured_label_values
 from inspector.worker.sdnotify import Notifier
 from inspector.worker.serving import ModelSet, Reloader, ServedModel, explain_batch
@@ -459,9 +460,10 @@ class Worker:
         model = batch[0].model
         started = time.perf_counter()
         waits = [self._queue_wait(p) for p in batch]
-        probability, raw, failures, maps = explain_batch(model, [p.tensor for p in batch],  # drawn only if kept
+        keep_maps, locate = self.evidence.wants_maps, model.region_level is not None
+        probability, raw, failures, maps = explain_batch(model, [p.tensor for p in batch],  # drawn only if asked
                                                          functools.partial(stack_for, self.device),
-                                                         maps=self.evidence.wants_maps)
+                                                         maps=keep_maps or locate)
         self.metrics.stage("infer", time.perf_counter() - started)
         self.metrics.batch(model.name, len(batch))
         inspected_at = utc_now()
@@ -472,11 +474,15 @@ class Worker:
                 self._answer_error(prepared.delivery, capture, "scoring_failed", failure, model)
                 continue
             verdict = "fail" if p >= model.threshold else "pass"
-            kept = self.evidence.ticket(capture, verdict, inspected_at, prepared.delivery.body, draw,
-                                        prepared.size)
+            kept = self.evidence.ticket(capture, verdict, inspected_at, prepared.delivery.body,
+                                        draw if keep_maps else None, prepared.size)
+            regions = None
+            if locate and verdict == "fail" and draw is not None and prepared.size is not None:
+                regions = frame_regions(draw, model.region_level, prepared.delivery.body, prepared.size,
+                                        capture.frame_id)
             body = result_body(capture, verdict=verdict, probability=float(p), score=float(r),
                                threshold=model.threshold, model=model.identity(), inspected_at=inspected_at,
-                               evidence=kept and kept.where)
+                               evidence=kept and kept.where, regions=regions)
             outcomes.append(Outcome(
                 delivery=prepared.delivery, routing_key=result_routing_key(verdict, capture.line_id, capture.camera_id),
                 result=encode(body), frame_id=capture.frame_id,

@@ -31,7 +31,7 @@ from inspector import topics
 from inspector.config import ModelSettings, RouteSettings
 from inspector.errors import FrameError, PluginError, StateError, VersionIncomplete
 from inspector.messages import Capture
-from inspector.plugin import Plugin, can_explain, get_plugin
+from inspector.plugin import Plugin, can_explain, get_plugin, region_level
 from inspector.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class ServedModel:
     version: str
     threshold: float
     plugin: Plugin
+    region_level: float | None = None  # set when models.NAME.regions is on and the version has a calibrated level
 
     def identity(self) -> dict[str, str]:
         """The `model` object of a result."""
@@ -92,8 +93,13 @@ def load_version(
             settings.threshold, (info.manifest.get("calibration") or {}).get("target_false_reject"),
             extra={"model": name, "version": info.version},
         )
+    level = region_level(plugin) if settings.regions else None
+    if settings.regions and level is None:
+        log.warning("models.%s.regions is on, but version %s draws no calibrated regions (no localisation map, "
+                    "or too few good images to calibrate one); its results carry none until a refit adds them",
+                    name, info.version, extra={"model": name, "version": info.version})
     return ServedModel(name=name, plugin_name=info.plugin, version=info.version, threshold=settings.threshold,
-                       plugin=plugin)
+                       plugin=plugin, region_level=level)
 
 
 MapOf = Callable[[tuple[int, int]], np.ndarray]  # (width, height) -> one frame's anomaly map

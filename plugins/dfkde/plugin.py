@@ -19,6 +19,8 @@ from plugins.dfkde.conformal import MAX_SCORES, ConformalScale, boundary_rank, i
 from plugins.dfkde.maps import LocalStats, draw
 from plugins.dfkde.maps import LocalSums as _Sums
 from plugins.dfkde.model import DfkdeModel
+from plugins.dfkde.patchmap import FILE as PATCH_MAP_FILE
+from plugins.dfkde.patchmap import PatchDensity, PatchExtractor, PatchMap, PatchSampler
 from plugins.dfkde.runtimes import RUNTIMES, check_runtime, missing_packages
 from plugins.dfkde.state import load_state, model_settings, read_settings, save_state
 
@@ -50,6 +52,9 @@ class DfkdeSettings(BaseModel):
     seed: int = 0
     jpeg_reduced_decode: bool = Field(
         True, description="decode JPEGs at 1/2, 1/4 or 1/8 scale down to input_size; fixed at fit time"
+    )
+    localisation_maps: bool = Field(
+        True, description="fit the localisation maps' own pass (plugins/dfkde/patchmap.py) in every refit"
     )
 
     @field_validator("runtime")
@@ -106,10 +111,15 @@ class DfkdePlugin:
     name: ClassVar[str] = "dfkde"
     Settings: ClassVar[type[BaseModel]] = DfkdeSettings
 
-    def __init__(self, model: DfkdeModel, device: torch.device, jpeg_reduced_decode: bool = False) -> None:
+    def __init__(self, model: DfkdeModel, device: torch.device, jpeg_reduced_decode: bool = False,
+                 localisation_maps: bool = True) -> None:
         self.model = model.to(device).eval()
         self.device = device
         self.jpeg_reduced_decode = jpeg_reduced_decode
+        self.localisation_maps = localisation_maps
+        self.patch_map: PatchMap | None = None  # the fitted localisation map, if any
+        self._patch_extractor: PatchExtractor | None = None
+        self._patch_sampler: PatchSampler | None = None  # fed by `embed`, consumed by the fit on all images
         self.configured_components = model.n_components
         self.fixed_components: int | None = None  # set by fix_components; else each fit follows its images
 
@@ -132,7 +142,7 @@ class DfkdePlugin:
             seed=s.seed,
             runtime=runtime,
         )
-        return cls(model, device, s.jpeg_reduced_decode)
+        return cls(model, device, s.jpeg_reduced_decode, s.localisation_maps)
 
     @classmethod
     def load(cls, folder: Path, device: torch.device, settings: BaseModel | None = None) -> "DfkdePlugin":
@@ -144,7 +154,13 @@ class DfkdePlugin:
         s = DfkdeSettings.model_validate(settings.model_dump() if isinstance(settings, BaseModel) else settings or {})
         model = load_state(folder, device, schema=DfkdeSettings)
         model.runtime = resolve_runtime(s.runtime, model.precision, device)
-        return cls(model, device, reduced)
+        plugin = cls(model, device, reduced)
+        if (folder / PATCH_MAP_FILE).exists():  # a version saved before localisation maps has none
+            extractor = plugin._extractor()
+            density = PatchDensity.load(folder, extractor.layer, extractor.channels, extractor.size)
+            if density is not None:
+                plugin.patch_map = PatchMap(extractor, density.to(device))
+        return plugin
 
     @property
     def min_images(self) -> int:
@@ -216,9 +232,12 @@ class DfkdePlugin:
         Memory stays at filter_count x features however large the archive is.
         """
         reservoir, sums = self._reservoir(), _Sums()
+        self._patch_sampler = None
         for batch in batches:
             self._add(self.embed(batch), reservoir, sums)
-        return self._fit_reservoir(reservoir, sums)
+        report = self._fit_reservoir(reservoir, sums)
+        self._fit_patch_map(reservoir.seen)
+        return report
 
     def embed(self, batch: torch.Tensor) -> torch.Tensor:
         """The backbone's features of a batch of prepared images: B x (2 + SAMPLED_LOCATIONS) x features,
@@ -230,7 +249,12 @@ class DfkdePlugin:
         refits only PCA and the KDE per fold (fit_embeddings, score_embeddings).
         """
         maps = self.model.get_feature_maps(batch.to(self.device, non_blocking=True))
-        return torch.cat([self.model.pool(maps), LocalStats.moments(maps, batch)], dim=1).cpu()
+        rows = torch.cat([self.model.pool(maps), LocalStats.moments(maps, batch)], dim=1).cpu()
+        if self.localisation_maps:  # the localisation map's own pass, sampled for its fit (patchmap.py)
+            if self._patch_sampler is None:
+                self._patch_sampler = PatchSampler(self.model.seed)
+            self._patch_sampler.add(self._extractor()(batch))
+        return rows
 
     def fit_embeddings(self, embeddings: torch.Tensor) -> FitReport:
         """Fit PCA, the KDE and the maps' statistics to rows of `embed`, in the order of their images: the
@@ -238,7 +262,35 @@ class DfkdePlugin:
         same order, and the same sums are taken)."""
         reservoir, sums = self._reservoir(), _Sums()
         self._add(self._check_rows(embeddings), reservoir, sums)
-        return self._fit_reservoir(reservoir, sums)
+        report = self._fit_reservoir(reservoir, sums)
+        self._fit_patch_map(embeddings.shape[0])
+        return report
+
+    def _extractor(self) -> PatchExtractor:
+        if self._patch_extractor is None:
+            backbone = self.model.backbone
+            self._patch_extractor = PatchExtractor(backbone.name, backbone.weights, self.model.input_size,
+                                                   self.model.seed).to(self.device)
+        return self._patch_extractor
+
+    def _fit_patch_map(self, images: int) -> None:
+        """Fit the localisation map from what `embed` sampled, when that was these very images (the fit on
+        all images; a cross-fit's folds draw no maps); the previous map goes, as the rest of the model does."""
+        sampler, self._patch_sampler = self._patch_sampler, None
+        self.patch_map = None
+        if sampler is None or sampler.images != images:
+            return
+        try:
+            density = PatchDensity(self._extractor().size).fit(sampler)
+        except ValueError as exc:
+            raise FitError(f"DFKDE localisation map fit failed: {exc}") from exc
+        self.patch_map = PatchMap(self._extractor(), density.to(self.device))
+
+    @property
+    def region_level(self) -> float | None:
+        """The map level at which a region starts (calibrated on held-out good parts' maps, patchmap.py);
+        None for a model without a localisation map, or too few images to calibrate one."""
+        return None if self.patch_map is None else self.patch_map.region_level
 
     def score(self, batch: torch.Tensor) -> Scores:
         probability, log_density = self.model.score(batch.to(self.device, non_blocking=True))
@@ -248,12 +300,16 @@ class DfkdePlugin:
     def explain(self) -> Callable[[torch.Tensor], Explained] | None:
         """Scores with anomaly maps (inspector.plugin's optional `explain`), for a model fitted with the maps'
         statistics; None for one saved before maps existed, so that `can_explain` says no (refit it)."""
-        return self._explain if self.model.local_stats.fitted else None
+        return self._explain if self.patch_map is not None or self.model.local_stats.fitted else None
 
     def _explain(self, batch: torch.Tensor) -> Explained:
-        """`score`'s very numbers (the same pass), keeping the batch's feature maps for `map_of`."""
+        """`score`'s very numbers (the same pass), keeping what `map_of` draws from: the batch itself for the
+        localisation map's own pass (run per frame, on request), else the scoring pass's feature maps."""
         probability, log_density, maps = self.model.score_with_maps(batch.to(self.device, non_blocking=True))
-        return Explained(scores=_scores(probability, log_density), map_of=_MapDrawer(self.model, maps))
+        map_of = _MapDrawer(self.model, maps)
+        if self.patch_map is not None:
+            map_of = _Checked(self.patch_map.drawer(batch), batch.shape[0])
+        return Explained(scores=_scores(probability, log_density), map_of=map_of)
 
     @torch.inference_mode()
     def score_embeddings(self, embeddings: torch.Tensor) -> Scores:
@@ -354,10 +410,13 @@ class DfkdePlugin:
             "boundary_log_density": scale.boundary,
             "held_out_false_reject": float(np.mean(probability >= threshold)),
             "held_out_log_density_quantiles": {str(q): float(np.quantile(raw, q)) for q in levels},
-        }
+        } | ({} if self.patch_map is None else {"localisation_map": dict(self.patch_map.density.figures)})
 
     def save(self, folder: Path) -> list[str]:
-        return save_state(self.model, folder, plugin={"jpeg_reduced_decode": self.jpeg_reduced_decode})
+        files = save_state(self.model, folder, plugin={"jpeg_reduced_decode": self.jpeg_reduced_decode})
+        if self.patch_map is not None:
+            files.append(self.patch_map.density.save(folder, self.patch_map.extractor.layer))
+        return files
 
 
 @contextlib.contextmanager
@@ -394,6 +453,22 @@ class _MapDrawer:
         with torch.inference_mode():
             distance = self.stats.distance([m[index : index + 1] for m in self.maps])[0]
             return draw(distance, (width, height), self.input_size, self.stats.map_scale)
+
+
+class _Checked:
+    """A `map_of` whose index and size are checked before the drawing is asked for."""
+
+    def __init__(self, draw: Callable[[int, tuple[int, int]], np.ndarray], count: int) -> None:
+        self.draw, self.count = draw, count
+
+    def __call__(self, index: int, size: tuple[int, int]) -> np.ndarray:
+        if not 0 <= index < self.count:
+            raise PluginError(f"anomaly map of image {index} asked of a batch of {self.count}")
+        width, height = (int(v) for v in size)
+        if not (0 < width <= _MapDrawer.MAX_SIDE and 0 < height <= _MapDrawer.MAX_SIDE):
+            raise PluginError(f"anomaly map size {width}x{height}: each side must be 1..{_MapDrawer.MAX_SIDE}")
+        with torch.inference_mode():
+            return self.draw(index, (width, height))
 
 
 def _scores(probability: torch.Tensor, log_density: torch.Tensor) -> Scores:
