@@ -139,7 +139,8 @@ def _instead(data: Path) -> str:
     for candidate in (real / "train" / GOOD, real.parent / "train" / GOOD, real.parent.parent / "train" / GOOD,
                       real / GOOD, real.parent / GOOD):
         if _is_folder(candidate):
-            return f"Pass its good images: --data {candidate}"
+            shown = candidate.relative_to(Path.cwd()) if candidate.is_relative_to(Path.cwd()) else candidate
+            return f"Pass its good images: --data {shown}"
     return "Pass a folder of good parts only"
 
 
