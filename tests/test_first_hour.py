@@ -188,6 +188,7 @@ def test_usage_errors_and_the_store_listing_need_no_torch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[2, 2, 2, 2, 2, 2, 2, 1, 0] False", result.stderr
     assert "Traceback" not in result.stderr
+    assert "configured: default" in result.stderr and "['default']" not in result.stderr  # 9. one way to list
 
 
 # -- 5. every file of a version readable by the worker's user ------------------------------------------------
