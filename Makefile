@@ -28,7 +28,7 @@ run: setup
 	$(BIN)/inspector run
 
 sample-model: setup
-	$(BIN)/inspector samples --out $(SAMPLE)
+	@[ -d $(SAMPLE)/train/good ] || $(BIN)/inspector samples --out $(SAMPLE)  # samples refuses a used folder
 	$(BIN)/inspector refit --data $(SAMPLE)/train/good --held-out 0.25 --target-false-reject 0.02 --no-announce
 
 demo: setup

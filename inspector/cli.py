@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from inspector import __version__, logs
-from inspector.errors import ConfigError, InspectorError
+from inspector.errors import ConfigError, InspectorError, StateError
 
 log = logging.getLogger("inspector")
 
@@ -33,7 +33,8 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inspector", description="Visual inspection of line camera frames.")
+    parser = argparse.ArgumentParser(prog="inspector", description="Visual inspection of line camera frames.",
+                                     epilog=FIRST_RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"inspector {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -56,14 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         "or evaluate, for trying inspector without a camera.",
     )
     _add_config(sample)
-    sample.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write (created)")
+    sample.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="folder to write (created; refused when it exists and is not empty)")
     sample.add_argument("--train", type=int, default=200, help="good training images (default 200)")
     sample.add_argument("--test", type=int, default=40, help="good test images (default 40)")
     sample.add_argument("--defective", type=int, default=10, help="test images per defect kind (default 10)")
     sample.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    sample.add_argument("--format", default="png", choices=["png", "jpg", "bmp", "tiff", "webp"])
-    sample.add_argument("--seed", type=int, default=0)
-    sample.set_defaults(func=_cmd_samples)
+    sample.add_argument("--format", default="png", choices=["png", "jpg", "bmp", "tiff", "webp"],
+                        help="image file format (default png)")
+    sample.add_argument("--seed", type=int, default=0, help="seeds the images: the same seed writes the same line "
+                        "(default 0)")
+    sample.set_defaults(func=_cmd_samples, check_plugins=False)  # writes images: no torch to load
 
     demo = commands.add_parser(
         "demo",
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(demo)
     demo.add_argument("--train", type=int, default=200, help="good images to fit on (default 200)")
     demo.add_argument("--test", type=int, default=40, help="held-out good images and defective images each (default 40)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seeds the synthetic images (default 0)")
     demo.set_defaults(func=_cmd_demo)
 
     refit = commands.add_parser(
@@ -86,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         "workers.",
     )
     _add_config(refit)
-    refit.add_argument("--data", type=Path, required=True, metavar="DIR", help="folder of good-part images (recursive)")
+    refit.add_argument("--data", type=Path, required=True, metavar="DIR",
+                       help="folder of good-part images (recursive); a labelled data set's root, or a folder of "
+                       "defects or masks, is refused (e.g. pass sample-line/train/good, not sample-line)")
+    refit.add_argument("--any-folder", action="store_true",
+                       help="fit on every image under --data even where its folders are laid out as a labelled "
+                       "data set (defect kinds beside good/, ground_truth/ masks)")
     refit.add_argument("--model", metavar="NAME", help="the model to refit (default: default_model)")
     refit.add_argument("--target-false-reject", type=float, metavar="RATE",
                        help="false-reject rate on good parts to calibrate for (default: refit.target_false_reject)")
@@ -112,23 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     refit.add_argument("--no-calibrate", action="store_true",
                        help="keep the configured threshold and offset; use every image for the fit")
     refit.add_argument("--keep", type=int, metavar="N", help="keep only the newest N versions (never the current)")
-    refit.add_argument("--no-announce", action="store_true", help="store the version without telling the workers")
-    refit.set_defaults(func=_cmd_refit)
+    telling = refit.add_mutually_exclusive_group()
+    telling.add_argument("--announce", action="store_true",
+                         help="announce the version on the broker even when no broker.url is configured (the "
+                         "default URL, a local RabbitMQ)")
+    telling.add_argument("--no-announce", action="store_true",
+                         help="store the version without telling the workers (default where no broker.url is "
+                         "configured: nothing is sent)")
+    refit.set_defaults(func=_cmd_refit, check=_check_refit)
 
     models = commands.add_parser("models", help="what is in the model store; make an older version current")
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     listing = model_commands.add_parser("list", help="every model and its versions")
     _add_config(listing)
-    listing.set_defaults(func=_cmd_models_list)
+    listing.set_defaults(func=_cmd_models_list, check_plugins=False)  # the store alone: no torch to load
     show = model_commands.add_parser("show", help="the manifest of a version (default: the current one)")
     _add_config(show)
-    show.add_argument("name")
-    show.add_argument("version", nargs="?")
-    show.set_defaults(func=_cmd_models_show)
+    show.add_argument("name", help="the model")
+    show.add_argument("version", nargs="?", help="the version (default: the current one)")
+    show.set_defaults(func=_cmd_models_show, check_plugins=False)
     rollback = model_commands.add_parser("rollback", help="make VERSION current again and announce it")
     _add_config(rollback)
-    rollback.add_argument("name")
-    rollback.add_argument("version")
+    rollback.add_argument("name", help="the model")
+    rollback.add_argument("version", help="the stored version to make current (see `inspector models list`)")
     rollback.add_argument("--no-announce", action="store_true", help="switch without telling the workers")
     rollback.set_defaults(func=_cmd_models_rollback)
 
@@ -149,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--report", type=Path, metavar="FILE.html",
                           help="also write one self-contained HTML page: ROC curve, score histograms, confusion, "
                           "recall per kind, and galleries of false rejects, missed defects and closest calls")
-    evaluate.set_defaults(func=_cmd_evaluate)
+    evaluate.set_defaults(func=_cmd_evaluate, check=_check_evaluate)
 
     explain = commands.add_parser(
         "explain",
@@ -166,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image files or folders (recursive)")
     explain.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write into (created)")
     explain.add_argument("--model", metavar="NAME", help="the model to explain with (default: default_model)")
-    explain.set_defaults(func=_cmd_explain)
+    explain.set_defaults(func=_cmd_explain, check=_check_explain)
 
     publish = commands.add_parser(
         "publish",
@@ -262,10 +277,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(opcua)
     opcua.set_defaults(func=_cmd_opcua, check_plugins=False)  # a broker tool: no torch to load
 
-    config = commands.add_parser("config", help="check the configuration and print it as JSON")
+    config = commands.add_parser(
+        "config", help="check the configuration and print it as JSON",
+        description="Read the configuration (the file, then INSPECTOR_* variables over it), check every setting "
+        "and plugin table, report every problem found (exit 2), else print the whole tree as JSON with the "
+        "defaults filled in; the broker password is never printed.")
     _add_config(config)
     config.set_defaults(func=_cmd_config)
+    _order_for_newcomers(commands)
     return parser
+
+
+# `inspector --help` lists the commands in the order a newcomer takes them: the first run, then the worker and
+# its tools, then the rest. A command not named here (a newer one) follows in the order it was added.
+NEWCOMER_ORDER = ("samples", "refit", "evaluate", "explain", "models", "run", "publish", "watch", "config", "demo",
+                  "bench")
+FIRST_RUN_EPILOG = """\
+first run, offline (no broker, no camera):
+  inspector samples --out sample-line                      a synthetic line in MVTec AD's layout
+  inspector refit --data sample-line/train/good            fit a model from its good images
+  inspector evaluate --data sample-line/test --report report.html
+  inspector explain --data sample-line/test/scratch --out explained
+then `inspector run` scores frames from RabbitMQ; `inspector COMMAND --help` says more."""
+
+
+def _order_for_newcomers(commands: argparse._SubParsersAction) -> None:
+    """Sort the help's list of commands (argparse lists them in the order they were added)."""
+    def rank(action: argparse.Action) -> int:
+        return NEWCOMER_ORDER.index(action.dest) if action.dest in NEWCOMER_ORDER else len(NEWCOMER_ORDER)
+
+    commands._choices_actions.sort(key=rank)
 
 
 def _cmd_run(settings, args) -> int:
@@ -280,6 +321,11 @@ def _cmd_samples(settings, args) -> int:
     for name in ("train", "test", "defective", "size"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    out = args.out.expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "is not a folder" if not out.is_dir() else "exists and is not empty"
+        raise ConfigError(f"--out {args.out}: {what} ({out.absolute()}); samples write a fresh folder, so that old "
+                          "and new images never mix: name a new folder, or remove this one first")
     try:
         counts = samples.write_line(args.out, train=args.train, test=args.test, defective_per_kind=args.defective,
                                     seed=args.seed, size=args.size, fmt=args.format)
@@ -288,6 +334,8 @@ def _cmd_samples(settings, args) -> int:
     for part, folders in counts.items():
         listing = ", ".join(f"{folder} {n}" for folder, n in folders.items())
         print(f"{args.out / part}: {listing}")
+    if args.train:
+        print(f"next: inspector refit --data {args.out / 'train' / 'good'}")
     return 0
 
 
@@ -297,10 +345,10 @@ def _cmd_demo(settings, args) -> int:
     return run_demo(settings, train=args.train, test=args.test, seed=args.seed)
 
 
-def _cmd_refit(settings, args) -> int:
-    from inspector.tools.refit import RefitOptions, run_refit
+def _refit_options(settings, args):
+    from inspector.tools.refit_options import RefitOptions
 
-    options = RefitOptions(
+    return RefitOptions(
         data=args.data.expanduser(),
         model=args.model or settings.default_model,
         calibrate=not args.no_calibrate,
@@ -315,10 +363,22 @@ def _cmd_refit(settings, args) -> int:
         group_sidecar=args.group_sidecar,
         group_seconds=args.group_seconds,
         keep=args.keep if args.keep is not None else settings.refit.keep,
-        announce=not args.no_announce,
+        announce=True if args.announce else False if args.no_announce else None,
+        any_folder=args.any_folder,
     )
-    if options.keep < 0:
-        raise ConfigError(f"--keep {options.keep}: must be 0 (keep all) or more")
+
+
+def _check_refit(settings, args) -> None:
+    from inspector.tools.refit_options import check_options
+
+    check_options(settings, _refit_options(settings, args))
+
+
+def _cmd_refit(settings, args) -> int:
+    from inspector.tools.refit import run_refit
+    from inspector.tools.refit_options import broker_configured
+
+    options = _refit_options(settings, args)
     result = run_refit(settings, options)
     print(f"model {options.model!r}: version {result.version} is current")
     print(f"  images: {result.found} found, {result.used} used for the fit, {result.held_out} held out, "
@@ -343,11 +403,23 @@ def _cmd_refit(settings, args) -> int:
     if result.pruned:
         print(f"  pruned: {', '.join(result.pruned)}")
     if result.announced:
-        print(f"  announced model.{options.model} on {settings.broker.exchanges.control}")
-    elif options.announce:
+        print(f"  announced model.{options.model} on {settings.broker.exchanges.control} at {settings.broker.shown}")
+    elif options.announce is None and not broker_configured(settings):
+        print(f"  not announced: no broker.url is configured, so nothing was sent (--announce sends it to "
+              f"{settings.broker.shown}); a worker on this store takes the version up when it starts")
+    elif options.announce is not False:
         print("  not announced: the broker is unreachable; workers pick the version up when they next start "
               f"or are told (inspector models rollback {options.model} {result.version})")
+    test = options.data.resolve().parent.parent / "test"
+    print(f"next: inspector evaluate --model {options.model} --data "
+          + (_shown(test) if (test / "good").is_dir() else "DIR (good/ and one folder per defect kind)"))
     return 0
+
+
+def _shown(path: Path) -> str:
+    """A path to type: relative to the working folder when it lies under it, else absolute."""
+    path = path.absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def _calibration_lines(c: dict) -> list[str]:
@@ -399,11 +471,30 @@ def _store(settings):
     return open_store(settings.store)
 
 
+def _where(settings, args) -> str:
+    """Where the store is and which configuration file said so: a relative store.path hides both."""
+    from inspector.s3store import is_s3_url
+
+    path = settings.store.path
+    shown = path if is_s3_url(path) else str(Path(path).expanduser().absolute())
+    return f"{shown} (store.path; {_config_read(args)})"
+
+
+def _config_read(args) -> str:
+    from inspector.config import DEFAULT_CONFIG
+
+    path = config_path(args.config, os.environ) or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    return f"configuration {path.expanduser().absolute()}" if path else (
+        f"no configuration file: no --config, no INSPECTOR_CONFIG, no {DEFAULT_CONFIG} in {Path.cwd()}")
+
+
 def _cmd_models_list(settings, args) -> int:
     store = _store(settings)
     names = store.names()
     if not names:
-        print(f"no models in {settings.store.path}")
+        print(f"no models in {_where(settings, args)}; configured: {', '.join(sorted(settings.models))}")
+        print("next: inspector refit --data DIR (a folder of good parts; inspector samples --out sample-line "
+              "writes one to try)")
         return 0
     print(f"{'model':<16}{'version':<26}{'plugin':<10}{'images':>8}  {'threshold':>9}  created")
     for name in names:
@@ -417,7 +508,11 @@ def _cmd_models_list(settings, args) -> int:
 
 
 def _cmd_models_show(settings, args) -> int:
-    info = _store(settings).info(args.name, args.version)
+    store = _store(settings)
+    if args.name in settings.models and args.name not in store.names():
+        raise StateError(f"model {args.name!r} is configured but has no versions in {_where(settings, args)}; "
+                         f"fit one with `inspector refit --model {args.name} --data DIR`")
+    info = store.info(args.name, args.version)
     print(json.dumps(info.manifest | {"current": info.current, "path": str(info.path)}, indent=2))
     return 0
 
@@ -439,6 +534,21 @@ def _cmd_models_rollback(settings, args) -> int:
         log.warning("%s", exc)
         print("  not announced: the broker is unreachable; workers pick the version up when they next start")
     return 0
+
+
+def _check_evaluate(settings, args) -> None:
+    from inspector.tools.checks import TEST_SET_LAYOUT, check_batch_size, check_folder, check_model
+
+    check_model(settings, args.model or settings.default_model)
+    check_batch_size(args.batch_size if args.batch_size is not None else settings.worker.batch_size)
+    check_folder(args.data.expanduser(), hint=TEST_SET_LAYOUT)
+
+
+def _check_explain(settings, args) -> None:
+    from inspector.tools.checks import check_model, check_paths
+
+    check_model(settings, args.model or settings.default_model)
+    check_paths([path.expanduser() for path in args.data])
 
 
 def _cmd_evaluate(settings, args) -> int:
@@ -597,11 +707,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from inspector import config
 
-        settings = config.load(config_path(args.config, os.environ),
-                               check_plugins=getattr(args, "check_plugins", True))
+        # Arguments first, then the plugins (they import torch): a mistake is told in well under a second.
+        settings = config.load(config_path(args.config, os.environ), check_plugins=False)
         log_format = settings.log_format
         logs.configure(log_format, settings.log_level)
         logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))
+        if getattr(args, "check", None) is not None:
+            args.check(settings, args)
+        if getattr(args, "check_plugins", True):
+            config.check_plugin_settings(settings)
         return args.func(settings, args)
     except InspectorError as exc:
         _report(log_format, str(exc))

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from inspector import secretfiles
 from inspector.devices import DEVICE_PATTERN
@@ -330,22 +330,22 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _default_model_exists(self) -> "Settings":
+        problems = []  # every one, not only the first
+        defined = ", ".join(sorted(self.models))
         if self.default_model not in self.models:
-            raise ValueError(
-                f"default_model {self.default_model!r} is not one of the models defined: {sorted(self.models)}"
-            )
+            problems.append(f"default_model {self.default_model!r} is not one of the models defined: {defined}")
         for index, route in enumerate(self.worker.routes):
             if route.model not in self.models:
-                raise ValueError(
-                    f"worker.routes[{index}] names model {route.model!r}, which is not one of the models "
-                    f"defined: {sorted(self.models)}"
-                )
+                problems.append(f"worker.routes[{index}] names model {route.model!r}, which is not one of the "
+                                f"models defined: {defined}")
         if self.evidence.enabled and _overlap(self.evidence.path, self.store.path):
-            raise ValueError(
+            problems.append(
                 f"evidence.path {self.evidence.path!r} and store.path {self.store.path!r} overlap (one holds the "
                 "other), so pruning the archive could delete model versions; give the evidence archive a folder "
                 "or S3 prefix of its own"
             )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @classmethod
@@ -449,63 +449,133 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
-def _check_environment(environ: Mapping[str, str]) -> None:
-    """Unknown INSPECTOR_* variables are errors: a misspelt override must not be silently ignored."""
+def _environment_problems(environ: Mapping[str, str]) -> list[str]:
+    """Unknown INSPECTOR_* variables (a misspelt override must not be silently ignored), and list or table
+    settings not written as JSON (pydantic-settings would stop on them with a traceback): one line each."""
     known = {name.upper() for name in Settings.model_fields}
-    for variable in environ:
+    problems = []
+    for variable, value in sorted(environ.items()):
         if not variable.upper().startswith(ENV_PREFIX) or variable.upper() == CONFIG_ENV:
             continue
-        head = variable[len(ENV_PREFIX) :].split(ENV_DELIMITER)[0].upper()
-        if head not in known:
-            raise ConfigError(
-                f"environment variable {variable}: unknown key {head.lower()!r}; "
+        path = variable[len(ENV_PREFIX) :].split(ENV_DELIMITER)
+        if path[0].upper() not in known:
+            problems.append(
+                f"environment variable {variable}: unknown key {path[0].lower()!r}; "
                 f"known top-level keys: {', '.join(sorted(k.lower() for k in known))}"
             )
+            continue
+        annotation = _annotation(Settings, [part.lower() for part in path])
+        if annotation is not None and _must_be_json(annotation):
+            try:
+                json.loads(value)
+            except ValueError:
+                problems.append(f"environment variable {variable}: {redact_text(value)!r} is not JSON; a list or "
+                                f"table setting is written as JSON, e.g. {variable}='{_as_json(value)}'")
+    return problems
 
 
-def _check_no_secrets_in_file(data: Mapping[str, Any]) -> None:
+def _annotation(model: Any, path: list[str]) -> Any:
+    """The type of the setting at `path` under a settings model; None where the path leaves the typed tree
+    (a key of `models` or `plugins`, an unknown key: the validation names those)."""
+    annotation: Any = model
+    for part in path:
+        fields = getattr(annotation, "model_fields", None) if isinstance(annotation, type) else None
+        if fields is None or part not in fields:
+            return None
+        annotation = fields[part].annotation
+    return annotation
+
+
+def _must_be_json(annotation: Any) -> bool:
+    """Whether pydantic-settings reads the setting from the environment as JSON only: a list, tuple, set,
+    mapping or model, or an optional one (`str | list[str]` takes a plain string as well)."""
+    origin = get_origin(annotation)
+    if origin in (Union, UnionType):
+        members = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return bool(members) and all(_must_be_json(arg) for arg in members)
+    return _is_complex(annotation)
+
+
+def _as_json(value: str) -> str:
+    """A plain value as the JSON list it most likely meant: comma-separated words as a list of strings."""
+    return json.dumps([word.strip() for word in value.split(",") if word.strip()])
+
+
+def _secrets_problems(data: Mapping[str, Any]) -> list[str]:
     """The broker and OPC UA passwords come from the environment only, never from a file that gets copied
     around."""
+    problems = []
     opcua = data.get("opcua")
     if isinstance(opcua, Mapping) and "password" in opcua:
-        raise ConfigError("OPC UA password in the config file: remove opcua.password and set "
-                          "INSPECTOR_OPCUA__PASSWORD in the environment instead")
+        problems.append("OPC UA password in the config file: remove opcua.password and set "
+                        "INSPECTOR_OPCUA__PASSWORD in the environment instead")
     broker = data.get("broker")
     if not isinstance(broker, Mapping):
-        return
+        return problems
     url = broker.get("url")
     urls = [url] if isinstance(url, str) else url if isinstance(url, list) else []
     if "password" in broker or any(isinstance(one, str) and urlsplit(one).password for one in urls):
-        raise ConfigError(
-            "broker password in the config file: remove it (from broker.password or broker.url) "
-            "and set INSPECTOR_BROKER__PASSWORD in the environment instead"
-        )
+        problems.append("broker password in the config file: remove it (from broker.password or broker.url) "
+                        "and set INSPECTOR_BROKER__PASSWORD in the environment instead")
+    return problems
+
+
+def _report(problems: list[str]) -> ConfigError:
+    """Every problem found, in one error: a single one as its own line, several under one heading."""
+    lines = [line for problem in problems for line in problem.removeprefix(_HEADING).split("\n  ")]
+    if len(problems) == 1:
+        return ConfigError(problems[0])
+    return ConfigError(_HEADING + "\n  ".join(lines))
+
+
+_HEADING = "invalid configuration:\n  "
 
 
 def load(path: Path | str | None = None, *, check_plugins: bool = True) -> Settings:
-    """Settings from `path` (or ./inspector.toml when present, else defaults) and the environment."""
+    """Settings from `path` (or ./inspector.toml when present, else defaults) and the environment. Every
+    problem found is reported at once, not only the first."""
     if path is None:
         data = _read_toml(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else {}
     else:
         data = _read_toml(Path(path).expanduser())
-    _check_environment(os.environ)
-    _check_no_secrets_in_file(data)
+    problems = _environment_problems(os.environ) + _secrets_problems(data)
     for (section, key), secret in secretfiles.setting_secret_files(os.environ, ENV_PREFIX, ENV_DELIMITER).items():
         table = data.get(section, {})
         data = {**data, section: {**table, key: secret} if isinstance(table, Mapping) else table}
+    settings = None
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        problems.append(_describe(exc))
+    except SettingsError as exc:  # a value the environment source cannot parse: named above, or else here
+        if not problems:
+            problems.append(f"{exc}; check the INSPECTOR_* variables")
+    if problems or settings is None:
+        raise _report(problems)
     if check_plugins:
-        for name, model in settings.models.items():
-            try:
-                settings.plugin_settings(model.plugin)
-            except PluginError as exc:
-                raise ConfigError(f"models.{name}.plugin: {exc}") from None
-        for plugin in settings.plugins:
-            try:
-                settings.plugin_settings(plugin)
-            except PluginError as exc:
-                raise ConfigError(f"plugins.{plugin}: {exc}") from None
+        check_plugin_settings(settings)
     return settings
+
+
+def check_plugin_settings(settings: Settings) -> None:
+    """Every model's plugin can be loaded and every plugin table is valid; all problems in one ConfigError.
+    Loads the plugins (and so torch): commands check their arguments first."""
+    problems = []
+    for name, model in settings.models.items():
+        try:
+            settings.plugin_settings(model.plugin)
+        except PluginError as exc:
+            problems.append(f"models.{name}.plugin: {exc}")
+        except ConfigError as exc:
+            problems.append(str(exc))
+    for plugin in settings.plugins:
+        if plugin in {model.plugin for model in settings.models.values()}:
+            continue  # checked above
+        try:
+            settings.plugin_settings(plugin)
+        except PluginError as exc:
+            problems.append(f"plugins.{plugin}: {exc}")
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise _report(list(dict.fromkeys(problems)))

@@ -197,7 +197,9 @@ class ModelStore:
             version = ""
             renamed = False
             try:
-                files = _collect(incoming, save(incoming), base["plugin"])
+                names = save(incoming)
+                _same_mode(incoming, names)
+                files = _collect(incoming, names, base["plugin"])
                 sizes = {file: os.stat(incoming / file).st_size for file in files}
                 created = self._next_time(name, model_dir, after)
                 checksum = _checksum(files)
@@ -508,6 +510,36 @@ def _collect(folder: Path, returned: Any, plugin: str) -> dict[str, str]:
     return {file: _hash_file(folder / file, sync=True) for file in sorted(names)}
 
 
+def file_mode() -> int:
+    """The mode every file of a version is written with: what the process umask allows a new file (0644 under
+    the usual 022). A plugin's writer may choose its own (safetensors writes 0600), and a worker running as
+    another user than the refit (the shipped systemd units) must read every file of it."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc: no race with other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _same_mode(folder: Path, names: Any) -> None:
+    """Give each plain file a plugin's `save` wrote the version's file mode (see file_mode)."""
+    mode = file_mode()
+    for name in names if isinstance(names, (list, tuple)) else []:
+        path = folder / str(name)
+        if isinstance(name, str) and _FILE_NAME.match(name) and path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def _checksum(files: dict[str, str]) -> str:
     lines = "".join(f"{file}:{files[file]}\n" for file in sorted(files))
     return hashlib.sha256(lines.encode("utf-8")).hexdigest()
@@ -570,7 +602,7 @@ def _read_manifest(name: str, version: str, path: Path) -> dict:
 
 def _write_file(path: Path, data: bytes) -> None:
     """Create `path` (it must not exist), write all of `data` and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # the umask applies
     try:
         view = memoryview(data)
         while view:

@@ -136,18 +136,20 @@ def test_too_few_images_exits_1_and_writes_nothing(tmp_path):
         Image.fromarray(image).save(tmp_path / "few" / f"part{i}.png")
     result = inspector("refit", "--data", "few", "--no-calibrate", "--no-announce", cwd=tmp_path)
     assert result.returncode == 1
-    assert "needs at least 8 images to fit; found 5 image files" in result.stderr
+    assert "needs at least 8 images to fit (2 per component" in result.stderr
+    assert "found 5 image files under few" in result.stderr
     assert "Traceback" not in result.stderr
     _archive(tmp_path / "unreadable", 6, seed=3)  # 9 files pass the count, 6 decode
     result = inspector("refit", "--data", "unreadable", "--no-calibrate", "--no-announce", cwd=tmp_path)
     assert result.returncode == 1
-    assert "needs at least 8 images to fit; 6 usable of 9 image files" in result.stderr
+    assert "needs at least 8 images to fit (2 per component" in result.stderr
+    assert "; 6 usable of 9 image files" in result.stderr
     assert "(3 unreadable)" in result.stderr and "Traceback" not in result.stderr
     assert ModelStore(tmp_path / "models").names() == []
     result = inspector("refit", "--data", "few", "--no-announce", cwd=tmp_path)
-    assert result.returncode == 1 and "calibration needs at least 20 images" in result.stderr
+    assert result.returncode == 1 and "calibrating by cross-fitting needs at least 20 readable" in result.stderr
     result = inspector("refit", "--data", "few", "--held-out", "0.5", "--no-announce", cwd=tmp_path)
-    assert result.returncode == 1 and "calibration needs at least 20 held-out images" in result.stderr
+    assert result.returncode == 1 and "a hold-out of 50% needs at least 39 readable images" in result.stderr
 
 
 def test_operator_mistakes_exit_2_without_a_traceback(tmp_path):

@@ -35,6 +35,7 @@ from inspector.errors import ConfigError, InspectorError, StateError
 from inspector.imagefiles import find_images, is_image_file
 from inspector.plugin import decode_size
 from inspector.stores import open_store
+from inspector.tools.checks import TEST_SET_LAYOUT, check_batch_size, check_model
 from inspector.tools.figures import Figures, figures
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.progress import Progress
@@ -45,10 +46,7 @@ from inspector.worker.serving import ServedModel, load_version, score_batch
 log = logging.getLogger(__name__)
 
 GOOD = "good"
-LAYOUT = (
-    "expected MVTec AD's test/ layout: DIR/good/ with images of good parts and one folder per defect kind "
-    "beside it (DIR/scratch/, DIR/hole/, ...), images found recursively"
-)
+LAYOUT = TEST_SET_LAYOUT
 
 
 # -- the test set on disk -------------------------------------------------------------------
@@ -252,10 +250,8 @@ def load_current(settings: Settings, name: str, device: torch.device) -> ServedM
 
 def check_model_and_batch(settings: Settings, model: str, batch_size: int) -> None:
     """The --model and --batch-size of a tool that scores files (evaluate, explain), checked before any work."""
-    if model not in settings.models:
-        raise ConfigError(f"--model {model!r} is not a configured model; configured: {', '.join(sorted(settings.models))}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size}: must be 1 or more")
+    check_model(settings, model)
+    check_batch_size(batch_size)
 
 
 def run_evaluate(settings: Settings, options: EvaluateOptions) -> Evaluation:

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 RESULTS = "results.jsonl"
 MAP_SUFFIX = ".map.png"
 NAME_MAX_BYTES = messages.FRAME_ID_MAX_BYTES  # NAME.map.png stays within a file name's 255 bytes
+FILES_LISTED = 3  # a summary names each file written for up to this many images
 LINE_ID, CAMERA_ID = "files", "explain"  # the result's source: files on disk, not a camera
 # zlib level of the overlays: a photograph at 1 encoded in 33 ms against 121 ms at Pillow's default 6, for
 # 18% more bytes (bench/explain_drawing.py, 16 magnetic-tile images); maps are smooth and cheap at the default
@@ -63,6 +64,7 @@ class ExplainSummary:
     device: str
     seconds: float
     verdicts: dict[str, int] = field(default_factory=lambda: {"pass": 0, "fail": 0, "error": 0})
+    names: list[str] = field(default_factory=list)  # each image's NAME, in the order scored
 
     @property
     def images(self) -> int:
@@ -74,8 +76,17 @@ class ExplainSummary:
         return (f"model {m['name']!r}: {m['plugin']} version {m['version']} on {self.device}\n"
                 f"explained {self.images} images into {self.out}: pass {v['pass']}, fail {v['fail']}, "
                 f"error {v['error']}; {self.seconds:.1f} s{rate}\n"
-                f"  NAME.png: the image with its map and verdict; NAME.map.png: the map, 16-bit grey; "
-                f"{RESULTS}: one result per image")
+                + self._files())
+
+    def _files(self) -> str:
+        """What was written: each file by its full path for a few images, else the pattern of their names."""
+        if 0 < len(self.names) <= FILES_LISTED:
+            return "\n".join(f"  {self.out / name}.png: the image with its map and verdict; "
+                             f"{self.out / name}{MAP_SUFFIX}: the map, 16-bit grey" for name in self.names
+                             ) + f"\n  {self.out / RESULTS}: the result of each image"
+        return (f"  NAME.png: the image with its map and verdict; NAME{MAP_SUFFIX}: the map, 16-bit grey; "
+                f"{RESULTS}: one result per image (NAME: the file's path under its --data argument, "
+                "folders joined by '__')")
 
 
 def collect(data: list[Path]) -> list[tuple[Path, str]]:
@@ -192,6 +203,7 @@ def run_explain(settings: Settings, options: ExplainOptions) -> ExplainSummary:
         for answer in answers(served, [path for path, _ in files], read, options.batch_size, workers, progress):
             name, source = names[answer.index], files[answer.index][1]
             summary.verdicts[answer.verdict(served.threshold)] += 1
+            summary.names.append(name)
             boxes = regions(answer, served, level)
             results.write(messages.encode(result(answer, name, source, served, answer.map is not None, boxes))
                           + b"\n")

@@ -34,7 +34,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -53,6 +53,9 @@ from inspector.stores import open_store
 from inspector.tools import groups
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.progress import Progress
+from inspector.tools.refit_options import (  # noqa: F401  (RefitOptions and CALIBRATIONS: imported from here)
+    AUTO, CALIBRATIONS, CROSS_FIT, HELD_OUT, RefitOptions, check_options, will_announce,
+)
 from inspector.worker.decode import DecodeLimits, read_file
 
 log = logging.getLogger(__name__)
@@ -62,32 +65,6 @@ MIN_HELD_OUT = 20
 # The automatic choice cross-fits when a hold-out would give fewer images than this: 200 are the
 # fewest that resolve the default target of 0.5% (one image in 200).
 CROSS_FIT_BELOW = 200
-
-AUTO = "auto"
-CROSS_FIT = "cross-fit"
-HELD_OUT = "held-out"
-CALIBRATIONS = (AUTO, CROSS_FIT, HELD_OUT)
-
-
-@dataclass
-class RefitOptions:
-    data: Path
-    model: str
-    calibrate: bool = True
-    target_false_reject: float = 0.005
-    # A share asks for a plain hold-out of that share; None: `refit.held_out_share` under the automatic rule.
-    held_out_share: float | None = None
-    # AUTO, CROSS_FIT or HELD_OUT; None: HELD_OUT when a share is given, else AUTO.
-    calibration: str | None = None
-    folds: int = 0  # 0: automatic (auto_folds)
-    # None: the [refit] settings (fold_order, group_pattern, group_sidecar, group_seconds, group_twins).
-    fold_order: str | None = None
-    group_pattern: str | None = None
-    group_sidecar: Path | None = None
-    group_seconds: float | None = None
-    keep: int = 0
-    announce: bool = True
-
 
 @dataclass
 class RefitResult:
@@ -342,7 +319,7 @@ def _check_readable(used: int, found: int) -> None:
 
 def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
     """Fit, calibrate, store and announce a new version of `options.model`."""
-    _check_options(settings, options)
+    check_options(settings, options)
     model_settings = settings.models[options.model]
     refit = settings.refit
     started = time.perf_counter()
@@ -361,6 +338,7 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
     limits = DecodeLimits(settings.worker.max_image_bytes, refit.max_image_pixels,
                           max_jpeg_scans=settings.worker.max_jpeg_scans, pixels_setting="refit.max_image_pixels")
     read = functools.partial(read_file, limits=limits, min_size=decode_size(plugin))
+    _check_enough(paths, read, options, plugin, model_settings.plugin, share)
 
     def stream(progress: Progress) -> Callable[[], ImageStream]:
         return lambda: ImageStream(plugin.prepare, workers, refit.max_image_pixels, progress, read=read)
@@ -401,8 +379,10 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
             except FitError as exc:
                 if fit_stream.used >= plugin.min_images:
                     raise
+                why = getattr(plugin, "min_images_reason", "")
                 raise FitError(
-                    f"{model_settings.plugin} needs at least {plugin.min_images} images to fit; "
+                    f"{model_settings.plugin} needs at least {plugin.min_images} images to fit"
+                    f"{f' ({why})' if why else ''}; "
                     f"{fit_stream.used} usable of {len(fit_paths)} image files under {options.data} "
                     f"({len(fit_stream.skipped)} unreadable)"
                 ) from exc
@@ -449,7 +429,7 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
     seconds = time.perf_counter() - started
 
     announced = False
-    if options.announce:
+    if will_announce(settings, options):
         try:
             announce(settings.broker, announcement(options.model, info.version, model_settings.plugin, "refit"))
             announced = True
@@ -502,26 +482,70 @@ def _kind(reason: str) -> str:
     return head if head.isidentifier() else "unreadable"
 
 
-def _check_options(settings: Settings, options: RefitOptions) -> None:
-    if options.model not in settings.models:
-        raise ConfigError(f"--model {options.model!r} is not a configured model; configured: {sorted(settings.models)}")
-    if not 0 < options.target_false_reject < 1:
-        raise ConfigError(f"--target-false-reject {options.target_false_reject}: must be between 0 and 1")
-    if options.held_out_share is not None and not 0 <= options.held_out_share < 1:
-        raise ConfigError(f"--held-out {options.held_out_share}: must be at least 0 and below 1")
-    if options.calibration is not None and options.calibration not in CALIBRATIONS:
-        raise ConfigError(f"--calibration {options.calibration!r}: must be one of {', '.join(CALIBRATIONS)}")
-    if options.calibration == CROSS_FIT and options.held_out_share is not None:
-        raise ConfigError("--held-out sets the share of a held-out calibration, and --calibration cross-fit holds "
-                          "nothing out: give one of them")
-    if options.folds != 0 and options.folds < 2:
-        raise ConfigError(f"--folds {options.folds}: cross-fitting needs at least 2 folds (0: automatic)")
-    if options.fold_order is not None and options.fold_order not in groups.FOLD_ORDERS:
-        raise ConfigError(f"--fold-order {options.fold_order!r}: must be one of {', '.join(groups.FOLD_ORDERS)}")
-    if options.group_pattern:
-        groups.compile_pattern(options.group_pattern, "--group-pattern")
-    if options.group_seconds is not None and options.group_seconds < 0:
-        raise ConfigError(f"--group-seconds {options.group_seconds}: must be 0 (off) or more")
+def images_needed(options: RefitOptions, min_images: int, share: float, *, reuses_embeddings: bool,
+                  calibrate: bool | None = None) -> int | None:
+    """The fewest readable images that what was asked can fit and calibrate from (None: no count can, e.g. a
+    hold-out of share 0): the plugin's minimum for a fit, and with calibration at least MIN_HELD_OUT scored,
+    one per fold, and the plugin's minimum left for the smallest fold's or the hold-out's fit."""
+    if not (options.calibrate if calibrate is None else calibrate):
+        return min_images
+    for n in range(1, 10_000_000):
+        choice = choose_calibration(options, n, share, reuses_embeddings=reuses_embeddings)
+        if choice.method == CROSS_FIT:
+            k = options.folds or auto_folds(n, n)
+            if n >= max(MIN_HELD_OUT, k) and n - math.ceil(n / k) >= min_images:
+                return n
+        else:
+            if choice.share <= 0:
+                return None
+            held = held_out_count(n, choice.share)
+            if held >= MIN_HELD_OUT and n - held >= min_images:
+                return n
+    return None
+
+
+def _check_enough(paths: Sequence[Path], read: Callable[[Path], Any], options: RefitOptions, plugin: Plugin,
+                  name: str, share: float) -> None:
+    """FitError before any fitting when the archive cannot give what was asked, saying the real minimum
+    (counting only the files that decode), the setting behind the plugin's, and only advice that works."""
+    reuses = isinstance(plugin, ReusesEmbeddings)
+    need = images_needed(options, plugin.min_images, share, reuses_embeddings=reuses)
+    if need is not None and len(paths) >= need:
+        return  # enough files; the fit itself counts those that do not decode
+    readable = 0
+    for path in paths[: min(need or len(paths), 10_000) + 1]:
+        try:
+            read(path)
+            readable += 1
+        except Exception:  # noqa: BLE001 - any failure to decode: not counted, named later by the fit's warning
+            pass
+    files = (f"{len(paths)} image files under {options.data}" + (f", {readable} readable" if readable < len(paths)
+                                                                  else "")) if paths else (
+        f"no image files under {options.data} (jpg, jpeg, png, bmp, tif, tiff, webp, found recursively)")
+    why = getattr(plugin, "min_images_reason", "")
+    fit_only = f"{name} needs at least {plugin.min_images} images to fit" + (f" ({why})" if why else "")
+    if not options.calibrate:
+        raise FitError(f"{fit_only}; found {files}. Add images of good parts")
+    choice = choose_calibration(options, max(len(paths), 1), share, reuses_embeddings=reuses)
+    asked = f"calibrating by {_method_asked(choice, options)}"
+    needs = (f"{asked} needs at least {need} readable images" if need is not None
+             else f"{asked} cannot work: --held-out 0 holds no image out")
+    advice = []
+    cross = images_needed(replace(options, calibration=CROSS_FIT, held_out_share=None), plugin.min_images, share,
+                          reuses_embeddings=reuses)
+    if options.calibration != CROSS_FIT and cross is not None and readable >= cross:
+        advice.append("--calibration cross-fit (every image scored out of sample)")
+    if readable >= plugin.min_images:
+        advice.append("--no-calibrate (keep the configured threshold; the fit alone needs "
+                      f"{plugin.min_images})")
+    raise FitError(f"{needs}; found {files}. Add images of good parts"
+                   + (f", or use {' or '.join(advice)}" if advice else "") + f". ({fit_only})")
+
+
+def _method_asked(choice: CalibrationChoice, options: RefitOptions) -> str:
+    if choice.method == CROSS_FIT:
+        return "cross-fitting" + (f" {options.folds} folds" if options.folds else "")
+    return f"a hold-out of {choice.share:.0%}"
 
 
 def _check_cross_fit(paths: Sequence[Path], options: RefitOptions, min_images: int, plugin: str) -> None:

@@ -5,7 +5,7 @@ good and defective parts with the threshold and the calibration's target, the co
 per defect kind, and three galleries: the false rejects, the missed defects and the closest calls,
 each image drawn as `inspector explain` draws it (with its anomaly map when the model draws maps).
 
-Every image is embedded as a data: URI and the page has no script and no link, so it opens from a
+Every image is embedded as a data: URI and the page has no executable script and no link, so it opens from a
 mail attachment or an air-gapped share as it does here. The ROC points are embedded as JSON data
 (`<script type="application/json" id="roc-data">`, never run) for tools and the tests.
 """

@@ -193,9 +193,14 @@ class DfkdePlugin:
 
     _images_per_fit = 0  # the images the component count was chosen for
 
+    @property
+    def min_images_reason(self) -> str:
+        """Why min_images is what it is, naming the setting behind it (refit's messages quote it)."""
+        return (f"{IMAGES_PER_COMPONENT} per component, at least {min(MIN_COMPONENTS, self.configured_components)} "
+                f"components; plugins.dfkde.n_comps is {self.configured_components}")
+
     def _too_few(self, images: int) -> str:
-        return (f"DFKDE needs at least {self.min_images} images to fit ({IMAGES_PER_COMPONENT} per component, "
-                f"at least {min(MIN_COMPONENTS, self.configured_components)} components), got {images}")
+        return f"DFKDE needs at least {self.min_images} images to fit ({self.min_images_reason}), got {images}"
 
     def describe(self) -> dict[str, Any]:
         return model_settings(self.model) | {"jpeg_reduced_decode": self.jpeg_reduced_decode,
