@@ -112,13 +112,17 @@ class Plugin(Protocol):
         """Optional: score a stacked batch exactly as `score` does, keeping what its anomaly maps need.
         A plugin without it gives verdicts without maps."""
 
+    def calibration_images(self, target_false_reject: float) -> int:
+        """Optional: the fewest calibration images `calibrate` accepts for this target, so that refit can say
+        so before fitting anything. A plugin without it is asked only for MIN_HELD_OUT (tools/refit.py)."""
+
     @property
     def region_level(self) -> float | None:
         """Optional: the map value at or over which a cell belongs to a region (inspector/regions.py), calibrated
         on good parts so that few of them reach it. None (and a plugin without it) means no regions."""
 
 
-OPTIONAL_MEMBERS = frozenset({"decode_size", "explain", "region_level"})
+OPTIONAL_MEMBERS = frozenset({"decode_size", "explain", "region_level", "calibration_images"})
 
 
 def can_explain(plugin: Any) -> bool:

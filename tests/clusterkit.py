@@ -6,29 +6,13 @@ stopped by its owner. The shared broker on port 5672 is never touched."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 
+from tests.portkit import free_ports
 from tests.workerkit import SecondBroker
-
-
-def free_port_pair(taken: set[int]) -> int:
-    """A free port p with p + 20000 free too (a node's Erlang distribution port), not in `taken`."""
-    for port in random.sample(range(20000, 45000), 400):
-        if port in taken:
-            continue
-        try:
-            for candidate in (port, port + 20000):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair")
 
 
 class Cluster:
@@ -41,7 +25,7 @@ class Cluster:
         ports: set[int] = set()
         self.nodes: list[SecondBroker] = []
         for index in range(size):
-            port = free_port_pair(ports)
+            (port,) = free_ports(1, taken=ports)
             ports.add(port)
             folder = self.folder / f"node{index}"
             folder.mkdir()

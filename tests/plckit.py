@@ -3,30 +3,14 @@ and tests must not reconfigure that one."""
 
 from __future__ import annotations
 
-import random
 import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
 
+from tests.portkit import free_ports
 from tests.workerkit import SecondBroker
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` free ports p, each with p + 20000 free too (a node's Erlang distribution port)."""
-    found: list[int] = []
-    for port in random.sample(range(20000, 45000), 400):
-        try:
-            for candidate in (port, port + 20000):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        found.append(port)
-        if len(found) == count:
-            return found
-    raise RuntimeError("no free ports")
 
 
 class MqttBroker(SecondBroker):

@@ -5,30 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from tests.portkit import free_ports
+
 WEED = Path(sys.executable).with_name("weed")
-
-
-def _free_port_pair() -> int:
-    """A port p with p + 10000 free too (SeaweedFS serves gRPC there)."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair")
 
 
 class SeaweedS3:
@@ -36,7 +20,8 @@ class SeaweedS3:
 
     def __init__(self, folder: Path, options: tuple[str, ...] = ()) -> None:
         self.folder, self.options = folder, options
-        self.ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3")}
+        ports = free_ports(5, offset=10000)  # SeaweedFS serves gRPC at each port + 10000
+        self.ports = dict(zip(("master", "volume", "filer", "s3", "s3-grpc"), ports))
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.process: subprocess.Popen | None = None
 
@@ -49,7 +34,7 @@ class SeaweedS3:
             [str(WEED), "server", f"-dir={self.folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
              f"-filer.port={self.ports['filer']}", "-s3", f"-s3.port={self.ports['s3']}",
-             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port.grpc={_free_port_pair()}",
+             "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port.grpc={self.ports['s3-grpc']}",
              "-volume.max=20", "-master.volumeSizeLimitMB=64", *self.options],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

@@ -309,12 +309,13 @@ def test_the_command_reports_the_method_and_what_the_threshold_promises(small_re
     # the default 0.5% cannot be promised from 40 images: refused, with the number needed, nothing stored
     before = [v.version for v in ModelStore(root / "models").versions("default")]
     status, _, err = inspector("refit", "--data", "good", "--no-announce", cwd=root)
+    # said before anything is fitted, with the target the 40 images can promise (k = floor(0.0244 x 41) = 1)
     assert status == 1 and "a false-reject rate of 0.005 needs at least 199 calibration images" in err, err
-    assert "got 40" in err and "Traceback" not in err
+    assert "found 40 image files" in err and "--target-false-reject 0.0244" in err and "Traceback" not in err
     assert [v.version for v in ModelStore(root / "models").versions("default")] == before
     status, _, err = inspector("refit", "--data", "good", "--calibration", "held-out", "--no-announce", cwd=root)
-    assert status == 1 and "calibration needs at least 20 held-out images" in err
-    assert "--calibration cross-fit" in err
+    assert status == 1 and "a hold-out of 10% needs at least 1986 readable images" in err
+    assert "--calibration cross-fit --target-false-reject 0.0244" in err
     status, _, err = inspector("refit", "--data", "good", "--calibration", "cross-fit", "--held-out", "0.2",
                                cwd=root)
     assert status == 2 and "give one of them" in err

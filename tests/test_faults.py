@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from inspector import config
 from inspector.tools import samples
 from inspector.worker.loop import Worker, WorkerUnhealthy
 from inspector.worker.metrics import Metrics
+from tests.portkit import free_port
 from tests.workerkit import SIZE, encoded, http_status, scrape, worker_config
 
 GOOD = encoded(samples.make_images(1, seed=11, size=SIZE)[0], "PNG")
@@ -207,11 +207,6 @@ def test_stale_captures_are_answered_without_scoring(fitted, line, start):
     assert running.scored == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @pytest.fixture
 def watched(fitted, prefix, tmp_path):
@@ -287,7 +282,7 @@ def test_an_unhealthy_worker_process_exits_1_and_says_why(fitted, line, prefix, 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTOR_")}
     started = time.monotonic()
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, text=True, capture_output=True, timeout=120,
-                         env={**environ, "INSPECTOR_METRICS__PORT": str(_free_port())})
+                         env={**environ, "INSPECTOR_METRICS__PORT": str(free_port())})
     output = run.stdout + run.stderr
     assert run.returncode == 1, output
     assert "unhealthy: the scoring thread has stopped" in output

@@ -260,7 +260,9 @@ def test_too_few_images_gives_the_real_minimum_counting_only_readable_files(tmp_
     result = inspector("refit", "--data", "mixed", "--held-out", "0.5", cwd=tmp_path)
     assert result.returncode == 1
     message = result.stderr
-    assert "a hold-out of 50% needs at least 39 readable images" in message, message
+    # the default 0.5% target needs 199 calibration images: 398 at a hold-out of half
+    assert "a hold-out of 50% needs at least 398 readable images" in message, message
+    assert "a false-reject rate of 0.005 needs at least 199 calibration images" in message
     assert "25 image files under mixed, 10 readable" in message
     assert "--no-calibrate" in message and "the fit alone needs 8" in message  # 10 readable: --no-calibrate works
     assert "--calibration cross-fit" not in message  # cross-fitting needs 20: it would fail again

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,22 +18,11 @@ from inspector import config
 from inspector.tools import samples
 from inspector.tools.publish import PublishOptions, publish
 from inspector.worker.loop import Worker
+from tests.portkit import free_ports
 from tests.workerkit import SIZE, Line, SecondBroker, encoded, worker_config
 
 GOOD = encoded(samples.make_images(1, seed=13, size=SIZE)[0], "PNG")
 
-
-def _free_port() -> int:
-    """A free port p with p + 20000 free too (a node's Erlang distribution port)."""
-    for port in random.sample(range(20000, 45000), 200):
-        try:
-            for candidate in (port, port + 20000):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port pair")
 
 
 @pytest.fixture
@@ -43,7 +30,7 @@ def second_broker():
     # Not under pytest's tmp_path: that is private to root, and the node runs as the rabbitmq user.
     folder = Path(tempfile.mkdtemp(prefix="inspector-rabbit-"))
     folder.chmod(0o755)
-    broker = SecondBroker(folder, _free_port())
+    broker = SecondBroker(folder, free_ports(1)[0])
     try:
         broker.start()
     except Exception as exc:  # noqa: BLE001 - the reason it cannot run here is the skip's reason
@@ -81,7 +68,7 @@ def test_the_worker_fails_over_to_the_next_node_and_serves_there(fitted, prefix,
 
 
 def test_the_tools_take_the_first_node_that_answers(fitted, prefix, tmp_path):
-    dead = f"amqp://guest@127.0.0.1:{_free_port()}/%2F"
+    dead = f"amqp://guest@127.0.0.1:{free_ports(1)[0]}/%2F"
     path = worker_config(tmp_path, fitted, prefix, f'[broker]\nurl = ["{dead}", "amqp://guest@127.0.0.1:5672/%2F"]\n')
     settings = config.load(path)
     assert settings.broker.shown == f"amqp://127.0.0.1:{dead.split(':')[2]}, amqp://127.0.0.1:5672/%2F"

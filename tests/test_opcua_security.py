@@ -5,27 +5,21 @@ and a certificate that cannot be read is a configuration error that names the ke
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("asyncua")
 
-from asyncua import Client, ua  # noqa: E402
-from asyncua.crypto import security_policies  # noqa: E402
-from asyncua.crypto.cert_gen import setup_self_signed_certificate  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
+from asyncua import Client, ua
+from asyncua.crypto import security_policies
+from asyncua.crypto.cert_gen import setup_self_signed_certificate
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from inspector.config import OpcuaSettings  # noqa: E402
-from inspector.errors import ConfigError  # noqa: E402
-from inspector.tools.opcua.bridge import make_server  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from inspector.config import OpcuaSettings
+from inspector.errors import ConfigError
+from inspector.tools.opcua.bridge import make_server
+from tests.portkit import free_port
 
 
 async def _pair(folder: Path, name: str, use: ExtendedKeyUsageOID, uri: str) -> tuple[Path, Path]:
@@ -46,7 +40,7 @@ async def _session(endpoint: str, client_pair: tuple[Path, Path] | None, user: s
         client.set_password(password)
     try:
         await client.connect()
-    except Exception as exc:  # noqa: BLE001 - the refusal, whatever asyncua calls it, is the answer
+    except Exception as exc:
         return exc
     try:
         return await client.get_node(ua.ObjectIds.Server_NamespaceArray).read_value()
@@ -59,7 +53,7 @@ def test_a_signed_and_encrypted_session_for_the_configured_user_only(tmp_path):
         server_cert, server_key = await _pair(tmp_path, "server", ExtendedKeyUsageOID.SERVER_AUTH,
                                               "urn:freeopcua:python:server")
         client_pair = await _pair(tmp_path, "client", ExtendedKeyUsageOID.CLIENT_AUTH, "urn:inspector:test:client")
-        endpoint = f"opc.tcp://127.0.0.1:{_free_port()}/inspector"
+        endpoint = f"opc.tcp://127.0.0.1:{free_port()}/inspector"
         settings = OpcuaSettings(endpoint=endpoint, security=["sign_and_encrypt"], certificate=str(server_cert),
                                  private_key=str(server_key), username="plc", password="pw")
         server = await make_server(settings)

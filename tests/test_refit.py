@@ -147,9 +147,9 @@ def test_too_few_images_exits_1_and_writes_nothing(tmp_path):
     assert "(3 unreadable)" in result.stderr and "Traceback" not in result.stderr
     assert ModelStore(tmp_path / "models").names() == []
     result = inspector("refit", "--data", "few", "--no-announce", cwd=tmp_path)
-    assert result.returncode == 1 and "calibrating by cross-fitting needs at least 20 readable" in result.stderr
+    assert result.returncode == 1 and "calibrating by cross-fitting needs at least 199 readable" in result.stderr
     result = inspector("refit", "--data", "few", "--held-out", "0.5", "--no-announce", cwd=tmp_path)
-    assert result.returncode == 1 and "a hold-out of 50% needs at least 39 readable images" in result.stderr
+    assert result.returncode == 1 and "a hold-out of 50% needs at least 398 readable images" in result.stderr
 
 
 def test_operator_mistakes_exit_2_without_a_traceback(tmp_path):

@@ -483,23 +483,25 @@ def _kind(reason: str) -> str:
 
 
 def images_needed(options: RefitOptions, min_images: int, share: float, *, reuses_embeddings: bool,
-                  calibrate: bool | None = None) -> int | None:
+                  calibrate: bool | None = None, scored: int = MIN_HELD_OUT) -> int | None:
     """The fewest readable images that what was asked can fit and calibrate from (None: no count can, e.g. a
-    hold-out of share 0): the plugin's minimum for a fit, and with calibration at least MIN_HELD_OUT scored,
-    one per fold, and the plugin's minimum left for the smallest fold's or the hold-out's fit."""
+    hold-out of share 0): the plugin's minimum for a fit, and with calibration at least `scored` images scored
+    (MIN_HELD_OUT, or more where the target needs them), one per fold, and the plugin's minimum left for the
+    smallest fold's or the hold-out's fit."""
+    scored = max(MIN_HELD_OUT, scored)
     if not (options.calibrate if calibrate is None else calibrate):
         return min_images
     for n in range(1, 10_000_000):
         choice = choose_calibration(options, n, share, reuses_embeddings=reuses_embeddings)
         if choice.method == CROSS_FIT:
             k = options.folds or auto_folds(n, n)
-            if n >= max(MIN_HELD_OUT, k) and n - math.ceil(n / k) >= min_images:
+            if n >= max(scored, k) and n - math.ceil(n / k) >= min_images:
                 return n
         else:
             if choice.share <= 0:
                 return None
             held = held_out_count(n, choice.share)
-            if held >= MIN_HELD_OUT and n - held >= min_images:
+            if held >= scored and n - held >= min_images:
                 return n
     return None
 
@@ -509,7 +511,13 @@ def _check_enough(paths: Sequence[Path], read: Callable[[Path], Any], options: R
     """FitError before any fitting when the archive cannot give what was asked, saying the real minimum
     (counting only the files that decode), the setting behind the plugin's, and only advice that works."""
     reuses = isinstance(plugin, ReusesEmbeddings)
-    need = images_needed(options, plugin.min_images, share, reuses_embeddings=reuses)
+    scored, target_reason = MIN_HELD_OUT, ""
+    if options.calibrate and callable(getattr(plugin, "calibration_images", None)):
+        scored = max(MIN_HELD_OUT, plugin.calibration_images(options.target_false_reject))
+        if scored > MIN_HELD_OUT:
+            target_reason = (f"a false-reject rate of {options.target_false_reject:g} needs at least {scored} "
+                             "calibration images, each scored by a model fitted without it")
+    need = images_needed(options, plugin.min_images, share, reuses_embeddings=reuses, scored=scored)
     if need is not None and len(paths) >= need:
         return  # enough files; the fit itself counts those that do not decode
     readable = 0
@@ -532,14 +540,29 @@ def _check_enough(paths: Sequence[Path], read: Callable[[Path], Any], options: R
              else f"{asked} cannot work: --held-out 0 holds no image out")
     advice = []
     cross = images_needed(replace(options, calibration=CROSS_FIT, held_out_share=None), plugin.min_images, share,
-                          reuses_embeddings=reuses)
+                          reuses_embeddings=reuses, scored=scored)
     if options.calibration != CROSS_FIT and cross is not None and readable >= cross:
         advice.append("--calibration cross-fit (every image scored out of sample)")
+    if target_reason and cross is not None and readable >= images_needed(
+            replace(options, calibration=CROSS_FIT, held_out_share=None), plugin.min_images, share,
+            reuses_embeddings=reuses):
+        cross_flag = "" if options.calibration == CROSS_FIT else "--calibration cross-fit "
+        advice.append(f"{cross_flag}--target-false-reject {_reachable_target(readable):.3g} (the lowest "
+                      f"{readable} images can promise, cross-fitted)")
     if readable >= plugin.min_images:
         advice.append("--no-calibrate (keep the configured threshold; the fit alone needs "
                       f"{plugin.min_images})")
+    reasons = "; ".join(filter(None, [target_reason, fit_only]))
     raise FitError(f"{needs}; found {files}. Add images of good parts"
-                   + (f", or use {' or '.join(advice)}" if advice else "") + f". ({fit_only})")
+                   + (f", or use {' or '.join(advice)}" if advice else "") + f". ({reasons})")
+
+
+def _reachable_target(scored: int) -> float:
+    """The lowest false-reject target `scored` calibration images can promise (k = floor(q(n + 1)) = 1),
+    rounded up at three significant figures so that it still can."""
+    exact = 1 / (scored + 1)
+    rounded = float(f"{exact:.3g}")
+    return rounded if rounded >= exact else float(f"{exact * 1.001:.3g}")
 
 
 def _method_asked(choice: CalibrationChoice, options: RefitOptions) -> str:

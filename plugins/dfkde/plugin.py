@@ -374,6 +374,10 @@ class DfkdePlugin:
         self.model.local_stats = local
         return FitReport(images=reservoir.seen, embeddings=reservoir.kept)
 
+    def calibration_images(self, target_false_reject: float) -> int:
+        """The fewest calibration images that give k = floor(target x (n + 1)) >= 1."""
+        return images_needed(target_false_reject)
+
     def calibrate(self, held_out: Scores, threshold: float, target_false_reject: float) -> dict[str, Any]:
         """Split-conformal: the boundary is the k-th lowest log-density of the calibration images,
         k = floor(target x (n + 1)), so a fresh good part of the same line fails with probability
