@@ -61,6 +61,8 @@ class ResultFeed:
                 wait = 0.5
             except (InspectorError, pika.exceptions.AMQPError, OSError) as exc:
                 log.warning("results feed: %s; connecting again in %.1f s", exc, wait)
+            except Exception:  # noqa: BLE001 - the feed survives its own bugs: said, then a new connection
+                log.exception("results feed: unexpected error; connecting again in %.1f s", wait)
             finally:
                 self.connected(False)
             self._stop.wait(wait)
