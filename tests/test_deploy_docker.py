@@ -78,7 +78,7 @@ def test_hadolint_passes_the_dockerfile_at_its_strictest(tmp_path):
 @pytest.mark.parametrize(("change", "rule"), [
     (("USER 10001:10001", "USER root"), "DL3002"),  # the last user is root
     (('CMD ["run"]', "CMD inspector run"), "DL3025"),  # shell form: the worker would not get SIGTERM
-    (("RUN pip install /src", "RUN cd /src && pip install ."), "DL3003"),
+    (('RUN pip install "/src[opcua]"', 'RUN cd /src && pip install ".[opcua]"'), "DL3003"),
 ])
 def test_hadolint_catches_a_dockerfile_broken_on_purpose(tmp_path, change, rule):
     old, new = change

@@ -16,6 +16,9 @@ from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 CPU = torch.device("cpu")
 
+TOO_FEW_FOR_FOUR_COMPONENTS = (
+    r"needs at least 8 images to fit \(2 per component, at least 4 components; plugins\.dfkde\.n_comps is \d+\), got 5")
+
 
 def _plugin(**overrides):
     """A random-weight ResNet-18 at 256 px: the conditions the sample line's defects were tuned to be found in."""
@@ -99,7 +102,7 @@ def test_fit_streams_into_a_bounded_seeded_reservoir():
 
 def test_too_few_images_says_how_many_are_needed():
     plugin = _plugin(n_comps=16)
-    with pytest.raises(FitError, match="needs at least 8 images to fit .2 per component, at least 4 components., got 5"):
+    with pytest.raises(FitError, match=TOO_FEW_FOR_FOUR_COMPONENTS):
         plugin.fit(_batches(plugin, samples.make_images(5, seed=6)))
 
 
@@ -118,7 +121,7 @@ def test_embeddings_fit_and_score_as_the_images_do():
     direct, via = streamed.score(batch), reused.score_embeddings(reused.embed(batch))
     np.testing.assert_allclose(via.raw, direct.raw, rtol=1e-6)
     np.testing.assert_allclose(via.probability, direct.probability, rtol=1e-6)
-    with pytest.raises(FitError, match="needs at least 8 images to fit .2 per component, at least 4 components., got 5"):
+    with pytest.raises(FitError, match=TOO_FEW_FOR_FOUR_COMPONENTS):
         reused.fit_embeddings(embeddings[:5])
 
 
