@@ -67,6 +67,29 @@ def start(tmp_path, prefix):
         running.stop(grace_s=5)
 
 
+@pytest.fixture
+def stub_start(tmp_path, prefix):
+    """stub_start(store, text="", hooks=None, parts=None, **worker settings) -> a started Worker on a
+    StubConsumer (no broker: `worker.consumer.deliver(...)`, then `.join()`), stopped at teardown."""
+    from inspector import config
+    from inspector.worker.loop import Worker
+    from inspector.worker.stubconsumer import StubConsumer
+    from tests.workerkit import worker_config
+
+    started = []
+
+    def _start(store, text="", hooks=None, parts=None, **worker):
+        settings = config.load(worker_config(tmp_path, store, prefix, text, **worker))
+        running = Worker(settings, consumer_factory=StubConsumer, hooks=hooks, **(parts or {}))
+        running.start()
+        started.append(running)
+        return running
+
+    yield _start
+    for running in started:
+        running.stop(grace_s=2)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 server (SeaweedFS) for the session; the test is skipped, saying why, when it cannot start."""

@@ -33,6 +33,15 @@ def fit_store(root: Path, plugin: dict | None = None) -> Path:
     return root / "models"
 
 
+def write_null_version(store: Path, name: str = "default", probability: float = 0.25, score: float = 1.5) -> str:
+    """A stored version of `name` for the null plugin, with no fit: every frame gets these figures; its id."""
+    from inspector.store import ModelStore
+    from plugins.null.plugin import NullPlugin, NullSettings
+
+    plugin = NullPlugin(NullSettings(probability=probability, score=score))
+    return ModelStore(store).write(name, plugin.save, {"plugin": "null"}).version
+
+
 def tool_config(root: Path, store: Path) -> Path:
     """An inspector.toml for the admin tools: the CPU, a store, the tests' model input size."""
     path = root / "inspector.toml"

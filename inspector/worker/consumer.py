@@ -45,6 +45,7 @@ from inspector.broker import connection_parameters
 from inspector.config import Settings, redact_url
 from inspector.errors import BrokerError, ConfigError, InspectorError
 from inspector.messages import RESULT_SCHEMA, printable
+from inspector.worker.hooks import StageHooks, staged
 from inspector.worker.ledger import ENDED, HELD, Entry, Ledger
 
 log = logging.getLogger(__name__)
@@ -235,20 +236,26 @@ class Consumer:
         on_settled: Callable[[Outcome, bool], None],
         on_control: Callable[[str, bytes], None],
         on_connection: Callable[[bool], None],
+        *,
+        on_unroutable: Callable[[], None] | None = None,
+        on_budget: Callable[[Ledger], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
+        hooks: StageHooks | None = None,
     ) -> None:
         self.settings = settings
         self.on_delivery = on_delivery
         self.on_settled = on_settled  # (outcome, acked): acked False when dropped as stale or nacked
         self.on_control = on_control
         self.on_connection = on_connection  # True on every (re)connect, False on every loss
+        self.hooks = hooks  # told around each stage of a frame on this thread (hooks.py); None: nobody watches
         self.generation = 0
         self.failure: InspectorError | None = None  # set when the worker must exit
         self.faults = 0  # bugs survived on the broker thread
         self.unroutable = 0  # results kept in the dead-letter exchange because no queue took them
         self.last_tick = time.monotonic()  # the IOLoop's last heartbeat, for the watchdog
-        self.on_unroutable: Callable[[], None] = lambda: None
-        self.on_budget: Callable[[Ledger], None] = lambda ledger: None  # after every change of the books
-        self.on_refused: Callable[[str], None] = lambda outcome: None  # "requeued" or "given_up"
+        self.on_unroutable: Callable[[], None] = on_unroutable or (lambda: None)
+        self.on_budget: Callable[[Ledger], None] = on_budget or (lambda ledger: None)  # after every change of the books
+        self.on_refused: Callable[[str], None] = on_refused or (lambda outcome: None)  # "requeued" or "given_up"
         self.ledger = Ledger(settings.worker.max_inflight_bytes, RESUME_SHARE)
         self.connected = threading.Event()
         self.stopped = threading.Event()
@@ -485,6 +492,7 @@ class Consumer:
             self._cancel_consumer()
             self._consume()
 
+    @staged("consume")
     def _on_message(self, channel: Any, method: Basic.Deliver, properties: pika.BasicProperties, body: bytes) -> None:
         if not self.ledger.live:  # pika delivers nothing after a close; if it did, the broker redelivers it
             return
@@ -515,6 +523,7 @@ class Consumer:
 
     # -- publishing and acking ---------------------------------------------------------------
 
+    @staged("publish")
     @_survive
     def _publish(self, outcomes: list[Outcome]) -> None:
         try:
@@ -616,6 +625,7 @@ class Consumer:
         channel.basic_publish(self.settings.broker.exchanges.dead, key, body, kept)
         self.ledger.publish(entry)
 
+    @staged("confirm")
     @_survive
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -626,6 +636,7 @@ class Consumer:
             finally:
                 self._budget_changed()
 
+    @staged("ack")
     def _settle(self, entries: list[Entry]) -> None:
         channel = self._channel
         refused = [entry for entry in entries if entry.nacked]

@@ -22,8 +22,10 @@ import queue
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,12 +43,14 @@ from inspector.messages import (
     result_routing_key,
 )
 from inspector.plugin import decode_size
+from inspector.store import ModelStore
 from inspector.stores import open_store
 from inspector.timestamps import utc_now
 from inspector.worker.batcher import Batcher
 from inspector.worker.consumer import Consumer, Delivery, Outcome
 from inspector.worker.decode import DecodeLimits, decode_capture
 from inspector.worker.evidence import Evidence
+from inspector.worker.hooks import StageHooks, staged, tell, timed
 from inspector.worker.ledger import Ledger
 from inspector.worker.locate import frame_regions
 from inspector.worker.metrics import Metrics, configured_label_values
@@ -91,25 +95,41 @@ class _Prepared:
     size: tuple[int, int] | None = None  # (width, height) as decoded: where an anomaly map is drawn
 
 
-class Worker:
-    """The running worker. `start()` loads models and connects; `stop()` drains and closes."""
+ConsumerFactory = Callable[..., Any]  # called as Consumer is: (settings, on_delivery, on_settled, on_control,
+# on_connection, *, on_unroutable, on_budget, on_refused, hooks); consumer.Consumer or stubconsumer.StubConsumer
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+
+class Worker:
+    """The running worker. `start()` loads models and connects; `stop()` drains and closes.
+
+    Built from its parts, each given or else made from `settings` as `inspector run` makes it: the consumer
+    (`consumer_factory`, called with the worker's callbacks; stubconsumer.StubConsumer runs it without a
+    broker), the model store, the device, the evidence archive, the watchdog, the decode pool, and the stage
+    `hooks` a profiler or a test watches the frame path through (hooks.py; None: nobody watches)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, *,
+                 consumer_factory: ConsumerFactory = Consumer, store: ModelStore | None = None,
+                 device: torch.device | None = None, evidence: Evidence | None = None,
+                 watchdog: Watchdog | None = None, decoders: Executor | None = None,
+                 hooks: StageHooks | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics(settings.metrics)
-        self.device = resolve_device(settings.device)
-        self.store = open_store(settings.store)
+        self.hooks = hooks
+        self.device = device if device is not None else resolve_device(settings.device)
+        self.store = store if store is not None else open_store(settings.store)
         self.models = ModelSet(settings.models, settings.default_model, settings.worker.routes)
         self.limits = DecodeLimits.from_settings(settings.worker)
         threads = settings.worker.decode_threads or max(1, os.cpu_count() or 1)
-        self._decoders = ThreadPoolExecutor(threads, thread_name_prefix="inspector-decode")
+        self._decoders = decoders or ThreadPoolExecutor(threads, thread_name_prefix="inspector-decode")
         self._prepared: queue.Queue[_Prepared | None] = queue.Queue()
         self._scorer = threading.Thread(target=self._score_loop, name="inspector-score", daemon=True)
         self._reloader = Reloader(self.store, self.models, self.device, settings.worker.store_poll_s,
                                   on_loaded=self._model_in_service, on_outcome=self.metrics.model_reload,
                                   plugin_settings=settings.plugin_settings)
-        self.consumer = Consumer(settings, self._on_delivery, self._on_settled, self._on_control,
-                                 self._on_connection)
+        self.consumer = consumer_factory(settings, self._on_delivery, self._on_settled, self._on_control,
+                                         self._on_connection, on_unroutable=self.metrics.result_unroutable,
+                                         on_budget=self._on_budget, on_refused=self.metrics.result_refused,
+                                         hooks=hooks)
         for name in settings.models:
             self.metrics.expect_model(name)
         for label, values in configured_label_values(settings).items():
@@ -119,7 +139,7 @@ class Worker:
         self._decodes: dict[int, float] = {}  # decode thread -> when its capture's decode began (monotonic)
         self._scoring = False  # a batch is being scored now
         self.scored = 0
-        self.watchdog = Watchdog()
+        self.watchdog = watchdog or Watchdog()
         limit = settings.worker.watchdog_s
         self.watchdog.watch("broker", self.consumer.is_alive, lambda: not self.consumer.stopped.is_set(),
                             limit_s=min(limit, 60.0), progress=lambda: self.consumer.last_tick)
@@ -131,13 +151,10 @@ class Worker:
                             progress=lambda: time.monotonic() - self.consumer.stuck_for())
         self._reloader.watch(self.watchdog, limit)
         self.metrics.models_problem = self._reloader.describe_problems
-        self.evidence = Evidence(settings.evidence, self.metrics)
+        self.evidence = evidence or Evidence(settings.evidence, self.metrics)
         self.evidence.watch(self.watchdog, limit)
         self.metrics.health = lambda: self.watchdog.problem
         self.metrics.thread_stalls = self.watchdog.stalls
-        self.consumer.on_unroutable = self.metrics.result_unroutable
-        self.consumer.on_budget = self._on_budget
-        self.consumer.on_refused = self.metrics.result_refused
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -219,6 +236,7 @@ class Worker:
 
     # -- broker-thread callbacks (quick, never block) ------------------------------------------
 
+    @staged("hand-off")
     def _on_delivery(self, delivery: Delivery) -> None:
         self._count_decoding(+1)
         try:
@@ -234,6 +252,7 @@ class Worker:
         self.metrics.set_consumer_paused(self.consumer.pause_reason())
 
     def _on_connection(self, connected: bool) -> None:
+        tell(self.hooks, "connection", connected, self.consumer.generation)
         self.metrics.set_broker_connected(connected)
         if connected:
             if self.consumer.generation > 1:
@@ -265,6 +284,7 @@ class Worker:
                  extra={"model": name, "version": printable(str(message.get("version")))})
         self._reloader.request(name)
 
+    @staged("settled")
     def _on_settled(self, outcome: Outcome, acked: bool) -> None:
         if not acked:
             return
@@ -309,7 +329,8 @@ class Worker:
     def _decode_one(self, delivery: Delivery) -> None:
         started = time.perf_counter()
         try:
-            capture = parse_capture(delivery.routing_key, delivery.properties, delivery.body, delivery.redelivered)
+            capture = timed(self.hooks, "parse", parse_capture, delivery.routing_key, delivery.properties,
+                            delivery.body, delivery.redelivered)
         except Exception as exc:  # noqa: BLE001 - a bug here must not leave the frame unanswered
             log.exception("parsing a capture on %s failed", printable(delivery.routing_key))
             self._answer_error(delivery, None, "internal_error", f"the capture could not be parsed: {exc!r}")
@@ -323,10 +344,10 @@ class Worker:
         try:
             self._check_age(capture)
             model = self.models.choose(capture)
-            image = decode_capture(capture.body, capture.content_type, capture.headers, self.limits,
-                                   decode_size(model.plugin))
+            image = timed(self.hooks, "decode", decode_capture, capture.body, capture.content_type, capture.headers,
+                          self.limits, decode_size(model.plugin))
             try:
-                tensor = model.plugin.prepare(image)
+                tensor = timed(self.hooks, "prepare", model.plugin.prepare, image)
             except Exception as exc:  # noqa: BLE001 - a plugin's failure on one frame is that frame's error
                 raise FrameError("scoring_failed", f"{model.plugin_name} could not prepare the image: {exc}") from exc
         except FrameError as exc:
@@ -373,18 +394,24 @@ class Worker:
                            "error_code": code, **({"model": model.name, "version": model.version} if model else {})})
         inspected_at = utc_now()
         kept = self.evidence.ticket(capture, "error", inspected_at, delivery.body)
-        body = result_body(capture, verdict="error", error=(code, message), inspected_at=inspected_at,
-                           model=model.identity() if model else None,
-                           threshold=model.threshold if model else None, evidence=kept and kept.where)
+        routing_key, result = self._result(capture, verdict="error", error=(code, message), inspected_at=inspected_at,
+                                           model=model.identity() if model else None,
+                                           threshold=model.threshold if model else None, evidence=kept and kept.where)
         outcome = Outcome(
-            delivery=delivery, routing_key=result_routing_key("error", capture.line_id, capture.camera_id),
-            result=encode(body), frame_id=capture.frame_id, dead_letter=(code, message),
+            delivery=delivery, routing_key=routing_key, result=result, frame_id=capture.frame_id,
+            dead_letter=(code, message),
             record=self._record(delivery, capture, model.name if model else "none", "error",
                                 None, code, None),
         )
         if kept is not None:
             kept.send(outcome.result)
         return outcome
+
+    @staged("result encode")
+    def _result(self, capture: Capture, verdict: str, **fields: Any) -> tuple[str, bytes]:
+        """A result's routing key and its encoded body (messages.result_body has the fields)."""
+        body = result_body(capture, verdict=verdict, **fields)
+        return result_routing_key(verdict, capture.line_id, capture.camera_id), encode(body)
 
     def _record(self, delivery: Delivery, capture: Capture, model: str, verdict: str, probability: float | None,
                 reason: str | None, queue_wait_s: float | None) -> _Record:
@@ -461,9 +488,9 @@ class Worker:
         started = time.perf_counter()
         waits = [self._queue_wait(p) for p in batch]
         keep_maps, locate = self.evidence.wants_maps, model.region_level is not None
-        probability, raw, failures, maps = explain_batch(model, [p.tensor for p in batch],  # drawn only if asked
-                                                         functools.partial(stack_for, self.device),
-                                                         maps=keep_maps or locate)
+        probability, raw, failures, maps = timed(self.hooks, "score", explain_batch, model,  # drawn only if asked
+                                                 [p.tensor for p in batch], functools.partial(stack_for, self.device),
+                                                 maps=keep_maps or locate)
         self.metrics.stage("infer", time.perf_counter() - started)
         self.metrics.batch(model.name, len(batch))
         inspected_at = utc_now()
@@ -480,12 +507,11 @@ class Worker:
             if locate and verdict == "fail" and draw is not None and prepared.size is not None:
                 regions = frame_regions(draw, model.region_level, prepared.delivery.body, prepared.size,
                                         capture.frame_id)
-            body = result_body(capture, verdict=verdict, probability=float(p), score=float(r),
-                               threshold=model.threshold, model=model.identity(), inspected_at=inspected_at,
-                               evidence=kept and kept.where, regions=regions)
+            routing_key, result = self._result(capture, verdict=verdict, probability=float(p), score=float(r),
+                                               threshold=model.threshold, model=model.identity(),
+                                               inspected_at=inspected_at, evidence=kept and kept.where, regions=regions)
             outcomes.append(Outcome(
-                delivery=prepared.delivery, routing_key=result_routing_key(verdict, capture.line_id, capture.camera_id),
-                result=encode(body), frame_id=capture.frame_id,
+                delivery=prepared.delivery, routing_key=routing_key, result=result, frame_id=capture.frame_id,
                 record=self._record(prepared.delivery, capture, model.name, verdict, float(p), None, wait),
             ))
             if kept is not None:
