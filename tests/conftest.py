@@ -48,16 +48,17 @@ def line(prefix):
 
 @pytest.fixture
 def start(tmp_path, prefix):
-    """start(store, text="", **worker settings) -> a running in-process Worker, stopped at teardown."""
+    """start(store, text="", hooks=None, **worker settings) -> a running in-process Worker (`hooks`: its stage
+    hooks), stopped at teardown."""
     from inspector import config
     from inspector.worker.loop import Worker
     from tests.workerkit import worker_config
 
     started = []
 
-    def _start(store, text="", **worker):
+    def _start(store, text="", hooks=None, **worker):
         settings = config.load(worker_config(tmp_path, store, prefix, text, **worker))
-        running = Worker(settings)
+        running = Worker(settings, hooks=hooks)
         running.start()
         started.append(running)
         return running

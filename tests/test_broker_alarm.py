@@ -25,6 +25,7 @@ import pytest
 from inspector import config
 from inspector.tools import samples
 from inspector.tools.refit import RefitOptions, run_refit
+from inspector.worker.hooks import StageHooks
 from tests.workerkit import scrape, worker_config
 
 SIDE = 1024  # raw mono8 frames of 1 MiB
@@ -97,15 +98,16 @@ def held(port: int) -> tuple[float, float]:
 def test_a_disk_alarm_longer_than_the_blocked_timeout_loses_no_frame_and_no_budget(
         null_store, disk_limit, line, start):
     text = NULL_MODEL + f"[broker]\nconnect_timeout_s = {CONNECT_TIMEOUT_S}\n"
-    running = start(null_store, text, prefetch=PREFETCH, batch_size=1, max_inflight_bytes=BUDGET, decode_threads=2)
+    alarm_on = threading.Event()
+
+    class ScoreOnceAlarmed(StageHooks):  # the first captures are held until the alarm is on, so their results meet it
+        def begin(self, stage: str) -> None:
+            if stage == "score":
+                alarm_on.wait(timeout=60)
+
+    running = start(null_store, text, hooks=ScoreOnceAlarmed(), prefetch=PREFETCH, batch_size=1,
+                    max_inflight_bytes=BUDGET, decode_threads=2)
     port = running.metrics.serve()
-    real_score, alarm_on = running._score, threading.Event()
-
-    def score_once_alarmed(batch):  # the first captures are held until the alarm is on, so their results meet it
-        alarm_on.wait(timeout=60)
-        return real_score(batch)
-
-    running._score = score_once_alarmed
     before = [raw_frame(f"before-{i}") for i in range(24)]
     during = [raw_frame(f"during-{i}") for i in range(4)]
     after = [raw_frame(f"after-{i}") for i in range(8)]

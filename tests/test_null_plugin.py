@@ -1,5 +1,5 @@
 """The null plugin: registered like any plugin, fitted into a store by a real refit, served by a real worker
-through the real RabbitMQ, and scoring every frame with its configured constants."""
+(on a StubConsumer: the broker adds nothing here), and scoring every frame with its configured constants."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_calibration_reports_what_the_fixed_probability_gives():
     assert plugin.calibrate(held_out, threshold=0.7, target_false_reject=0.01)["held_out_false_reject"] == 0.0
 
 
-def test_a_refit_null_model_is_served_by_a_worker_through_the_broker(tmp_path, line, start, prefix):
+def test_a_refit_null_model_is_served_by_a_worker(tmp_path, stub_start, prefix):
     samples.write_folder(tmp_path / "archive", 6, size=64)
     models = tmp_path / "models"
     text = '[models.default]\nplugin = "null"\n[plugins.null]\nprobability = 0.75\nscore = 2.5\n'
@@ -78,13 +78,13 @@ def test_a_refit_null_model_is_served_by_a_worker_through_the_broker(tmp_path, l
     assert result.used == 6 and version is not None
     assert set(ModelStore(models).info("default", version).manifest["files"]) == {STATE_FILE}
 
-    start(models, text)
+    stub = stub_start(models, text).consumer
     image = samples.make_images(1, seed=3, size=64)[0]
-    frames = [(f"line1.cam{i}", encoded(image, "PNG"), {"message_id": f"n{i}", "content_type": "image/png"})
-              for i in range(5)]
-    frames.append(("line1.cam9", b"not an image", {"message_id": "bad", "content_type": "image/png"}))
-    line.publish(frames)
-    results = {body["frame_id"]: (key, body) for key, _props, body in line.collect(6)}
+    for i in range(5):
+        stub.deliver(encoded(image, "PNG"), f"line1.cam{i}", message_id=f"n{i}", content_type="image/png")
+    stub.deliver(b"not an image", "line1.cam9", message_id="bad", content_type="image/png")
+    stub.join()
+    results = {p.body["frame_id"]: (p.routing_key, p.body) for p in stub.results}
     assert set(results) == {"n0", "n1", "n2", "n3", "n4", "bad"}
     for i in range(5):
         key, body = results[f"n{i}"]

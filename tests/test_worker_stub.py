@@ -156,7 +156,8 @@ def png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    data = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + data + chunk(b"IEND", b"")
 
 
 def test_each_kind_of_bad_input_gets_its_error_code_and_a_dead_letter(null_store, stub_start, tmp_path, png):
@@ -174,7 +175,8 @@ def test_each_kind_of_bad_input_gets_its_error_code_and_a_dead_letter(null_store
         "no-height": ("raw_headers_missing", b"\0" * 100, {**raw, "headers": {"width": 10, "pixel_format": "mono8"}}),
         "yuv": ("raw_headers_invalid", b"\0" * 100,
                 {**raw, "headers": {"width": 10, "height": 10, "pixel_format": "yuv422"}}),
-        "short": ("raw_size_mismatch", b"\0" * 99, {**raw, "headers": {"width": 10, "height": 10, "pixel_format": "mono8"}}),
+        "short": ("raw_size_mismatch", b"\0" * 99,
+                  {**raw, "headers": {"width": 10, "height": 10, "pixel_format": "mono8"}}),
         "huge-raw": ("image_too_many_pixels", b"\0" * 100,
                      {**raw, "headers": {"width": 30000, "height": 30000, "pixel_format": "mono8"}}),
         "bomb": ("image_too_many_pixels", png_claiming(30000, 30000), {"content_type": "image/png"}),
@@ -235,7 +237,8 @@ def test_a_bug_in_scoring_answers_the_batch_with_errors_and_the_worker_goes_on(n
 
     settings = config.load(worker_config(tmp_path, null_store, "unused", NULL))
     metrics = Metrics(settings.metrics)
-    worker = stub_start(null_store, NULL, parts={"metrics": metrics, "evidence": BrokenOnce(settings.evidence, metrics)})
+    broken = BrokenOnce(settings.evidence, metrics)
+    worker = stub_start(null_store, NULL, parts={"metrics": metrics, "evidence": broken})
     stub = worker.consumer
     stub.deliver(png, content_type="image/png", message_id="first")
     stub.join()
@@ -429,9 +432,21 @@ def test_a_failing_hook_is_logged_once_per_stage_and_every_frame_is_still_answer
     assert len(consume) == 1 and consume[0].exc_info is not None
 
 
-def test_without_hooks_nobody_is_told(null_store, stub_start):
+def test_without_hooks_the_worker_runs_the_plain_code(null_store, stub_start):
+    """No hooks, no cost: nothing is wrapped, so each stage is the very function it would be without them."""
+    from inspector.messages import parse_capture
+    from inspector.worker.decode import decode_capture
+    from inspector.worker.loop import Worker
+
     worker = stub_start(null_store, NULL)
     assert worker.hooks is None and worker.consumer.hooks is None
+    for owner in (worker, worker.consumer):
+        shadowed = [name for name in vars(owner) if hasattr(getattr(type(owner), name, None), "__stage__")]
+        assert shadowed == [], shadowed
+    assert worker.consumer.on_delivery.__func__ is Worker._on_delivery
+    assert worker._parse_capture is parse_capture and worker._decode_capture is decode_capture
+    watched = stub_start(null_store, NULL, hooks=StageHooks())
+    assert getattr(watched.consumer.on_delivery, "__func__", None) is not Worker._on_delivery  # it can fail
 
 
 # -- the stub itself ------------------------------------------------------------------------------------

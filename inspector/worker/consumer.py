@@ -45,7 +45,7 @@ from inspector.broker import connection_parameters
 from inspector.config import Settings, redact_url
 from inspector.errors import BrokerError, ConfigError, InspectorError
 from inspector.messages import RESULT_SCHEMA, printable
-from inspector.worker.hooks import StageHooks, staged
+from inspector.worker.hooks import StageHooks, staged, watch
 from inspector.worker.ledger import ENDED, HELD, Entry, Ledger
 
 log = logging.getLogger(__name__)
@@ -248,6 +248,7 @@ class Consumer:
         self.on_control = on_control
         self.on_connection = on_connection  # True on every (re)connect, False on every loss
         self.hooks = hooks  # told around each stage of a frame on this thread (hooks.py); None: nobody watches
+        watch(self, hooks)  # the methods marked @staged, wrapped on this consumer when there are hooks
         self.generation = 0
         self.failure: InspectorError | None = None  # set when the worker must exit
         self.faults = 0  # bugs survived on the broker thread

@@ -5,9 +5,9 @@ thread that does that work, and `connection(up, generation)` as the broker conne
 (dramatiq's middleware is the model). `inspector bench` times the stages with a thread-CPU clock; a test
 may count them, or hold a stage to make a race happen when it wants.
 
-Without hooks (the default, `hooks=None`) each call site costs one `is None` test and nothing else. A hook
-that raises is logged, once per hook and stage, and the frame goes on: watching must not change what is
-watched.
+Without hooks (the default, `hooks=None`) nothing is wrapped: the marked methods and the functions the worker
+binds at construction are the plain ones, so an unwatched worker pays nothing per frame. A hook that raises
+is logged, once per hook and stage, and the frame goes on: watching must not change what is watched.
 """
 
 from __future__ import annotations
@@ -53,21 +53,39 @@ class StageHooks:
 
 
 def staged(stage: str) -> Callable[[F], F]:
-    """Mark a method as the work of `stage`: it runs between its object's `hooks.begin` and `hooks.end`
-    (the object has a `hooks` attribute, None when nobody watches)."""
+    """Mark a method as the work of `stage`. The method is left as it is: `watch(owner, hooks)`, called in
+    its object's constructor, puts it between `hooks.begin` and `hooks.end` on that object only, and only
+    when there are hooks, so an unwatched worker runs exactly the code it would without them."""
     _check(stage)
 
-    def decorate(method: F) -> F:
-        @functools.wraps(method)
-        def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-            hooks = self.hooks
-            if hooks is None:
-                return method(self, *args, **kwargs)
-            return _around(hooks, stage, method, self, *args, **kwargs)
+    def mark(method: F) -> F:
+        method.__stage__ = stage  # type: ignore[attr-defined]
+        return method
 
-        return run  # type: ignore[return-value]
+    return mark
 
-    return decorate
+
+def watch(owner: Any, hooks: StageHooks | None) -> None:
+    """Put each method of `owner` marked with `staged` between `hooks.begin` and `hooks.end` (on this
+    instance only); with no hooks, nothing."""
+    if hooks is None:
+        return
+    seen: set[str] = set()
+    for cls in type(owner).__mro__:
+        for name, member in vars(cls).items():
+            stage = getattr(member, "__stage__", None)
+            if name in seen or stage is None:
+                continue
+            seen.add(name)
+            setattr(owner, name, functools.partial(timed, hooks, stage, getattr(owner, name)))
+
+
+def watched(hooks: StageHooks | None, stage: str, function: F) -> F:
+    """`function` as the work of `stage`: itself when there are no hooks, else wrapped in begin and end."""
+    _check(stage)
+    if hooks is None:
+        return function
+    return functools.partial(timed, hooks, stage, function)  # type: ignore[return-value]
 
 
 def timed(hooks: StageHooks | None, stage: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

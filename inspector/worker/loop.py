@@ -50,7 +50,7 @@ from inspector.worker.batcher import Batcher
 from inspector.worker.consumer import Consumer, Delivery, Outcome
 from inspector.worker.decode import DecodeLimits, decode_capture
 from inspector.worker.evidence import Evidence
-from inspector.worker.hooks import StageHooks, staged, tell, timed
+from inspector.worker.hooks import StageHooks, staged, tell, timed, watch, watched
 from inspector.worker.ledger import Ledger
 from inspector.worker.locate import frame_regions
 from inspector.worker.metrics import Metrics, configured_label_values
@@ -115,6 +115,10 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or Metrics(settings.metrics)
         self.hooks = hooks
+        watch(self, hooks)  # before the consumer is given the callbacks: they are stages too
+        self._parse_capture = watched(hooks, "parse", parse_capture)
+        self._decode_capture = watched(hooks, "decode", decode_capture)
+        self._explain_batch = watched(hooks, "score", explain_batch)
         self.device = device if device is not None else resolve_device(settings.device)
         self.store = store if store is not None else open_store(settings.store)
         self.models = ModelSet(settings.models, settings.default_model, settings.worker.routes)
@@ -329,8 +333,8 @@ class Worker:
     def _decode_one(self, delivery: Delivery) -> None:
         started = time.perf_counter()
         try:
-            capture = timed(self.hooks, "parse", parse_capture, delivery.routing_key, delivery.properties,
-                            delivery.body, delivery.redelivered)
+            capture = self._parse_capture(delivery.routing_key, delivery.properties, delivery.body,
+                                          delivery.redelivered)
         except Exception as exc:  # noqa: BLE001 - a bug here must not leave the frame unanswered
             log.exception("parsing a capture on %s failed", printable(delivery.routing_key))
             self._answer_error(delivery, None, "internal_error", f"the capture could not be parsed: {exc!r}")
@@ -344,10 +348,12 @@ class Worker:
         try:
             self._check_age(capture)
             model = self.models.choose(capture)
-            image = timed(self.hooks, "decode", decode_capture, capture.body, capture.content_type, capture.headers,
-                          self.limits, decode_size(model.plugin))
+            image = self._decode_capture(capture.body, capture.content_type, capture.headers, self.limits,
+                                         decode_size(model.plugin))
             try:
-                tensor = timed(self.hooks, "prepare", model.plugin.prepare, image)
+                hooks = self.hooks
+                tensor = model.plugin.prepare(image) if hooks is None else timed(hooks, "prepare", model.plugin.prepare,
+                                                                                 image)
             except Exception as exc:  # noqa: BLE001 - a plugin's failure on one frame is that frame's error
                 raise FrameError("scoring_failed", f"{model.plugin_name} could not prepare the image: {exc}") from exc
         except FrameError as exc:
@@ -488,9 +494,9 @@ class Worker:
         started = time.perf_counter()
         waits = [self._queue_wait(p) for p in batch]
         keep_maps, locate = self.evidence.wants_maps, model.region_level is not None
-        probability, raw, failures, maps = timed(self.hooks, "score", explain_batch, model,  # drawn only if asked
-                                                 [p.tensor for p in batch], functools.partial(stack_for, self.device),
-                                                 maps=keep_maps or locate)
+        probability, raw, failures, maps = self._explain_batch(model, [p.tensor for p in batch],  # drawn only if asked
+                                                               functools.partial(stack_for, self.device),
+                                                               maps=keep_maps or locate)
         self.metrics.stage("infer", time.perf_counter() - started)
         self.metrics.batch(model.name, len(batch))
         inspected_at = utc_now()

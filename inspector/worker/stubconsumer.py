@@ -30,7 +30,7 @@ import pika
 
 from inspector.config import Settings
 from inspector.worker.consumer import RESUME_SHARE, TICK_S, Delivery, Outcome
-from inspector.worker.hooks import StageHooks, staged
+from inspector.worker.hooks import StageHooks, staged, watch
 from inspector.worker.ledger import HELD, Entry, Ledger
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class StubConsumer:
         self.on_budget: Callable[[Ledger], None] = on_budget or (lambda ledger: None)
         self.on_refused: Callable[[str], None] = on_refused or (lambda outcome: None)  # never called: no refusals
         self.hooks = hooks
+        watch(self, hooks)
         self.generation = 0
         self.failure = None
         self.faults = 0  # bugs survived on the stub's broker thread (the worker's callbacks included)
@@ -226,8 +227,9 @@ class StubConsumer:
         self._tag += 1
         entry, _crossed = self.ledger.take(self._tag, len(pushed.body))
         self._held[(entry.generation, entry.tag)] = pushed
-        delivery = Delivery(generation=entry.generation, tag=entry.tag, exchange=self.settings.broker.exchanges.captures,
-                            routing_key=pushed.routing_key, properties=pushed.properties, body=pushed.body,
+        delivery = Delivery(generation=entry.generation, tag=entry.tag,
+                            exchange=self.settings.broker.exchanges.captures, routing_key=pushed.routing_key,
+                            properties=pushed.properties, body=pushed.body,
                             redelivered=pushed.redelivered, received_at=time.time())
         self.events.append(("delivered", str(pushed.properties.message_id)))
         try:

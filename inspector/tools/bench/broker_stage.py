@@ -26,12 +26,12 @@ import torch
 from inspector.broker import blocking_connection, connection_parameters
 from inspector.config import Settings
 from inspector.errors import BrokerError
-from inspector.plugin import get_plugin
 from inspector.timestamps import rfc3339
 from inspector.tools.bench.cpu_stages import CpuStages
 from inspector.tools.bench.frames import Frames
 from inspector.tools.bench.model_stages import RawMeter
 from inspector.tools.bench.options import BenchOptions
+from inspector.worker.hooks import StageHooks
 from inspector.worker.loop import Worker
 
 log = logging.getLogger(__name__)
@@ -236,13 +236,10 @@ def _backlog(expected_rate: float, frame_bytes: int, batch_size: int) -> int:
     return max(min(4 * batch_size, MAX_FRAMES), min(count, MAX_FRAMES, BACKLOG_BYTES // max(1, frame_bytes)))
 
 
-def _with_worker(settings: Settings, body: Callable[[Worker], Any],
-                 prepare: Callable[[Worker], None] | None = None) -> Any:
+def _with_worker(settings: Settings, body: Callable[[Worker], Any], hooks: StageHooks | None = None) -> Any:
     """Start a worker in this process (it runs its own threads), run `body(worker)`, stop it. A worker that
-    fails to start has stopped its threads itself and raises. `prepare(worker)` runs before it starts."""
-    worker = Worker(settings)
-    if prepare is not None:
-        prepare(worker)
+    fails to start has stopped its threads itself and raises. `hooks`: the worker's stage hooks."""
+    worker = Worker(settings, hooks=hooks)
     worker.start()
     try:
         return body(worker)
@@ -277,11 +274,7 @@ def _saturation(settings: Settings, collector: Collector, frames: Frames, count:
         collector.wait(RESULT_TIMEOUT_S + 3 * count / max(expected_rate, 0.1))
         return started, _batching(worker), profile.figures(count)  # while the worker's threads still run
 
-    plugin = get_plugin(settings.models[settings.default_model].plugin)
-    try:
-        started, batching, cpu = _with_worker(settings, drain, lambda worker: profile.install(worker, plugin))
-    finally:
-        profile.restore()
+    started, batching, cpu = _with_worker(settings, drain, hooks=profile)
     times, counts = collector.tally()
     seconds = max(times.values()) - started if times else None
     rate = len(times) / seconds if seconds else None

@@ -1,49 +1,41 @@
 """Where the frame path's CPU goes: thread CPU time per stage, measured inside a worker the bench runs.
 
-Only the bench turns this on, for one saturation run: it wraps the functions each stage runs (methods of
-that worker's consumer, the functions the worker's loop calls, the plugin's class) with a thread-CPU clock,
-and puts them back afterwards; a worker outside the bench runs none of it. Each thread's own CPU clock
-(`pthread_getcpuclockid`) gives that thread's total, so what no wrapper covers is its remainder: on the
+Only the bench turns this on, for one saturation run: a `CpuStages` is the stage hooks (worker/hooks.py) of
+the worker it runs, told on each thread when a stage of a frame begins and ends, and it reads that thread's
+CPU clock then; a worker outside the bench has no hooks and runs none of it. Each thread's own CPU clock
+(`pthread_getcpuclockid`) gives that thread's total, so what no stage covers is its remainder: on the
 broker thread that is pika reading, parsing and writing frames; on the scoring thread, the batching.
-Wrapped calls nest (an ack inside a confirm), and each stage counts only its own time.
+Stages nest (hand-off inside consume, settled inside ack), and each counts only its own time.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
-from inspector.worker import loop
+from inspector.worker import hooks
+from inspector.worker.hooks import StageHooks
 
-# (stage, thread, what it covers), in the order a frame passes. A stage marked REMAINDER is its thread's CPU
-# less the wrapped stages on that thread.
-REMAINDER = "remainder"
-STAGES: tuple[tuple[str, str, str], ...] = (
-    ("consume", "broker", "Consumer._on_message: a delivery taken from pika"),
-    ("hand-off", "broker", "Worker._on_delivery: counts, byte budget, submit to the decode pool"),
-    ("parse", "decode", "messages.parse_capture"),
-    ("decode", "decode", "decode_capture: the image itself"),
-    ("prepare", "decode", "plugin.prepare"),
-    ("decode other", "decode", "the decode threads' remainder: model choice, metrics, queueing"),
-    ("batch", "score", "the scoring thread's remainder: queue, batcher, stack, hand-off to the broker thread"),
-    ("score", "score", "plugin.score"),
-    ("result encode", "score", "result_body, encode, result_routing_key"),
-    ("publish", "broker", "Consumer._publish: each result's properties and basic_publish"),
-    ("confirm", "broker", "Consumer._on_confirm: publisher confirms matched to captures"),
-    ("ack", "broker", "Consumer._settle: basic_ack"),
-    ("settled", "broker", "Worker._on_settled: the frame's metrics"),
-    ("pika I/O", "broker", "the broker thread's remainder: pika reading, parsing and writing frames, the IOLoop"),
-)
+# (stage, thread, what it covers), in the order a frame passes. The remainder stages are each thread's CPU
+# less the hooked stages timed on it; the others are the worker's stage hooks (hooks.STAGES).
 _REMAINDERS = {"broker": "pika I/O", "decode": "decode other", "score": "batch"}
-_CONSUMER = (("_on_message", "consume"), ("on_delivery", "hand-off"), ("_publish", "publish"),
-             ("_on_confirm", "confirm"), ("_settle", "ack"), ("on_settled", "settled"))
-_LOOP = (("parse_capture", "parse"), ("decode_capture", "decode"), ("result_body", "result encode"),
-         ("encode", "result encode"), ("result_routing_key", "result encode"))
-_PLUGIN = (("prepare", "prepare"), ("score", "score"))
+_THREAD_OF = {"consume": "broker", "hand-off": "broker", "parse": "decode", "decode": "decode", "prepare": "decode",
+              "score": "score", "result encode": "score", "publish": "broker", "confirm": "broker", "ack": "broker",
+              "settled": "broker"}
+_ORDER = ("consume", "hand-off", "parse", "decode", "prepare", "decode other", "batch", "score", "result encode",
+          "publish", "confirm", "ack", "settled", "pika I/O")
+_REMAINDER_TEXT = {
+    "decode other": "the decode threads' remainder: model choice, metrics, queueing",
+    "batch": "the scoring thread's remainder: queue, batcher, stack, hand-off to the broker thread",
+    "pika I/O": "the broker thread's remainder: pika reading, parsing and writing frames, the IOLoop",
+}
+STAGES: tuple[tuple[str, str, str], ...] = tuple(
+    (stage, _THREAD_OF[stage], hooks.STAGES[stage]) if stage in hooks.STAGES
+    else (stage, next(role for role, name in _REMAINDERS.items() if name == stage), _REMAINDER_TEXT[stage])
+    for stage in _ORDER
+)
 _THREADS = (("inspector-broker", "broker"), ("inspector-decode", "decode"), ("inspector-score", "score"))
-_MISSING = object()
 
 
 def thread_cpu() -> dict[int, tuple[str, float]]:
@@ -63,80 +55,50 @@ def _role(name: str) -> str | None:
     return next((role for prefix, role in _THREADS if name.startswith(prefix)), None)
 
 
-class CpuStages:
-    """Installed on one worker before it starts (`install`), read after its run (`figures`), then `restore`d.
+class CpuStages(StageHooks):
+    """The stage hooks of one worker (`Worker(settings, hooks=CpuStages())`), read after its run (`figures`).
     The counts start when the worker has connected, before its first delivery."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._undo: list[tuple[Any, str, Any]] = []
         self.seconds: dict[str, float] = {}
+        self.by_role: dict[str, float] = {}  # the stages' own time, by the role of the thread that ran them
         self.calls = 0
         self._baseline: dict[int, tuple[str, float]] = {}
+        self.reset()
 
     def reset(self) -> None:
         with self._lock:
             self.seconds = {stage: 0.0 for stage, _, _ in STAGES}
+            self.by_role = {role: 0.0 for role in _REMAINDERS}
             self.calls = 0
             self._baseline = thread_cpu()
 
-    def wrap(self, stage: str, function: Callable) -> Callable:
-        """`function`, counting its thread CPU time (less that of wrapped calls inside it) to `stage`."""
-        clock, local, lock = time.thread_time, self._local, self._lock
+    def connection(self, up: bool, generation: int) -> None:
+        if up and generation == 1:
+            self.reset()  # on the broker thread, before the first delivery is read
 
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            outer = getattr(local, "inner", None)
-            local.inner = 0.0
-            started = clock()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                spent = clock() - started
-                inner = local.inner
-                local.inner = None if outer is None else outer + spent
-                with lock:
-                    self.seconds[stage] = self.seconds.get(stage, 0.0) + spent - inner
-                    self.calls += 1
+    def begin(self, stage: str) -> None:
+        local = self._local
+        stack = getattr(local, "stack", None)
+        if stack is None:
+            stack = local.stack = []
+            local.role = _role(threading.current_thread().name)
+        stack.append([time.thread_time(), 0.0])  # [started, time of the stages nested in it]
 
-        return timed
-
-    def _patch(self, owner: Any, attribute: str, stage: str) -> None:
-        original = getattr(owner, attribute, _MISSING)
-        if not callable(original):
-            raise AttributeError(f"the bench's CPU stages expect {owner!r}.{attribute}; the worker changed")
-        own = vars(owner).get(attribute, _MISSING) if hasattr(owner, "__dict__") else _MISSING
-        self._undo.append((owner, attribute, own))
-        setattr(owner, attribute, self.wrap(stage, original))
-
-    def install(self, worker: Any, plugin: type) -> None:
-        """Wrap the stages of this worker, not yet started (its consumer's methods, the loop's functions), and
-        of the plugin class it serves."""
-        consumer = worker.consumer
-        self.reset()
-        for attribute, stage in _CONSUMER:
-            self._patch(consumer, attribute, stage)
-        for attribute, stage in _LOOP:
-            self._patch(loop, attribute, stage)
-        for attribute, stage in _PLUGIN:
-            self._patch(plugin, attribute, stage)
-        connected = consumer.on_connection
-
-        def on_connection(up: bool) -> None:
-            if up and consumer.generation == 1:
-                self.reset()  # on the broker thread, before the first delivery is read
-            connected(up)
-
-        self._undo.append((consumer, "on_connection", vars(consumer).get("on_connection", _MISSING)))
-        consumer.on_connection = on_connection
-
-    def restore(self) -> None:
-        for owner, attribute, own in reversed(self._undo):
-            if own is _MISSING:
-                delattr(owner, attribute)
-            else:
-                setattr(owner, attribute, own)
-        self._undo.clear()
+    def end(self, stage: str) -> None:
+        local = self._local
+        started, inner = local.stack.pop()
+        spent = time.thread_time() - started
+        if local.stack:
+            local.stack[-1][1] += spent
+        own = spent - inner
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + own
+            if local.role is not None:
+                self.by_role[local.role] += own
+            self.calls += 1
 
     def figures(self, frames: int) -> dict[str, Any]:
         """Microseconds of CPU per frame: per stage, per thread, the path's total and that total less the
@@ -150,10 +112,10 @@ class CpuStages:
         collector = sum(s - self._baseline.get(i, (n, 0.0))[1] for i, (n, s) in now.items() if n == "bench-collector")
         with self._lock:
             stages = dict(self.seconds)
+            by_role = dict(self.by_role)
             calls = self.calls
         for role, remainder in _REMAINDERS.items():
-            wrapped = sum(stages[stage] for stage, thread, _ in STAGES if thread == role and stage != remainder)
-            stages[remainder] = max(0.0, threads[role] - wrapped)
+            stages[remainder] = max(0.0, threads[role] - by_role[role])
         per_frame = 1e6 / max(1, frames)
         total = sum(threads.values())
         return {
@@ -168,19 +130,18 @@ class CpuStages:
 
 
 def wrapper_cost(calls: int = 20000) -> float:
-    """CPU seconds one wrapped call adds (a no-op wrapped, less the no-op alone): what the figures carry extra."""
+    """CPU seconds one timed stage adds (a no-op through the hooks, less the no-op alone): what the figures
+    carry extra."""
     probe = CpuStages()
-    probe.reset()
 
     def nothing() -> None:
         return None
 
-    timed = probe.wrap("consume", nothing)
     started = time.thread_time()
     for _ in range(calls):
         nothing()
     bare = time.thread_time() - started
     started = time.thread_time()
     for _ in range(calls):
-        timed()
+        hooks.timed(probe, "consume", nothing)
     return max(0.0, (time.thread_time() - started - bare) / calls)

@@ -163,8 +163,9 @@ def _cpu_legend(broker: dict[str, dict[str, Any]] | None) -> list[str]:
     return [
         "  no-decode: the path's own cost, every worker thread's CPU less the decode of the image itself; "
         "3r: RabbitMQ alone, a plain pika consumer's CPU to take and ack one frame",
-        f"  stages are wrapped with a thread-CPU clock for the run: {first['wrapped_calls_per_frame']:.1f} wrapped "
-        f"calls a frame at about {first['wrapper_us_per_call']:.1f} us each are included",
+        f"  stages are timed with a thread-CPU clock through the worker's stage hooks for the run: "
+        f"{first['wrapped_calls_per_frame']:.1f} timed calls a frame at about {first['wrapper_us_per_call']:.1f} us "
+        "each are included",
     ]
 
 
