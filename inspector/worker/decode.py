@@ -17,7 +17,7 @@ import os
 import reprlib
 import stat
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,8 +30,6 @@ from inspector.errors import FrameError
 from inspector.imagefiles import allow_pixels, reduce_while_decoding, reserve_pixels, to_rgb
 
 if TYPE_CHECKING:
-    import torch
-
     from inspector.config import WorkerSettings
 
 ENCODED_TYPES = frozenset({"image/jpeg", "image/jpg", "image/png", "image/bmp", "image/tiff", "image/webp"})
@@ -87,7 +85,7 @@ def decode_capture(
     if not body:
         raise FrameError("empty_body", "the capture's body is empty")
     if len(body) > limits.max_image_bytes:
-        raise _too_large("the body", len(body), limits)
+        raise too_large("the body", len(body), limits)
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     if kind in ENCODED_TYPES or kind in SNIFFED_TYPES:
         return _decode_image(body, "the body", limits, min_size)
@@ -99,13 +97,16 @@ def decode_capture(
     raise FrameError("unsupported_content_type", message)
 
 
-def _too_large(what: str, size: int, limits: DecodeLimits) -> FrameError:
+def too_large(what: str, size: int, limits: DecodeLimits) -> FrameError:
+    """The refusal of `size` bytes over max_image_bytes (public, as the checks below: every decoder of
+    untrusted bytes, the batched JPEG one included, refuses the same way)."""
     return FrameError(
         "image_too_large", f"{what} is {size} bytes, over worker.max_image_bytes ({limits.max_image_bytes})"
     )
 
 
-def _check_pixels(what: str, width: int, height: int, limits: DecodeLimits) -> None:
+def check_pixels(what: str, width: int, height: int, limits: DecodeLimits) -> None:
+    """Refuse a size from a header over max_image_pixels, before anything is decoded."""
     if width * height > limits.max_image_pixels:
         raise FrameError(
             "image_too_many_pixels",
@@ -114,7 +115,7 @@ def _check_pixels(what: str, width: int, height: int, limits: DecodeLimits) -> N
         )
 
 
-def _check_jpeg_scans(data: bytes, what: str, limits: DecodeLimits) -> None:
+def check_jpeg_scans(data: bytes, what: str, limits: DecodeLimits) -> None:
     """libjpeg decodes every scan of a progressive JPEG over the whole coefficient array, however few bytes the
     scan holds: 1,000 scans of end-of-band runs (about 45 bytes each) cost a 7000 x 7000 image 4 s, and a body
     of worker.max_image_bytes could hold a million. Every scan starts with the marker FF DA and entropy-coded
@@ -137,13 +138,13 @@ def _check_jpeg_scans(data: bytes, what: str, limits: DecodeLimits) -> None:
 def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode JPEG/PNG/BMP/TIFF/WebP bytes (whatever the content type said) fully, first frame only."""
     allow_pixels(limits.max_image_pixels)  # PIL's own guard must not refuse what worker.max_image_pixels allows
-    _check_jpeg_scans(data, what, limits)
+    check_jpeg_scans(data, what, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's notes on corrupt metadata, its bomb warning: judged here
             with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
                 width, height = image.size
-                _check_pixels(what, width, height, limits)  # from the header, before anything is decoded
+                check_pixels(what, width, height, limits)  # from the header, before anything is decoded
                 if width < 1 or height < 1:
                     raise FrameError("image_undecodable", f"{what} is an image of {width}x{height}: no pixels")
                 if image.format == "TIFF":
@@ -189,7 +190,7 @@ def _read_open_file(fd: int, what: str, limits: DecodeLimits) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise FrameError("file_not_found", f"{what} is not a regular file (a FIFO, a device or a folder)")
         if info.st_size > limits.max_image_bytes:
-            raise _too_large(what, info.st_size, limits)
+            raise too_large(what, info.st_size, limits)
         with os.fdopen(fd, "rb", closefd=False) as file:
             data = file.read(limits.max_image_bytes + 1)
     except OSError as exc:
@@ -197,7 +198,7 @@ def _read_open_file(fd: int, what: str, limits: DecodeLimits) -> bytes:
     finally:
         os.close(fd)
     if len(data) > limits.max_image_bytes:  # it grew after fstat
-        raise _too_large(what, len(data), limits)
+        raise too_large(what, len(data), limits)
     return data
 
 
@@ -229,87 +230,6 @@ def _to_rgb(image: Image.Image, what: str) -> np.ndarray:
         raise FrameError("image_undecodable", f"{what} has {exc}") from exc
 
 
-# -- JPEG batches on a device ----------------------------------------------------------------
-# Measured by bench/jpeg_decode_device.py and scripts/gpu-check; not on the worker's path yet (docs/design.md,
-# "GPU JPEG decode": where it would go, and why a model fitted with reduced-scale decoding cannot use it).
-
-JPEG_BATCH_MODES = frozenset({"RGB", "L"})  # YCbCr and grey JPEGs; CMYK and the rest go to Pillow
-
-
-def decode_jpegs(bodies: Sequence[bytes], limits: DecodeLimits, device: str | torch.device = "cpu",
-                 ) -> list[torch.Tensor | FrameError]:
-    """JPEG bodies -> one 3 x H x W uint8 RGB tensor each on `device`, full size, in one batched call of
-    torchvision's decode_jpeg: nvJPEG on CUDA; libjpeg-turbo on the CPU, pixel for pixel Pillow's full-size
-    decode. The limits hold as in decode_capture: bytes, then the header's size against max_image_pixels
-    before any pixel is decoded. A body that is not a plain RGB or grey JPEG, or that the batched decoder
-    refuses, is decoded by Pillow on the CPU instead, so a bad frame fails alone, with decode_capture's
-    FrameError, in its place in the list."""
-    import torch
-
-    out: list[torch.Tensor | FrameError | None] = [None] * len(bodies)
-    batched: list[int] = []
-    for i, body in enumerate(bodies):
-        try:
-            if _plain_jpeg(body, limits):
-                batched.append(i)
-            else:
-                out[i] = _pillow_tensor(body, limits, device)
-        except FrameError as exc:
-            out[i] = exc
-    if batched:
-        data = [torch.frombuffer(bytearray(bodies[i]), dtype=torch.uint8) for i in batched]
-        try:
-            decoded = _decode_jpeg(data, device)
-        except RuntimeError:  # the whole batch fails with one bad frame: find it one by one
-            decoded = [None] * len(batched)
-            for k, one in enumerate(data):
-                try:
-                    decoded[k] = _decode_jpeg([one], device)[0]
-                except RuntimeError:
-                    pass
-        for i, image in zip(batched, decoded):
-            try:
-                out[i] = image if image is not None else _pillow_tensor(bodies[i], limits, device)
-            except FrameError as exc:
-                out[i] = exc
-    return out  # type: ignore[return-value]  # every place is filled
-
-
-def _plain_jpeg(body: bytes, limits: DecodeLimits) -> bool:
-    """Whether the batched decoder may take `body` (a YCbCr or grey JPEG); FrameError when no decoder may."""
-    if not body:
-        raise FrameError("empty_body", "the capture's body is empty")
-    if len(body) > limits.max_image_bytes:
-        raise _too_large("the body", len(body), limits)
-    _check_jpeg_scans(body, "the body", limits)
-    allow_pixels(limits.max_image_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(body), formats=("JPEG",)) as image:  # the header only
-                width, height = image.size
-                plain = image.mode in JPEG_BATCH_MODES
-    except Exception:  # noqa: BLE001 - not a JPEG PIL can read the header of: Pillow's own path judges it
-        return False
-    _check_pixels("the body", width, height, limits)
-    return plain and width > 0 and height > 0
-
-
-def _decode_jpeg(data: list[torch.Tensor], device: str | torch.device) -> list[torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at TorchCodec
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-
-
-def _pillow_tensor(body: bytes, limits: DecodeLimits, device: str | torch.device) -> torch.Tensor:
-    import torch
-
-    pixels = _decode_image(body, "the body", limits)
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous().to(device)
-
-
 # -- raw pixels ------------------------------------------------------------------------
 
 
@@ -321,7 +241,7 @@ def _decode_raw(body: bytes, headers: Mapping[str, Any], limits: DecodeLimits) -
     pixel_format = (_text(headers["pixel_format"]) or "").strip().lower()  # also GenICam's Mono8, RGB8, BGR8
     if pixel_format not in RAW_CHANNELS:
         raise FrameError("raw_headers_invalid", f"{RAW_USAGE}; pixel_format is {_shown.repr(headers['pixel_format'])}")
-    _check_pixels("the image/x-raw frame", width, height, limits)  # before anything is allocated
+    check_pixels("the image/x-raw frame", width, height, limits)  # before anything is allocated
     channels = RAW_CHANNELS[pixel_format]
     expected = width * height * channels
     if len(body) != expected:
