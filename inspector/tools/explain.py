@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from inspector import messages
+from inspector import imageformats, messages
 from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import ConfigError, InspectorError, PluginError
@@ -96,12 +96,12 @@ def collect(data: list[Path]) -> list[tuple[Path, str]]:
     for argument in data:
         if argument.is_file():
             if not is_image_file(argument):
-                raise ConfigError(f"--data {argument}: not an image file (jpg, jpeg, png, bmp, tif, tiff, webp)")
+                raise ConfigError(f"--data {argument}: not an image file ({imageformats.suffix_words()})")
             found.append((argument, argument.name))
             continue
         images = find_images(argument)  # ConfigError for no such folder
         if not images:
-            raise ConfigError(f"--data {argument}: no image files in it (jpg, jpeg, png, bmp, tif, tiff, webp, "
+            raise ConfigError(f"--data {argument}: no image files in it ({imageformats.suffix_words()}, "
                               "found recursively)")
         found += [(path, path.relative_to(argument).as_posix()) for path in images]
     return found

@@ -1,8 +1,8 @@
 """One capture (body, content type, AMQP headers) to an H x W x 3 uint8 RGB array.
 
 Everything here comes from the network, so nothing is trusted: sizes are checked
-before anything is allocated, PIL may only use its JPEG, PNG, BMP, TIFF and WebP
-decoders, an image_uri must resolve inside worker.allowed_roots, and every failure
+before anything is allocated, PIL may only use the decoders of imageformats' encoded
+formats, an image_uri must resolve inside worker.allowed_roots, and every failure
 is a FrameError with a stable code, never another exception: a bad frame gets an
 error result, it must not crash the worker.
 """
@@ -26,22 +26,24 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from inspector import imageformats
 from inspector.errors import FrameError
 from inspector.imagefiles import allow_pixels, reduce_while_decoding, reserve_pixels, to_rgb
 
 if TYPE_CHECKING:
     from inspector.config import WorkerSettings
 
-ENCODED_TYPES = frozenset({"image/jpeg", "image/jpg", "image/png", "image/bmp", "image/tiff", "image/webp"})
+ENCODED_TYPES = imageformats.ENCODED_CONTENT_TYPES
 SNIFFED_TYPES = frozenset({"", "application/octet-stream"})  # decoded by what the bytes are
 SUPPORTED_TYPES = (
-    "image/jpeg, image/png, image/bmp, image/tiff, image/webp, image/x-raw, application/json "
+    f"{', '.join(f.content_type for f in imageformats.ENCODED)}, {imageformats.RAW_CONTENT_TYPE}, application/json "
     "(none or application/octet-stream: an encoded image, sniffed)"
 )
-PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # no other PIL decoder is reachable
-RAW_CHANNELS = {"mono8": 1, "rgb8": 3, "bgr8": 3}
+PIL_FORMATS = imageformats.PIL_FORMATS  # no other PIL decoder is reachable
+RAW_CHANNELS = imageformats.RAW_CHANNELS
 RAW_HEADERS = ("width", "height", "pixel_format")
-RAW_USAGE = "image/x-raw needs integer headers width, height and pixel_format (mono8, rgb8, bgr8)"
+RAW_USAGE = (f"{imageformats.RAW_CONTENT_TYPE} needs integer headers width, height and pixel_format "
+             f"({', '.join(RAW_CHANNELS)})")
 
 # application/json is counted before it is parsed: parsed JSON can take ~22x its size (`[[],[],...]`), nesting
 # exhausts the stack, and one wide character makes Python hold the whole text at 4 bytes a character.
@@ -89,7 +91,7 @@ def decode_capture(
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     if kind in ENCODED_TYPES or kind in SNIFFED_TYPES:
         return _decode_image(body, "the body", limits, min_size)
-    if kind == "image/x-raw":
+    if kind == imageformats.RAW_CONTENT_TYPE:
         return _decode_raw(body, headers or {}, limits)
     if kind == "application/json":
         return _decode_json(body, limits, min_size)
@@ -136,7 +138,7 @@ def check_jpeg_scans(data: bytes, what: str, limits: DecodeLimits) -> None:
 
 
 def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode JPEG/PNG/BMP/TIFF/WebP bytes (whatever the content type said) fully, first frame only."""
+    """Decode the bytes of any encoded format (whatever the content type said) fully, first frame only."""
     allow_pixels(limits.max_image_pixels)  # PIL's own guard must not refuse what worker.max_image_pixels allows
     check_jpeg_scans(data, what, limits)
     try:
@@ -161,7 +163,7 @@ def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[
             f"{what}: {exc} (PIL's Image.MAX_IMAGE_PIXELS; {limits.pixels_setting} is {limits.max_image_pixels})",
         ) from exc
     except UnidentifiedImageError as exc:
-        raise FrameError("image_undecodable", f"{what} is not a JPEG, PNG, BMP, TIFF or WebP image") from exc
+        raise FrameError("image_undecodable", f"{what} is not a {imageformats.titles()} image") from exc
     except Exception as exc:  # hostile bytes make PIL raise nearly anything: OSError, SyntaxError,
         # EOFError, struct.error, zlib.error, MemoryError, IndexError, ...; none may crash the worker.
         raise FrameError("image_undecodable", f"{what} does not decode: {type(exc).__name__}: {exc}") from exc

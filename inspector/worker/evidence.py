@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from PIL.PngImagePlugin import PngInfo
 
+from inspector import imageformats
 from inspector.config import EvidenceSettings
 from inspector.imagefiles import MAP_PNG_LEVEL, map_image
 from inspector.messages import FRAME_ID_MAX_BYTES, SOURCE_ID_MAX_BYTES, Capture, clean_id
@@ -70,11 +71,8 @@ PRIORITY = ("pass", "error", "fail")  # when the archive is full, room is taken 
 MARKS = {"pass": "p", "error": "e", "fail": "f"}  # the verdict's letter in each kept frame's names
 LEGACY = "fail"  # files named before marks existed: pruned by age and the cap, never for an error's room
 
-# The capture's bytes are kept under the extension of its content type; anything else is `.bin`.
-EXTENSIONS = {
-    "image/jpeg": "jpg", "image/jpg": "jpg", "image/png": "png", "image/bmp": "bmp", "image/tiff": "tiff",
-    "image/webp": "webp", "image/x-raw": "raw", "application/json": "capture.json",
-}
+# The capture's bytes are kept under the extension of its content type (imageformats'); anything else is `.bin`.
+EXTENSIONS = {**imageformats.ARCHIVE_SUFFIXES, "application/json": "capture.json"}
 OTHER_EXTENSION = "bin"
 RESULT_SUFFIX = "json"
 MAP_SUFFIX = "map.png"
