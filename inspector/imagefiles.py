@@ -201,8 +201,9 @@ def reserve_pixels(pixels: int) -> None:
 def reduce_while_decoding(image: Image.Image, min_size: tuple[int, int] | None) -> None:
     """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg scales in the DCT, for a fraction of the
     cost), the smallest that still gives at least `min_size` (width, height): a 1024 x 1024 frame for a
-    256-pixel model decodes in a quarter of the time and needs no further resize. Refit and the worker
-    both decode this way, so a model is served the pixels it was fitted on. Other formats: no change."""
+    256-pixel model decodes at 1/4 scale, for less (docs/performance.md, `bench/jpeg_decode_device.py`), and
+    needs no further resize. Refit and the worker both decode this way, so a model is served the pixels it was
+    fitted on. Other formats: no change."""
     if min_size is not None and image.format == "JPEG":
         image.draft(image.mode, min_size)
 
@@ -231,7 +232,9 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 
 
 MAP_LEVELS = 65535  # an anomaly map's 16-bit PNG: round(map x MAP_LEVELS), 0 = normal
-MAP_PNG_LEVEL = 1  # zlib level: half the CPU of the default 6 for a quarter more bytes (smooth maps pack well)
+# zlib level: less CPU than the default 6 for a few more bytes (smooth maps pack well); `bench/explain_drawing.py`
+# measures maps at both levels
+MAP_PNG_LEVEL = 1
 
 
 def map_image(values: np.ndarray) -> Image.Image:

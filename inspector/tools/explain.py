@@ -44,8 +44,8 @@ MAP_SUFFIX = ".map.png"
 NAME_MAX_BYTES = messages.FRAME_ID_MAX_BYTES  # NAME.map.png stays within a file name's 255 bytes
 FILES_LISTED = 3  # a summary names each file written for up to this many images
 LINE_ID, CAMERA_ID = "files", "explain"  # the result's source: files on disk, not a camera
-# zlib level of the overlays: a photograph at 1 encoded in 33 ms against 121 ms at Pillow's default 6, for
-# 18% more bytes (bench/explain_drawing.py, 16 magnetic-tile images); maps are smooth and cheap at the default
+# zlib level of the overlays: a photograph encodes several times faster at 1 than at Pillow's default 6, for a
+# few more bytes (see docs/tools.md, `bench/explain_drawing.py`); maps are smooth and cheap at the default
 OVERLAY_COMPRESSION = 1
 
 

@@ -45,8 +45,9 @@ RAW_HEADERS = ("width", "height", "pixel_format")
 RAW_USAGE = (f"{imageformats.RAW_CONTENT_TYPE} needs integer headers width, height and pixel_format "
              f"({', '.join(RAW_CHANNELS)})")
 
-# application/json is counted before it is parsed: parsed JSON can take ~22x its size (`[[],[],...]`), nesting
-# exhausts the stack, and one wide character makes Python hold the whole text at 4 bytes a character.
+# application/json is counted before it is parsed: parsed JSON can take many times its size (`[[],[],...]` is a
+# list object for every 3 bytes), nesting exhausts the stack, and one wide character makes Python hold the whole
+# text at 4 bytes a character.
 JSON_MAX_STRUCTURE = 64  # bytes '{', '[' and ',' in the body, strings included: bounds values and nesting
 JSON_TEXT_MAX_BYTES = 64 * 1024  # a longer body (only image_b64 is) must be ASCII without \u escapes
 URI_PATH_MAX_BYTES = 4096  # Linux PATH_MAX: no longer path names a file, and resolving one is quadratic
@@ -119,8 +120,9 @@ def check_pixels(what: str, width: int, height: int, limits: DecodeLimits) -> No
 
 def check_jpeg_scans(data: bytes, what: str, limits: DecodeLimits) -> None:
     """libjpeg decodes every scan of a progressive JPEG over the whole coefficient array, however few bytes the
-    scan holds: 1,000 scans of end-of-band runs (about 45 bytes each) cost a 7000 x 7000 image 4 s, and a body
-    of worker.max_image_bytes could hold a million. Every scan starts with the marker FF DA and entropy-coded
+    scan holds: scans of end-of-band runs are about 45 bytes each, so a small body costs a large image seconds and
+    a body of worker.max_image_bytes minutes (`bench/hostile_inputs.py --only decode` measures it, docs/running.md
+    shows its table). Every scan starts with the marker FF DA and entropy-coded
     data cannot hold those two bytes (a coded FF is followed by 00), so their count in the body bounds the scans
     any decoder reads, counted at memchr speed. libjpeg writes about 10."""
     if not data.startswith(b"\xff\xd8"):

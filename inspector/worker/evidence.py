@@ -63,7 +63,8 @@ STALE_TEMP_S = 3600.0  # a half-written file (a crash mid-write) older than this
 BACKGROUND_NICE = 10  # the writer and pruner yield the CPU to scoring when the cores are busy
 STUCK_AFTER_S = 60.0  # a write without progress this long: frames are not kept until it moves (watch sets it)
 # A map is drawn at most this many pixels (2048 x 2048), the frame's aspect kept: a 50 Mpx frame's map at its
-# own size costs over a GiB to draw and encode. The PNG's text `frame-size` says what it covers (WxH).
+# own size costs GiBs to draw and encode (`bench/hostile_inputs.py --only evidence`, docs/running.md). The PNG's
+# text `frame-size` says what it covers (WxH).
 MAP_MAX_PIXELS = 4 * 1024 * 1024
 # The oldest frames of each verdict a scan remembers: what the writer may remove to make room until the next.
 OLDEST_KEPT = 4096
