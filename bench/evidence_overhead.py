@@ -29,13 +29,13 @@ from pathlib import Path
 import pika
 
 from inspector import config
+from inspector.imageformats import CONTENT_TYPE_OF_SUFFIX
 from inspector.imagefiles import find_images
 from inspector.tools import samples
 from inspector.tools.bench.fleet import WorkerProcess
 from inspector.tools.refit import RefitOptions, run_refit
 
 EXCHANGES = ("captures", "results", "control", "dead")
-CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 
 MODES = ("off", "on, no maps", "on")
@@ -169,7 +169,7 @@ def main() -> None:
         test = root / "sample-line" / "test"
         files = find_images(test)
         frames = [(f"{n}-{path.relative_to(test).as_posix().replace('/', '_')}", path.read_bytes(),
-                   CONTENT_TYPES.get(path.suffix.lower(), "application/octet-stream"))
+                   CONTENT_TYPE_OF_SUFFIX.get(path.suffix.lower(), "application/octet-stream"))
                   for n in range(args.repeat) for path in files]
         print(f"sample line test set: {len(files)} PNG frames of 256 x 256, sent {args.repeat} times per round "
               f"({len(frames)} frames) as a backlog; a fresh `inspector run` per round, evidence {', '.join(MODES)} "

@@ -8,7 +8,7 @@ and resize on the device. This measures, on generated 1024 x 1024 frames at JPEG
 
   pillow reduced      decode_capture at reduced scale (the worker's path today), on 1 and on N threads
   pillow full         decode_capture at full size, on 1 and on N threads
-  torchvision cpu     worker.decode.decode_jpegs on the CPU (libjpeg-turbo, full size), 1 and N threads
+  torchvision cpu     jpeg_batch.decode_jpegs on the CPU (libjpeg-turbo, full size), 1 and N threads
   torchvision cuda    decode_jpegs on the GPU, one batched call per batch, at each --batch-sizes (--device cuda)
 
 and how far each way's pixels at the model's input are from the worker's (max |difference| in 8-bit levels).
@@ -35,7 +35,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from inspector.tools import samples
-from inspector.worker.decode import DecodeLimits, decode_capture, decode_jpegs
+from inspector.worker.decode import DecodeLimits, decode_capture
+from jpeg_batch import decode_jpegs  # bench/jpeg_batch.py, beside this file
 
 DISTINCT_FRAMES = 8
 QUALITY = 90  # as inspector bench's jpeg frames

@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from inspector import __version__, logs
+from inspector import __version__, imageformats, logs
 from inspector.errors import ConfigError, InspectorError, StateError
 
 log = logging.getLogger("inspector")
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--test", type=int, default=40, help="good test images (default 40)")
     sample.add_argument("--defective", type=int, default=10, help="test images per defect kind (default 10)")
     sample.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    sample.add_argument("--format", default="png", choices=["png", "jpg", "bmp", "tiff", "webp"],
+    sample.add_argument("--format", default="png", choices=imageformats.SAMPLE_FORMATS,
                         help="image file format (default png)")
     sample.add_argument("--seed", type=int, default=0, help="seeds the images: the same seed writes the same line "
                         "(default 0)")
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     as_what.add_argument("--by-reference", action="store_true",
                          help='send {"image_uri": "file:///..."} (the absolute path) instead of the bytes; the '
                          "worker must list a folder holding the files in worker.allowed_roots")
-    publish.add_argument("--pixel-format", choices=["mono8", "rgb8", "bgr8"],
+    publish.add_argument("--pixel-format", choices=[f.name for f in imageformats.RAW],
                          help="with --raw: the pixel format to send (default rgb8)")
     publish.add_argument("--rate", type=float, default=0.0, metavar="HZ",
                          help="frames per second (default 0: as fast as the broker confirms)")
@@ -245,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--resolution", type=int, default=1024, metavar="PX",
                        help="side of the square generated frames (default 1024)")
     bench.add_argument("--encoding", default="jpeg,png", metavar="LIST",
-                       help="comma list of jpeg, png, bmp, tiff, webp, mono8 (raw image/x-raw), each with an "
-                       "optional :PX for a resolution of its own, e.g. jpeg,mono8,jpeg:256 (default jpeg,png)")
+                       help=f"comma list of {', '.join(f.name for f in imageformats.ENCODED)}, "
+                       f"{', '.join(f.name for f in imageformats.RAW)} (raw {imageformats.RAW_CONTENT_TYPE}), each "
+                       "with an optional :PX for a resolution of its own, e.g. jpeg,mono8,jpeg:256 (default jpeg,png)")
     bench.add_argument("--frames", type=int, metavar="N",
                        help="frames in the saturation backlog (default: about 6 s of work at the rates measured)")
     bench.add_argument("--half-load-s", type=float, default=15.0, metavar="S",

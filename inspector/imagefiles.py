@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from inspector import imageformats
 from inspector.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_SUFFIXES = imageformats.FILE_SUFFIXES
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # scaled by >> 8, not clipped
 
 
@@ -200,10 +201,23 @@ def reserve_pixels(pixels: int) -> None:
 def reduce_while_decoding(image: Image.Image, min_size: tuple[int, int] | None) -> None:
     """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg scales in the DCT, for a fraction of the
     cost), the smallest that still gives at least `min_size` (width, height): a 1024 x 1024 frame for a
-    256-pixel model decodes in a quarter of the time and needs no further resize. Refit and the worker
-    both decode this way, so a model is served the pixels it was fitted on. Other formats: no change."""
+    256-pixel model decodes at 1/4 scale, for less (docs/performance.md, `bench/jpeg_decode_device.py`), and
+    needs no further resize. Refit and the worker both decode this way, so a model is served the pixels it was
+    fitted on. Other formats: no change."""
     if min_size is not None and image.format == "JPEG":
         image.draft(image.mode, min_size)
+
+
+def raw_pixels(rgb: np.ndarray, pixel_format: str) -> bytes:
+    """H x W x 3 uint8 RGB as the body of an image/x-raw frame in `pixel_format` (a raw format of
+    imageformats), as a camera sends it: mono8 is ITU-R 601 luma (PIL's convert("L")). ValueError for others."""
+    if imageformats.RAW_CHANNELS.get(pixel_format) is None:
+        raise ValueError(f"pixel format {pixel_format!r}: not one of {', '.join(imageformats.RAW_CHANNELS)}")
+    if pixel_format == "mono8":
+        return Image.fromarray(rgb).convert("L").tobytes()
+    if pixel_format == "bgr8":
+        return np.ascontiguousarray(rgb[:, :, ::-1]).tobytes()
+    return np.ascontiguousarray(rgb).tobytes()
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -218,7 +232,9 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 
 
 MAP_LEVELS = 65535  # an anomaly map's 16-bit PNG: round(map x MAP_LEVELS), 0 = normal
-MAP_PNG_LEVEL = 1  # zlib level: half the CPU of the default 6 for a quarter more bytes (smooth maps pack well)
+# zlib level: less CPU than the default 6 for a few more bytes (smooth maps pack well); `bench/explain_drawing.py`
+# measures maps at both levels
+MAP_PNG_LEVEL = 1
 
 
 def map_image(values: np.ndarray) -> Image.Image:

@@ -635,7 +635,7 @@ def test_ordinary_progressive_jpegs_still_decode(mode):
 
 
 def test_the_batched_jpeg_decoder_counts_scans_too():
-    from inspector.worker.decode import decode_jpegs
+    from bench.jpeg_batch import decode_jpegs
     from tests.jpegkit import many_scan_jpeg
 
     good = encode(PIXELS, "JPEG", progressive=True)

@@ -1,4 +1,4 @@
-"""scripts/gpu-check as an operator runs it, and the batched JPEG decode it measures (worker/decode.py).
+"""scripts/gpu-check as an operator runs it, and the batched JPEG decode it measures (bench/jpeg_batch.py).
 
 Without a GPU: CUDA asked for and absent must fail loudly; `--device cpu` runs every step as a labelled dry run
 against the real RabbitMQ and writes one JSON file; the table is printed from a recorded file; the budget
@@ -22,9 +22,10 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.jpeg_batch import decode_jpegs
 from inspector.errors import FrameError
 from inspector.tools import samples
-from inspector.worker.decode import DecodeLimits, decode_jpegs
+from inspector.worker.decode import DecodeLimits
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu-check"

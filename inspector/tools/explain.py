@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from inspector import messages
+from inspector import imageformats, messages
 from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import ConfigError, InspectorError, PluginError
@@ -44,8 +44,8 @@ MAP_SUFFIX = ".map.png"
 NAME_MAX_BYTES = messages.FRAME_ID_MAX_BYTES  # NAME.map.png stays within a file name's 255 bytes
 FILES_LISTED = 3  # a summary names each file written for up to this many images
 LINE_ID, CAMERA_ID = "files", "explain"  # the result's source: files on disk, not a camera
-# zlib level of the overlays: a photograph at 1 encoded in 33 ms against 121 ms at Pillow's default 6, for
-# 18% more bytes (bench/explain_drawing.py, 16 magnetic-tile images); maps are smooth and cheap at the default
+# zlib level of the overlays: a photograph encodes several times faster at 1 than at Pillow's default 6, for a
+# few more bytes (see docs/tools.md, `bench/explain_drawing.py`); maps are smooth and cheap at the default
 OVERLAY_COMPRESSION = 1
 
 
@@ -96,12 +96,12 @@ def collect(data: list[Path]) -> list[tuple[Path, str]]:
     for argument in data:
         if argument.is_file():
             if not is_image_file(argument):
-                raise ConfigError(f"--data {argument}: not an image file (jpg, jpeg, png, bmp, tif, tiff, webp)")
+                raise ConfigError(f"--data {argument}: not an image file ({imageformats.suffix_words()})")
             found.append((argument, argument.name))
             continue
         images = find_images(argument)  # ConfigError for no such folder
         if not images:
-            raise ConfigError(f"--data {argument}: no image files in it (jpg, jpeg, png, bmp, tif, tiff, webp, "
+            raise ConfigError(f"--data {argument}: no image files in it ({imageformats.suffix_words()}, "
                               "found recursively)")
         found += [(path, path.relative_to(argument).as_posix()) for path in images]
     return found

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from inspector import imageformats
 from inspector.errors import FrameError
 from inspector.plugin import can_explain
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.overlay import checked_map
 from inspector.tools.progress import Progress
-from inspector.worker.decode import PIL_FORMATS
 from inspector.worker.serving import ServedModel, explain_batch
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _file_size(path: Path) -> tuple[int, int]:
     decoder's formats only, in its order, so a file that is also another format's header (a TIFF that reads
     as a 13000 x 13000 IM image to Pillow's every plugin) gets the size of the image that was scored."""
     try:
-        with Image.open(path, formats=PIL_FORMATS) as image:
+        with Image.open(path, formats=imageformats.PIL_FORMATS) as image:
             return image.size
     except (UnidentifiedImageError, ValueError, SyntaxError) as exc:  # a header PIL cannot read
         raise FrameError("image_undecodable", f"{path}: {exc}") from exc

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pika
 import pika.exceptions
-from PIL import Image
 
+from inspector import imageformats
 from inspector.broker import blocking_connection, close_quietly
 from inspector.config import Settings
 from inspector.errors import BrokerError, ConfigError, InspectorError
@@ -34,18 +33,16 @@ from inspector.imagefiles import (
     UnreadableImage,
     find_images,
     is_image_file,
+    raw_pixels,
     read_image,
 )
 from inspector.timestamps import rfc3339
 
 log = logging.getLogger(__name__)
 
-CONTENT_TYPES = {
-    ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
-    ".tif": "image/tiff", ".tiff": "image/tiff", ".webp": "image/webp",
-}
+CONTENT_TYPES = imageformats.CONTENT_TYPE_OF_SUFFIX
 MODES = ("encoded", "raw", "reference")
-PIXEL_FORMATS = ("mono8", "rgb8", "bgr8")
+PIXEL_FORMATS = tuple(f.name for f in imageformats.RAW)
 _GLOB_CHARS = frozenset("*?[")
 _ID_UNSAFE = frozenset(".*# \t\r\n")
 
@@ -143,13 +140,8 @@ def frame_body(source: Source, mode: str, pixel_format: str, max_pixels: int) ->
         return source.path.read_bytes(), CONTENT_TYPES[source.path.suffix.lower()], {}
     rgb = read_image(source.path, max_pixels)
     height, width = rgb.shape[:2]
-    if pixel_format == "mono8":
-        pixels = np.asarray(Image.fromarray(rgb).convert("L"))
-    elif pixel_format == "bgr8":
-        pixels = np.ascontiguousarray(rgb[:, :, ::-1])
-    else:
-        pixels = rgb
-    return pixels.tobytes(), "image/x-raw", {"width": width, "height": height, "pixel_format": pixel_format}
+    headers = {"width": width, "height": height, "pixel_format": pixel_format}
+    return raw_pixels(rgb, pixel_format), imageformats.RAW_CONTENT_TYPE, headers
 
 
 class Pacer:

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from inspector import __version__
+from inspector import __version__, imageformats
 from inspector.broker import announce, announcement
 from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
@@ -529,7 +529,7 @@ def _check_enough(paths: Sequence[Path], read: Callable[[Path], Any], options: R
             pass
     files = (f"{len(paths)} image files under {options.data}" + (f", {readable} readable" if readable < len(paths)
                                                                   else "")) if paths else (
-        f"no image files under {options.data} (jpg, jpeg, png, bmp, tif, tiff, webp, found recursively)")
+        f"no image files under {options.data} ({imageformats.suffix_words()}, found recursively)")
     why = getattr(plugin, "min_images_reason", "")
     fit_only = f"{name} needs at least {plugin.min_images} images to fit" + (f" ({why})" if why else "")
     if not options.calibrate:

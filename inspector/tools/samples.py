@@ -36,11 +36,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from inspector import imageformats
+
 DEFECT_KINDS: tuple[str, ...] = ("scratch", "hole", "stain", "crack", "missing_corner")
 """Every kind of defect the line produces; `write_folder` makes one folder per kind."""
 
 _MIN_SIZE = 32
-_IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
 
 # The product. Lengths in part units are fractions of the plate's half-width.
 _HALF_WIDTH = 0.31  # of the image; at 0.36 or 0.4 the edges cross a random ResNet's patches (see above)
@@ -545,8 +546,9 @@ def write_folder(
     from PIL import Image  # only writing needs pillow
 
     ext = fmt.lower().lstrip(".")
-    if ext not in _IMAGE_FORMATS:
-        raise ValueError(f"unknown image format {fmt!r}; known formats: {', '.join(_IMAGE_FORMATS)}")
+    written = imageformats.encoded_by_suffix(ext)
+    if written is None:
+        raise ValueError(f"unknown image format {fmt!r}; known formats: {imageformats.suffix_words()}")
     if n_good < 0 or n_defective_per_kind < 0:
         raise ValueError(
             f"counts must be >= 0, got n_good={n_good}, n_defective_per_kind={n_defective_per_kind}"
@@ -560,7 +562,7 @@ def write_folder(
         digits = max(3, len(str(n - 1)))  # names sort in order however many there are
         count = 0
         for i, image in enumerate(images):
-            Image.fromarray(image).save(path / f"{i:0{digits}d}.{ext}", format=_IMAGE_FORMATS[ext])
+            Image.fromarray(image).save(path / f"{i:0{digits}d}.{ext}", format=written.pil_format)
             count += 1
         return count
 

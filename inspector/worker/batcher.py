@@ -10,8 +10,9 @@ class Batcher:
     their way; while frames are still being decoded it waits for them up to `hold_s` longer.
 
     The hold is what keeps batches full under a backlog on a small CPU: inference takes the cores,
-    decoding trickles, and a plain timer would send batches of one (about half the throughput of
-    batches of eight on two cores). An idle line still sends a lone frame after `max_wait_s`.
+    decoding trickles, and a plain timer would send batches of one, far below the throughput of full
+    batches (`inspector bench --batch-size N` shows the difference on a machine). An idle line still
+    sends a lone frame after `max_wait_s`.
     """
 
     def __init__(self, batch_size: int, max_wait_s: float, hold_s: float = 0.0) -> None:

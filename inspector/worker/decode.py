@@ -1,8 +1,8 @@
 """One capture (body, content type, AMQP headers) to an H x W x 3 uint8 RGB array.
 
 Everything here comes from the network, so nothing is trusted: sizes are checked
-before anything is allocated, PIL may only use its JPEG, PNG, BMP, TIFF and WebP
-decoders, an image_uri must resolve inside worker.allowed_roots, and every failure
+before anything is allocated, PIL may only use the decoders of imageformats' encoded
+formats, an image_uri must resolve inside worker.allowed_roots, and every failure
 is a FrameError with a stable code, never another exception: a bad frame gets an
 error result, it must not crash the worker.
 """
@@ -17,7 +17,7 @@ import os
 import reprlib
 import stat
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,27 +26,28 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from inspector import imageformats
 from inspector.errors import FrameError
 from inspector.imagefiles import allow_pixels, reduce_while_decoding, reserve_pixels, to_rgb
 
 if TYPE_CHECKING:
-    import torch
-
     from inspector.config import WorkerSettings
 
-ENCODED_TYPES = frozenset({"image/jpeg", "image/jpg", "image/png", "image/bmp", "image/tiff", "image/webp"})
+ENCODED_TYPES = imageformats.ENCODED_CONTENT_TYPES
 SNIFFED_TYPES = frozenset({"", "application/octet-stream"})  # decoded by what the bytes are
 SUPPORTED_TYPES = (
-    "image/jpeg, image/png, image/bmp, image/tiff, image/webp, image/x-raw, application/json "
+    f"{', '.join(f.content_type for f in imageformats.ENCODED)}, {imageformats.RAW_CONTENT_TYPE}, application/json "
     "(none or application/octet-stream: an encoded image, sniffed)"
 )
-PIL_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # no other PIL decoder is reachable
-RAW_CHANNELS = {"mono8": 1, "rgb8": 3, "bgr8": 3}
+PIL_FORMATS = imageformats.PIL_FORMATS  # no other PIL decoder is reachable
+RAW_CHANNELS = imageformats.RAW_CHANNELS
 RAW_HEADERS = ("width", "height", "pixel_format")
-RAW_USAGE = "image/x-raw needs integer headers width, height and pixel_format (mono8, rgb8, bgr8)"
+RAW_USAGE = (f"{imageformats.RAW_CONTENT_TYPE} needs integer headers width, height and pixel_format "
+             f"({', '.join(RAW_CHANNELS)})")
 
-# application/json is counted before it is parsed: parsed JSON can take ~22x its size (`[[],[],...]`), nesting
-# exhausts the stack, and one wide character makes Python hold the whole text at 4 bytes a character.
+# application/json is counted before it is parsed: parsed JSON can take many times its size (`[[],[],...]` is a
+# list object for every 3 bytes), nesting exhausts the stack, and one wide character makes Python hold the whole
+# text at 4 bytes a character.
 JSON_MAX_STRUCTURE = 64  # bytes '{', '[' and ',' in the body, strings included: bounds values and nesting
 JSON_TEXT_MAX_BYTES = 64 * 1024  # a longer body (only image_b64 is) must be ASCII without \u escapes
 URI_PATH_MAX_BYTES = 4096  # Linux PATH_MAX: no longer path names a file, and resolving one is quadratic
@@ -87,11 +88,11 @@ def decode_capture(
     if not body:
         raise FrameError("empty_body", "the capture's body is empty")
     if len(body) > limits.max_image_bytes:
-        raise _too_large("the body", len(body), limits)
+        raise too_large("the body", len(body), limits)
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     if kind in ENCODED_TYPES or kind in SNIFFED_TYPES:
         return _decode_image(body, "the body", limits, min_size)
-    if kind == "image/x-raw":
+    if kind == imageformats.RAW_CONTENT_TYPE:
         return _decode_raw(body, headers or {}, limits)
     if kind == "application/json":
         return _decode_json(body, limits, min_size)
@@ -99,13 +100,16 @@ def decode_capture(
     raise FrameError("unsupported_content_type", message)
 
 
-def _too_large(what: str, size: int, limits: DecodeLimits) -> FrameError:
+def too_large(what: str, size: int, limits: DecodeLimits) -> FrameError:
+    """The refusal of `size` bytes over max_image_bytes (public, as the checks below: every decoder of
+    untrusted bytes, the batched JPEG one included, refuses the same way)."""
     return FrameError(
         "image_too_large", f"{what} is {size} bytes, over worker.max_image_bytes ({limits.max_image_bytes})"
     )
 
 
-def _check_pixels(what: str, width: int, height: int, limits: DecodeLimits) -> None:
+def check_pixels(what: str, width: int, height: int, limits: DecodeLimits) -> None:
+    """Refuse a size from a header over max_image_pixels, before anything is decoded."""
     if width * height > limits.max_image_pixels:
         raise FrameError(
             "image_too_many_pixels",
@@ -114,10 +118,11 @@ def _check_pixels(what: str, width: int, height: int, limits: DecodeLimits) -> N
         )
 
 
-def _check_jpeg_scans(data: bytes, what: str, limits: DecodeLimits) -> None:
+def check_jpeg_scans(data: bytes, what: str, limits: DecodeLimits) -> None:
     """libjpeg decodes every scan of a progressive JPEG over the whole coefficient array, however few bytes the
-    scan holds: 1,000 scans of end-of-band runs (about 45 bytes each) cost a 7000 x 7000 image 4 s, and a body
-    of worker.max_image_bytes could hold a million. Every scan starts with the marker FF DA and entropy-coded
+    scan holds: scans of end-of-band runs are about 45 bytes each, so a small body costs a large image seconds and
+    a body of worker.max_image_bytes minutes (`bench/hostile_inputs.py --only decode` measures it, docs/running.md
+    shows its table). Every scan starts with the marker FF DA and entropy-coded
     data cannot hold those two bytes (a coded FF is followed by 00), so their count in the body bounds the scans
     any decoder reads, counted at memchr speed. libjpeg writes about 10."""
     if not data.startswith(b"\xff\xd8"):
@@ -135,15 +140,15 @@ def _check_jpeg_scans(data: bytes, what: str, limits: DecodeLimits) -> None:
 
 
 def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode JPEG/PNG/BMP/TIFF/WebP bytes (whatever the content type said) fully, first frame only."""
+    """Decode the bytes of any encoded format (whatever the content type said) fully, first frame only."""
     allow_pixels(limits.max_image_pixels)  # PIL's own guard must not refuse what worker.max_image_pixels allows
-    _check_jpeg_scans(data, what, limits)
+    check_jpeg_scans(data, what, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's notes on corrupt metadata, its bomb warning: judged here
             with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
                 width, height = image.size
-                _check_pixels(what, width, height, limits)  # from the header, before anything is decoded
+                check_pixels(what, width, height, limits)  # from the header, before anything is decoded
                 if width < 1 or height < 1:
                     raise FrameError("image_undecodable", f"{what} is an image of {width}x{height}: no pixels")
                 if image.format == "TIFF":
@@ -160,7 +165,7 @@ def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[
             f"{what}: {exc} (PIL's Image.MAX_IMAGE_PIXELS; {limits.pixels_setting} is {limits.max_image_pixels})",
         ) from exc
     except UnidentifiedImageError as exc:
-        raise FrameError("image_undecodable", f"{what} is not a JPEG, PNG, BMP, TIFF or WebP image") from exc
+        raise FrameError("image_undecodable", f"{what} is not a {imageformats.titles()} image") from exc
     except Exception as exc:  # hostile bytes make PIL raise nearly anything: OSError, SyntaxError,
         # EOFError, struct.error, zlib.error, MemoryError, IndexError, ...; none may crash the worker.
         raise FrameError("image_undecodable", f"{what} does not decode: {type(exc).__name__}: {exc}") from exc
@@ -189,7 +194,7 @@ def _read_open_file(fd: int, what: str, limits: DecodeLimits) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise FrameError("file_not_found", f"{what} is not a regular file (a FIFO, a device or a folder)")
         if info.st_size > limits.max_image_bytes:
-            raise _too_large(what, info.st_size, limits)
+            raise too_large(what, info.st_size, limits)
         with os.fdopen(fd, "rb", closefd=False) as file:
             data = file.read(limits.max_image_bytes + 1)
     except OSError as exc:
@@ -197,7 +202,7 @@ def _read_open_file(fd: int, what: str, limits: DecodeLimits) -> bytes:
     finally:
         os.close(fd)
     if len(data) > limits.max_image_bytes:  # it grew after fstat
-        raise _too_large(what, len(data), limits)
+        raise too_large(what, len(data), limits)
     return data
 
 
@@ -229,87 +234,6 @@ def _to_rgb(image: Image.Image, what: str) -> np.ndarray:
         raise FrameError("image_undecodable", f"{what} has {exc}") from exc
 
 
-# -- JPEG batches on a device ----------------------------------------------------------------
-# Measured by bench/jpeg_decode_device.py and scripts/gpu-check; not on the worker's path yet (docs/design.md,
-# "GPU JPEG decode": where it would go, and why a model fitted with reduced-scale decoding cannot use it).
-
-JPEG_BATCH_MODES = frozenset({"RGB", "L"})  # YCbCr and grey JPEGs; CMYK and the rest go to Pillow
-
-
-def decode_jpegs(bodies: Sequence[bytes], limits: DecodeLimits, device: str | torch.device = "cpu",
-                 ) -> list[torch.Tensor | FrameError]:
-    """JPEG bodies -> one 3 x H x W uint8 RGB tensor each on `device`, full size, in one batched call of
-    torchvision's decode_jpeg: nvJPEG on CUDA; libjpeg-turbo on the CPU, pixel for pixel Pillow's full-size
-    decode. The limits hold as in decode_capture: bytes, then the header's size against max_image_pixels
-    before any pixel is decoded. A body that is not a plain RGB or grey JPEG, or that the batched decoder
-    refuses, is decoded by Pillow on the CPU instead, so a bad frame fails alone, with decode_capture's
-    FrameError, in its place in the list."""
-    import torch
-
-    out: list[torch.Tensor | FrameError | None] = [None] * len(bodies)
-    batched: list[int] = []
-    for i, body in enumerate(bodies):
-        try:
-            if _plain_jpeg(body, limits):
-                batched.append(i)
-            else:
-                out[i] = _pillow_tensor(body, limits, device)
-        except FrameError as exc:
-            out[i] = exc
-    if batched:
-        data = [torch.frombuffer(bytearray(bodies[i]), dtype=torch.uint8) for i in batched]
-        try:
-            decoded = _decode_jpeg(data, device)
-        except RuntimeError:  # the whole batch fails with one bad frame: find it one by one
-            decoded = [None] * len(batched)
-            for k, one in enumerate(data):
-                try:
-                    decoded[k] = _decode_jpeg([one], device)[0]
-                except RuntimeError:
-                    pass
-        for i, image in zip(batched, decoded):
-            try:
-                out[i] = image if image is not None else _pillow_tensor(bodies[i], limits, device)
-            except FrameError as exc:
-                out[i] = exc
-    return out  # type: ignore[return-value]  # every place is filled
-
-
-def _plain_jpeg(body: bytes, limits: DecodeLimits) -> bool:
-    """Whether the batched decoder may take `body` (a YCbCr or grey JPEG); FrameError when no decoder may."""
-    if not body:
-        raise FrameError("empty_body", "the capture's body is empty")
-    if len(body) > limits.max_image_bytes:
-        raise _too_large("the body", len(body), limits)
-    _check_jpeg_scans(body, "the body", limits)
-    allow_pixels(limits.max_image_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(body), formats=("JPEG",)) as image:  # the header only
-                width, height = image.size
-                plain = image.mode in JPEG_BATCH_MODES
-    except Exception:  # noqa: BLE001 - not a JPEG PIL can read the header of: Pillow's own path judges it
-        return False
-    _check_pixels("the body", width, height, limits)
-    return plain and width > 0 and height > 0
-
-
-def _decode_jpeg(data: list[torch.Tensor], device: str | torch.device) -> list[torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points at TorchCodec
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-
-
-def _pillow_tensor(body: bytes, limits: DecodeLimits, device: str | torch.device) -> torch.Tensor:
-    import torch
-
-    pixels = _decode_image(body, "the body", limits)
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous().to(device)
-
-
 # -- raw pixels ------------------------------------------------------------------------
 
 
@@ -321,7 +245,7 @@ def _decode_raw(body: bytes, headers: Mapping[str, Any], limits: DecodeLimits) -
     pixel_format = (_text(headers["pixel_format"]) or "").strip().lower()  # also GenICam's Mono8, RGB8, BGR8
     if pixel_format not in RAW_CHANNELS:
         raise FrameError("raw_headers_invalid", f"{RAW_USAGE}; pixel_format is {_shown.repr(headers['pixel_format'])}")
-    _check_pixels("the image/x-raw frame", width, height, limits)  # before anything is allocated
+    check_pixels("the image/x-raw frame", width, height, limits)  # before anything is allocated
     channels = RAW_CHANNELS[pixel_format]
     expected = width * height * channels
     if len(body) != expected:

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from PIL.PngImagePlugin import PngInfo
 
+from inspector import imageformats
 from inspector.config import EvidenceSettings
 from inspector.imagefiles import MAP_PNG_LEVEL, map_image
 from inspector.messages import FRAME_ID_MAX_BYTES, SOURCE_ID_MAX_BYTES, Capture, clean_id
@@ -62,7 +63,8 @@ STALE_TEMP_S = 3600.0  # a half-written file (a crash mid-write) older than this
 BACKGROUND_NICE = 10  # the writer and pruner yield the CPU to scoring when the cores are busy
 STUCK_AFTER_S = 60.0  # a write without progress this long: frames are not kept until it moves (watch sets it)
 # A map is drawn at most this many pixels (2048 x 2048), the frame's aspect kept: a 50 Mpx frame's map at its
-# own size costs over a GiB to draw and encode. The PNG's text `frame-size` says what it covers (WxH).
+# own size costs GiBs to draw and encode (`bench/hostile_inputs.py --only evidence`, docs/running.md). The PNG's
+# text `frame-size` says what it covers (WxH).
 MAP_MAX_PIXELS = 4 * 1024 * 1024
 # The oldest frames of each verdict a scan remembers: what the writer may remove to make room until the next.
 OLDEST_KEPT = 4096
@@ -70,11 +72,8 @@ PRIORITY = ("pass", "error", "fail")  # when the archive is full, room is taken 
 MARKS = {"pass": "p", "error": "e", "fail": "f"}  # the verdict's letter in each kept frame's names
 LEGACY = "fail"  # files named before marks existed: pruned by age and the cap, never for an error's room
 
-# The capture's bytes are kept under the extension of its content type; anything else is `.bin`.
-EXTENSIONS = {
-    "image/jpeg": "jpg", "image/jpg": "jpg", "image/png": "png", "image/bmp": "bmp", "image/tiff": "tiff",
-    "image/webp": "webp", "image/x-raw": "raw", "application/json": "capture.json",
-}
+# The capture's bytes are kept under the extension of its content type (imageformats'); anything else is `.bin`.
+EXTENSIONS = {**imageformats.ARCHIVE_SUFFIXES, "application/json": "capture.json"}
 OTHER_EXTENSION = "bin"
 RESULT_SUFFIX = "json"
 MAP_SUFFIX = "map.png"

@@ -111,7 +111,7 @@ def _logsumexp_rows(logits: Tensor) -> Tensor:
 
     Terms more than 80 below a row's maximum are raised to exp(-80) before summing:
     that changes the sum by at most N * 2e-35 of its value, and keeps exp() out of
-    subnormal numbers, which make torch.logsumexp about ten times slower on CPUs.
+    subnormal numbers, which make torch.logsumexp many times slower on CPUs.
     """
     peak = logits.amax(dim=1, keepdim=True)
     total = (logits - peak).clamp_min_(_EXP_FLOOR).exp_().sum(dim=1)

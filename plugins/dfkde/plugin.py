@@ -431,7 +431,8 @@ class DfkdePlugin:
 @contextlib.contextmanager
 def _one_cpu_thread() -> Iterator[None]:
     """PCA and the KDE fit by decomposing features x features float64 matrices, too small to gain from more
-    threads; on a busy 2-core machine two made a fit 13x to 27x slower than one (bench/crossfit_cost.py).
+    threads; on a busy 2-core machine two made a fit many times slower than one (see docs/quality.md,
+    `bench/crossfit_cost.py`).
     A fit runs after the images are read, with no other torch work in flight."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

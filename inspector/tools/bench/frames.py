@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image
 
 from inspector.errors import ConfigError
+from inspector.imagefiles import raw_pixels
 from inspector.tools import samples
-from inspector.tools.bench.options import ENCODINGS, BenchOptions, split_kind
+from inspector.tools.bench.options import ENCODER_OPTIONS, ENCODINGS, BenchOptions, split_kind
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +54,20 @@ def make_frames(options: BenchOptions, max_bytes: int) -> list[Frames]:
             encoding, size = split_kind(kind, options.resolution)
             if size not in images:
                 images[size] = samples.make_images(DISTINCT_FRAMES, seed=7, size=size)
-            fmt, content_type, params = ENCODINGS[encoding]
+            fmt = ENCODINGS[encoding]
             headers: dict[str, Any] = {}
-            if fmt == "RAW":
-                bodies = [_grey(image) for image in images[size]]
-                headers = {"width": size, "height": size, "pixel_format": params["pixel_format"]}
+            if fmt.raw:
+                bodies = [raw_pixels(image, fmt.name) for image in images[size]]
+                headers = {"width": size, "height": size, "pixel_format": fmt.name}
             else:
-                bodies = list(pool.map(functools.partial(_encode, fmt=fmt, params=params), images[size]))
+                params = ENCODER_OPTIONS.get(fmt.name, {})
+                bodies = list(pool.map(functools.partial(_encode, fmt=fmt.pil_format, params=params), images[size]))
             largest = max(len(b) for b in bodies)
             if largest > max_bytes:
                 raise ConfigError(f"--resolution {size}: a {encoding} frame is {largest} bytes, over "
                                   f"worker.max_image_bytes ({max_bytes}); the worker would refuse it")
-            out.append(Frames(kind, content_type, bodies, headers, size))
+            out.append(Frames(kind, fmt.content_type, bodies, headers, size))
     return out
-
-
-def _grey(image: np.ndarray) -> bytes:
-    """An 8-bit grey frame as a mono camera sends it (ITU-R 601 luma, as PIL's convert("L"))."""
-    return Image.fromarray(image).convert("L").tobytes()
 
 
 def _encode(image: np.ndarray, fmt: str, params: dict[str, Any]) -> bytes:

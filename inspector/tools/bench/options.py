@@ -6,19 +6,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from inspector import imageformats
 from inspector.errors import ConfigError
 from inspector.tools import samples
 
-# name -> (PIL format, content type, encoder options). JPEG at quality 90; PNG at zlib level 1, the default
-# of OpenCV's imwrite (PIL's own level 6 takes six times as long to write; it decodes about 10% faster).
-ENCODINGS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "jpeg": ("JPEG", "image/jpeg", {"quality": 90}),
-    "png": ("PNG", "image/png", {"compress_level": 1}),
-    "bmp": ("BMP", "image/bmp", {}),
-    "tiff": ("TIFF", "image/tiff", {}),
-    "webp": ("WEBP", "image/webp", {"quality": 90}),
-    "mono8": ("RAW", "image/x-raw", {"pixel_format": "mono8"}),  # a camera's raw 8-bit grey frame, no encoding
-}
+# Every format of the table is an encoding (the raw ones sent as image/x-raw, no encoding at all).
+ENCODINGS: dict[str, imageformats.ImageFormat] = dict(imageformats.BY_NAME)
+# JPEG and WebP at quality 90; PNG at zlib level 1, the default of OpenCV's imwrite (PIL's own level 6 is slower
+# to write: bench/explain_drawing.py measures both, docs/tools.md). The other encodings: PIL's defaults.
+ENCODER_OPTIONS: dict[str, dict[str, Any]] = {"jpeg": {"quality": 90}, "png": {"compress_level": 1},
+                                              "webp": {"quality": 90}}
 KIND_SEPARATOR = ":"  # `jpeg:256`: that encoding at its own resolution (a small frame beside the large ones)
 
 
