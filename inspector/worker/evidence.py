@@ -48,6 +48,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from inspector.config import EvidenceSettings
 from inspector.imagefiles import MAP_PNG_LEVEL, map_image
+from inspector.logs import Throttle
 from inspector.messages import FRAME_ID_MAX_BYTES, SOURCE_ID_MAX_BYTES, Capture, clean_id
 from inspector.s3store import is_s3_url, parse_s3_url
 from inspector.s3store import make_client as make_s3_client
@@ -57,7 +58,6 @@ from inspector.worker.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 300.0  # the archive is pruned at start and then this often
-LOG_EVERY_S = 60.0  # a failing disk at 100 frames/s logs once a minute, not 100 times a second
 STALE_TEMP_S = 3600.0  # a half-written file (a crash mid-write) older than this is removed by the pruner
 BACKGROUND_NICE = 10  # the writer and pruner yield the CPU to scoring when the cores are busy
 STUCK_AFTER_S = 60.0  # a write without progress this long: frames are not kept until it moves (watch sets it)
@@ -496,17 +496,6 @@ class Ticket:
         self._evidence._enqueue(self._job)
 
 
-class _Throttle:
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-
-    def warning(self, key: str, message: str, *args: Any, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._last[key] = now
-            log.warning(message, *args, exc_info=exc_info)
-
-
 class Evidence:
     """The worker's evidence archive; with `[evidence] enabled = false` every method is a cheap no-op."""
 
@@ -531,7 +520,7 @@ class Evidence:
         self._stuck_after_s = STUCK_AFTER_S
         self._writer_progress = time.monotonic()
         self._watchdog: Watchdog | None = None
-        self._throttle = _Throttle()
+        self._throttle = Throttle(log)
         self._writer = threading.Thread(target=self._write_loop, name="inspector-evidence", daemon=True)
         self._pruner = threading.Thread(target=self._prune_loop, name="inspector-evidence-prune", daemon=True)
 
