@@ -40,7 +40,7 @@ import torch
 import datasets as public_data
 from inspector import config
 from inspector.imagefiles import find_images, read_image
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.evaluate import EvaluateOptions, Evaluation, run_evaluate
 from inspector.tools.refit import RefitOptions, RefitResult, run_refit

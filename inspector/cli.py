@@ -474,7 +474,7 @@ def _store(settings):
 
 def _where(settings, args) -> str:
     """Where the store is and which configuration file said so: a relative store.path hides both."""
-    from inspector.s3store import is_s3_url
+    from inspector.stores import is_s3_url
 
     path = settings.store.path
     shown = path if is_s3_url(path) else str(Path(path).expanduser().absolute())

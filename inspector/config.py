@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from inspector import secretfiles
 from inspector.devices import DEVICE_PATTERN
 from inspector.errors import ConfigError, PluginError
+from inspector.messages import Verdict
 from inspector.topics import check_pattern
 
 ENV_PREFIX = "INSPECTOR_"
@@ -185,7 +186,7 @@ class EvidenceSettings(_Section):
 
     enabled: bool = Field(False, description="keep the evidence of the frames chosen below")
     path: str = Field("evidence", min_length=1, description="a folder, or s3://bucket/prefix")
-    keep: list[Literal["pass", "fail", "error"]] = Field(
+    keep: list[Verdict] = Field(
         default_factory=lambda: ["fail", "error"], description="verdicts whose every frame is kept")
     pass_share: float = Field(0.0, ge=0.0, le=1.0, description="share of passes kept besides, sampled by frame id")
     maps: bool = Field(True, description="keep each scored frame's anomaly map (when its plugin draws them)")

@@ -17,12 +17,15 @@ import json
 import logging
 import sys
 import threading
+import time
 from datetime import datetime, timezone
+from typing import Any
 
 from inspector.timestamps import rfc3339
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FORMATS = ("text", "json")
+THROTTLE_EVERY_S = 60.0  # a failure repeated at 100 frames/s is logged once a minute, not 100 times a second
 
 # What every LogRecord carries; anything else on a record came with `extra=` and becomes a field.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -52,6 +55,25 @@ class JsonFormatter(logging.Formatter):
             return json.dumps(entry, default=str, allow_nan=False)
         except ValueError:  # a NaN or an infinity among the fields, which JSON has no word for
             return json.dumps({k: str(v) if isinstance(v, float) else v for k, v in entry.items()}, default=str)
+
+
+class Throttle:
+    """A warning at most once per `every_s` for each key, on `logger`: a failing disk or a broken metric at
+    100 frames/s must not flood the log, yet say it is still failing. `exc_info`: whether warnings carry the
+    traceback unless a call says otherwise. Safe from any thread."""
+
+    def __init__(self, logger: logging.Logger, *, exc_info: bool = False, every_s: float = THROTTLE_EVERY_S) -> None:
+        self.logger, self.exc_info, self.every_s = logger, exc_info, every_s
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, key: str, message: str, *args: Any, exc_info: bool | None = None) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if key in self._last and now - self._last[key] < self.every_s:
+                return
+            self._last[key] = now
+        self.logger.warning(message, *args, exc_info=self.exc_info if exc_info is None else exc_info)
 
 
 class _Handler(logging.StreamHandler):

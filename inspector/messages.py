@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from itertools import islice
-from typing import Any
+from typing import Any, Literal, get_args
 
 from inspector.timestamps import rfc3339
 
 RESULT_SCHEMA = "inspection.result/1"
-VERDICTS = ("pass", "fail", "error")
+Verdict = Literal["pass", "fail", "error"]
+VERDICTS: tuple[str, ...] = get_args(Verdict)  # the one list of verdicts; settings and metrics use it
 
 SHORT_STRING_MAX_BYTES = 255  # AMQP short string: routing key, correlation_id, message_id
 # `<verdict>.<line>.<camera>` with the longest verdict and both dots fits a short string.

@@ -1,6 +1,8 @@
 """The house as built: the import layers of pyproject.toml's import-linter contracts hold, every
-foundation module is inside them, and plugins reach inspector only through the plugin contract."""
+foundation module is inside them, plugins reach inspector only through the plugin contract, and the
+things there is one of (the log throttle, the verdicts, the way to S3) stay one."""
 
+import ast
 import pkgutil
 import subprocess
 import sys
@@ -35,7 +37,7 @@ def test_every_module_of_inspector_is_in_a_layer():
 
 def test_the_rooms_are_what_ls_shows():
     packages = {m.name for m in pkgutil.iter_modules(inspector.__path__) if m.ispkg}
-    assert packages == {"worker", "tools"}
+    assert packages == {"worker", "tools", "stores"}
 
 
 def test_plugins_import_only_the_plugin_contract_and_errors():
@@ -44,3 +46,27 @@ def test_plugins_import_only_the_plugin_contract_and_errors():
     for module in graph.find_descendants("plugins"):
         reached |= {m for m in graph.find_modules_directly_imported_by(module) if m.split(".")[0] == "inspector"}
     assert reached <= {"inspector.plugin", "inspector.errors"}, sorted(reached)
+
+
+def _sources() -> dict[str, ast.Module]:
+    return {str(path.relative_to(ROOT)): ast.parse(path.read_text(), str(path))
+            for path in sorted((ROOT / "inspector").rglob("*.py"))}
+
+
+def test_the_things_there_is_one_of_are_defined_once():
+    classes, verdicts, s3_requests = [], [], []
+    for path, tree in _sources().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name.lstrip("_") == "Throttle":
+                classes.append(path)
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, ast.AnnAssign) else []
+            if any(isinstance(t, ast.Name) and t.id in ("VERDICTS", "Verdict") for t in targets):
+                verdicts.append(path)
+            if isinstance(node, ast.Constant) and node.value in ("list_objects_v2", "delete_objects"):
+                s3_requests.append(path)
+            if isinstance(node, ast.Attribute) and node.attr in ("list_objects_v2", "delete_objects"):
+                s3_requests.append(path)
+    assert classes == ["inspector/logs.py"]
+    assert verdicts == ["inspector/messages.py", "inspector/messages.py"]  # Verdict, and VERDICTS from it
+    assert set(s3_requests) == {"inspector/stores/s3client.py"}

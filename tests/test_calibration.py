@@ -20,7 +20,7 @@ from PIL import Image
 
 from inspector import cli, config
 from inspector.imagefiles import find_images, read_image
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.progress import Progress

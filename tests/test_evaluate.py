@@ -18,7 +18,7 @@ from scipy.stats import mannwhitneyu
 
 from inspector import config
 from inspector.errors import ConfigError
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.evaluate import scan_test_set
 from inspector.tools.figures import auroc, average_precision, best_f1_threshold, confusion, figures

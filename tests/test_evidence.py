@@ -21,7 +21,7 @@ from PIL import Image
 
 from inspector import config
 from inspector.config import EvidenceSettings, MetricsSettings
-from inspector.errors import ConfigError
+from inspector.errors import ConfigError, StoreUnavailable
 from inspector.messages import FRAME_ID_MAX_BYTES, SOURCE_ID_MAX_BYTES, clean_id
 from inspector.plugin import Explained, can_explain
 from inspector.tools import samples
@@ -723,10 +723,27 @@ def test_the_s3_archive_never_overwrites_a_key(s3_server, s3_bucket, s3_prefix):
     client = s3_server.client()
     archive = S3Archive(f"s3://{s3_bucket}/{s3_prefix}/evidence", client=client)
     archive.put("2026-12-01/l/c/f~fdeadbeef.json", b"first", "application/json")
-    with pytest.raises(Exception, match="PreconditionFailed|412|ConditionalRequestConflict"):
-        archive.put("2026-12-01/l/c/f~fdeadbeef.json", b"second", "application/json")
+    with pytest.raises(FileExistsError, match="PreconditionFailed|412|ConditionalRequestConflict"):
+        archive.put("2026-12-01/l/c/f~fdeadbeef.json", b"second", "application/json")  # as in a folder
     body = client.get_object(Bucket=s3_bucket, Key=f"{s3_prefix}/evidence/2026-12-01/l/c/f~fdeadbeef.json")["Body"]
     assert body.read() == b"first"
+
+
+def test_an_s3_archive_failure_names_evidence_path_and_the_fix(s3_server, s3_bucket, s3_prefix, monkeypatch):
+    """The archive's S3 requests go through the model store's S3 helper, so they fail with its clear
+    messages, naming evidence.path rather than a bare botocore error."""
+    missing = S3Archive("s3://no-such-bucket/evidence")
+    no_bucket = r"evidence.path s3://no-such-bucket/evidence/: the bucket 'no-such-bucket' does not exist; " \
+                r"create it .* or correct evidence.path"
+    for ask in (missing.prepare, lambda: list(missing.listing()),
+                lambda: missing.delete(["2026-12-01/l/c/f~fdeadbeef.json"])):
+        with pytest.raises(ConfigError, match=no_bucket):
+            ask()
+    with pytest.raises(ConfigError, match=r"^evidence.path s3://no-such-bucket/evidence/: "):  # SeaweedFS: denied
+        missing.put("2026-12-01/l/c/f~fdeadbeef.json", b"{}", "application/json")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(StoreUnavailable, match=r"cannot reach the evidence archive s3://.*AWS_ENDPOINT_URL_S3"):
+        S3Archive(f"s3://{s3_bucket}/{s3_prefix}/evidence").prepare()
 
 
 def _kept(tmp_path: Path) -> dict[str, set[str]]:

@@ -17,7 +17,7 @@ from PIL import Image
 from inspector import cli, config
 from inspector.imagefiles import map_image
 from inspector.plugin import Explained
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.explain import ExplainOptions, output_names, run_explain
 from inspector.tools.overlay import MAP_FLOOR, MIN_WIDTH, VERDICT_COLOURS, Header, checked_map, overlay

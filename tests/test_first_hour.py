@@ -19,7 +19,8 @@ from PIL import Image
 from inspector import config
 from inspector.cli import NEWCOMER_ORDER, build_parser
 from inspector.errors import ConfigError
-from inspector.store import ModelStore, file_mode
+from inspector.stores import ModelStore
+from inspector.stores.folder import file_mode
 from inspector.tools import samples
 from inspector.tools.refit_options import RefitOptions, check_training_folder, will_announce
 
@@ -232,7 +233,7 @@ def test_a_worker_of_another_user_reads_a_version_refit_wrote():
 def _as_nobody(store_path: Path) -> subprocess.CompletedProcess:
     script = textwrap.dedent(f"""
         import os
-        from inspector.store import ModelStore  # imported first: the interpreter's own files may be root's only
+        from inspector.stores import ModelStore  # imported first: the interpreter's own files may be root's only
         os.setgid(65534)
         os.setuid(65534)  # nobody: not the refit's user
         info = ModelStore({str(store_path)!r}).load_path("default")

@@ -13,7 +13,7 @@ from pika.adapters.select_connection import IOLoop
 
 from inspector import config
 from inspector.messages import frame_id_for
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.refit import RefitOptions, run_refit
 from inspector.worker.consumer import _TolerantConnection

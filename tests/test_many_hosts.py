@@ -165,7 +165,7 @@ def test_three_workers_on_an_s3_store_share_the_line_take_up_a_refit_and_survive
 
 def copy_version_to(s3, local_store_path: Path, name: str = "default") -> str:
     """The local store's current version of `name`, written to `s3` as a new version (new id, same state)."""
-    from inspector.store import ModelStore
+    from inspector.stores import ModelStore
 
     local = ModelStore(local_store_path).load_path(name)
     reserved = {"schema", "name", "version", "created_at", "files", "sizes", "checksum"}
@@ -181,7 +181,7 @@ def copy_version_to(s3, local_store_path: Path, name: str = "default") -> str:
 
 def test_a_worker_on_an_s3_store_takes_up_an_announced_version(fitted, prefix, tmp_path, s3_bucket, s3_prefix):
     from inspector.broker import announcement
-    from inspector.s3store import S3ModelStore
+    from inspector.stores import S3ModelStore
 
     url = f"s3://{s3_bucket}/{s3_prefix}"
     writer = S3ModelStore(url, tmp_path / "writer-cache")

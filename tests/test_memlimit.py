@@ -3,13 +3,15 @@ as `inspector_memory_limit_bytes` on a real scrape: present where a limit is set
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from inspector.config import MetricsSettings
+from inspector.logs import Throttle
 from inspector.worker.memlimit import memory_limit_bytes
-from inspector.worker.metrics import MemoryLimitCollector, Metrics, _Throttle
+from inspector.worker.metrics import MemoryLimitCollector, Metrics
 from tests.test_metrics import request, scrape, value
 
 GiB = 1024**3
@@ -60,7 +62,7 @@ def test_a_scrape_exports_the_limit_when_set_and_no_series_when_not(tmp_path):
     limit = (root / "system.slice" / "inspector.service" / "memory.max")
     metrics = Metrics(MetricsSettings(host="127.0.0.1", port=0))
     metrics.registry.unregister(metrics.memory_limit)
-    metrics.registry.register(MemoryLimitCollector(_Throttle(), lambda: memory_limit_bytes(proc, root)))
+    metrics.registry.register(MemoryLimitCollector(Throttle(logging.getLogger(__name__)), lambda: memory_limit_bytes(proc, root)))
     base = f"http://127.0.0.1:{metrics.serve()}"
     try:
         assert value(scrape(base), "inspector_memory_limit_bytes") == 10 * GiB

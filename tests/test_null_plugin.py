@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from inspector import config
 from inspector.errors import StateError
 from inspector.plugin import Scores, check_plugin, get_plugin
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.refit import RefitOptions, run_refit
 from plugins.null.plugin import STATE_FILE, NullPlugin, NullSettings

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 from inspector.tools import samples
 from plugins.dfkde.plugin import DfkdePlugin
 

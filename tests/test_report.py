@@ -20,7 +20,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from inspector import cli, config
 from inspector.plugin import Explained
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.evaluate import EvaluateOptions, run_evaluate
 from inspector.tools.report import ScoredImage, galleries

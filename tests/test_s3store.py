@@ -11,9 +11,8 @@ import pytest
 
 from inspector.config import StoreSettings
 from inspector.errors import ConfigError, StateError, StoreUnavailable
-from inspector.s3store import S3ModelStore, parse_s3_url
-from inspector.store import ModelStore
-from inspector.stores import open_store
+from inspector.stores import ModelStore, S3ModelStore, open_store
+from inspector.stores.s3client import parse_s3_url
 
 FILES = ("state.safetensors", "settings.json")
 
@@ -181,7 +180,7 @@ def test_rollback_and_prune_keep_the_current_version(store):
 def test_new_versions_are_newer_than_every_stored_one_whatever_the_local_clock(store, url, tmp_path):
     from datetime import datetime, timezone
 
-    from inspector import store as store_module
+    from inspector.stores import folder as store_module
 
     store.write("line1", fake_save(), {"plugin": "fake"})
     behind = S3ModelStore(url, tmp_path / "behind")

@@ -142,7 +142,7 @@ def s3_with_credentials():
 def test_the_store_client_signs_with_the_secret_in_the_file(tmp_path, clean_environment, s3_with_credentials):
     from botocore.exceptions import ClientError
 
-    from inspector.s3store import make_client
+    from inspector.stores.s3client import make_client
 
     clean_environment.setenv("AWS_ENDPOINT_URL_S3", s3_with_credentials.endpoint)
     clean_environment.setenv("AWS_REGION", "us-east-1")

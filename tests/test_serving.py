@@ -288,7 +288,7 @@ def _null_version(store, probability):
 
 
 def test_at_start_a_current_version_that_cannot_serve_gives_way_to_the_last_good_one(tmp_path):
-    from inspector.store import ModelStore
+    from inspector.stores import ModelStore
 
     store = ModelStore(tmp_path / "models")
     good = _null_version(store, 0.25)
@@ -304,7 +304,7 @@ def test_at_start_a_current_version_that_cannot_serve_gives_way_to_the_last_good
 
 def test_with_no_good_version_the_worker_starts_not_ready_and_takes_up_a_good_one_when_it_appears(tmp_path):
     from inspector import config
-    from inspector.store import ModelStore
+    from inspector.stores import ModelStore
     from inspector.worker.loop import Worker
     from tests.workerkit import worker_config
 
@@ -329,7 +329,7 @@ def test_with_no_good_version_the_worker_starts_not_ready_and_takes_up_a_good_on
 
 def test_the_served_version_is_exported_and_stays_right_after_a_failed_reload(tmp_path):
     from inspector.config import MetricsSettings
-    from inspector.store import ModelStore
+    from inspector.stores import ModelStore
     from inspector.worker.metrics import Metrics
 
     store = ModelStore(tmp_path / "models")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from inspector import store as store_mod
+from inspector.stores import folder as store_mod
 from inspector.errors import ConfigError, PluginError, StateError
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "line1"
@@ -425,7 +425,7 @@ def test_model_names_follow_the_configuration_rule():
 CHILD = r"""
 import os, shutil, sys, time
 from pathlib import Path
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 
 root, mode = Path(sys.argv[1]), sys.argv[2]
 

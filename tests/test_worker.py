@@ -25,7 +25,7 @@ from PIL import Image
 
 from inspector import config
 from inspector.broker import announcement
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.worker.loop import Worker
 from plugins.dfkde.conformal import ConformalScale

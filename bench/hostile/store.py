@@ -21,7 +21,7 @@ GROWN_BYTES = 256 << 20  # what an object grown in the bucket holds, against the
 
 
 def _store_with_fifo() -> tuple[object, str]:
-    from inspector.store import ModelStore
+    from inspector.stores import ModelStore
 
     store = ModelStore(Path(tempfile.mkdtemp()) / "models")
 
@@ -107,7 +107,7 @@ class _GrownClient:
 
 def grown_bounded() -> str:
     from inspector.errors import StateError
-    from inspector.s3store import S3ModelStore
+    from inspector.stores import S3ModelStore
 
     store = S3ModelStore("s3://bucket/models", Path(tempfile.mkdtemp()), client=_GrownClient())
     try:

@@ -48,8 +48,7 @@ from inspector.devices import describe_device, resolve_device
 from inspector.errors import BrokerError, ConfigError, FitError
 from inspector.imagefiles import scan_images
 from inspector.plugin import FitReport, Plugin, Scores, decode_size, get_plugin, score_all
-from inspector.s3store import is_s3_url
-from inspector.stores import open_store
+from inspector.stores import is_s3_url, open_store
 from inspector.tools import groups
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.progress import Progress

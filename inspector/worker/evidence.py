@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL.PngImagePlugin import PngInfo
@@ -49,16 +49,15 @@ from PIL.PngImagePlugin import PngInfo
 from inspector import imageformats
 from inspector.config import EvidenceSettings
 from inspector.imagefiles import MAP_PNG_LEVEL, map_image
+from inspector.logs import Throttle
 from inspector.messages import FRAME_ID_MAX_BYTES, SOURCE_ID_MAX_BYTES, Capture, clean_id
-from inspector.s3store import is_s3_url, parse_s3_url
-from inspector.s3store import make_client as make_s3_client
+from inspector.stores.s3client import Conflict, S3Bucket, is_s3_url
 from inspector.worker.metrics import Metrics
 from inspector.worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 300.0  # the archive is pruned at start and then this often
-LOG_EVERY_S = 60.0  # a failing disk at 100 frames/s logs once a minute, not 100 times a second
 STALE_TEMP_S = 3600.0  # a half-written file (a crash mid-write) older than this is removed by the pruner
 BACKGROUND_NICE = 10  # the writer and pruner yield the CPU to scoring when the cores are busy
 STUCK_AFTER_S = 60.0  # a write without progress this long: frames are not kept until it moves (watch sets it)
@@ -292,47 +291,55 @@ def _folders(folder: str) -> Iterator[os.DirEntry]:
 
 class S3Archive:
     """The archive under s3://bucket/prefix, on the endpoint and credentials of the model store's
-    environment (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...)."""
+    environment (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...), through the store's S3 helper: its failures
+    name evidence.path and the fix, as the model store's name store.path."""
 
     def __init__(self, url: str, client: Any = None) -> None:
-        self.bucket, self.prefix = parse_s3_url(url)
-        self._client = client
+        self.s3 = S3Bucket(url, client, setting="evidence.path", what="the evidence archive")
+        self.bucket, self.prefix = self.s3.name, self.s3.prefix
 
     @property
     def client(self) -> Any:
-        if self._client is None:
-            self._client = make_s3_client()
-        return self._client
+        return self.s3.client
 
     def location(self, key: str) -> str:
-        return f"s3://{self.bucket}/{self.prefix}{key}"
+        return f"{self.s3.root}{key}"
 
     def prepare(self) -> None:
-        self.client.head_bucket(Bucket=self.bucket)
+        self.s3.check()
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        """Only when the key is free (`If-None-Match: *`): a key that is taken is never written over."""
-        self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentType=content_type,
-                               IfNoneMatch="*")
+        """Only when the key is free (`If-None-Match: *`): a key that is taken is never written over
+        (FileExistsError, as in a folder)."""
+        try:
+            self.s3.call("put_object", Bucket=self.bucket, Key=self.prefix + key, Body=data,
+                         ContentType=content_type, IfNoneMatch="*")
+        except Conflict as exc:
+            raise FileExistsError(f"{self.location(key)}: taken ({exc}); never written over") from None
 
     def listing(self) -> Iterator[tuple[str, int, float]]:
-        token = None
-        while True:
-            page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix,
-                                               **({"ContinuationToken": token} if token else {}))
-            for item in page.get("Contents", []):
-                yield item["Key"][len(self.prefix):], int(item["Size"]), item["LastModified"].timestamp()
-            if not page.get("IsTruncated"):
-                return
-            token = page["NextContinuationToken"]
+        for item in self.s3.objects(self.prefix):
+            yield item["Key"][len(self.prefix):], int(item["Size"]), item["LastModified"].timestamp()
 
     def delete(self, keys: list[str]) -> None:
-        for start in range(0, len(keys), 1000):
-            batch = [{"Key": self.prefix + key} for key in keys[start:start + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        self.s3.delete([self.prefix + key for key in keys])
 
 
-def open_archive(path: str) -> FolderArchive | S3Archive:
+class Archive(Protocol):
+    """Where kept frames go: FolderArchive or S3Archive. Keys are '/'-separated, relative to the root."""
+
+    def location(self, key: str) -> str: ...
+
+    def prepare(self) -> None: ...
+
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    def listing(self) -> Iterator[tuple[str, int, float]]: ...
+
+    def delete(self, keys: list[str]) -> None: ...
+
+
+def open_archive(path: str) -> Archive:
     return S3Archive(path) if is_s3_url(path) else FolderArchive(path)
 
 
@@ -495,21 +502,10 @@ class Ticket:
         self._evidence._enqueue(self._job)
 
 
-class _Throttle:
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-
-    def warning(self, key: str, message: str, *args: Any, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -LOG_EVERY_S) >= LOG_EVERY_S:
-            self._last[key] = now
-            log.warning(message, *args, exc_info=exc_info)
-
-
 class Evidence:
     """The worker's evidence archive; with `[evidence] enabled = false` every method is a cheap no-op."""
 
-    def __init__(self, settings: EvidenceSettings, metrics: Metrics, *, archive: Any = None,
+    def __init__(self, settings: EvidenceSettings, metrics: Metrics, *, archive: Archive | None = None,
                  prune_every_s: float = PRUNE_EVERY_S) -> None:
         self.settings = settings
         self.enabled = settings.enabled
@@ -530,7 +526,7 @@ class Evidence:
         self._stuck_after_s = STUCK_AFTER_S
         self._writer_progress = time.monotonic()
         self._watchdog: Watchdog | None = None
-        self._throttle = _Throttle()
+        self._throttle = Throttle(log)
         self._writer = threading.Thread(target=self._write_loop, name="inspector-evidence", daemon=True)
         self._pruner = threading.Thread(target=self._prune_loop, name="inspector-evidence-prune", daemon=True)
 

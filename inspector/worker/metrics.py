@@ -38,12 +38,12 @@ from prometheus_client.exposition import choose_encoder
 import inspector
 from inspector.config import MetricsSettings, Settings
 from inspector.errors import FRAME_ERROR_CODES, ConfigError
-from inspector.messages import SOURCE_ID_MAX_BYTES, clean_id
+from inspector.logs import Throttle
+from inspector.messages import SOURCE_ID_MAX_BYTES, VERDICTS, clean_id
 from inspector.worker.memlimit import memory_limit_bytes
 
 log = logging.getLogger(__name__)
 
-VERDICTS = ("pass", "fail", "error")
 STAGES = ("decode", "infer", "publish")
 RELOAD_OUTCOMES = ("success", "failed")
 EVIDENCE_DROPPED = ("queue_full", "write_failed", "archive_full", "writer_stuck")  # why a chosen frame was not kept
@@ -56,7 +56,6 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
-_FAILURE_LOG_EVERY_S = 60.0
 HTTP_REQUEST_DEADLINE_S = 5.0  # the request line and headers must all arrive within this, however they trickle
 HTTP_ANSWER_TIMEOUT_S = 10.0  # writing the answer to a client that does not read it
 HTTP_MAX_REQUEST_BYTES = 64 * 1024  # a request head past this is not read further (a scraper's is ~300 bytes)
@@ -68,22 +67,6 @@ HTTP_MAX_CONNECTIONS = 16  # connections served at once; a new one closes the on
 FRAME_AGE_MAX_S = 86_400.0
 CLOCK_SKEW_S = 300.0
 _T = TypeVar("_T")
-
-
-class _Throttle:
-    """A warning at most once a minute per key: a broken metric at 100 frames/s must not flood the log."""
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def warning(self, key: str, message: str, *args: Any, exc_info: bool = True) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(key, -math.inf) < _FAILURE_LOG_EVERY_S:
-                return
-            self._last[key] = now
-        log.warning(message, *args, exc_info=exc_info)
 
 
 class LabelCap:
@@ -100,7 +83,7 @@ class LabelCap:
         self._admitted: dict[str, set[str]] = {}
         self._reserved: dict[str, frozenset[str]] = {}
         self._lock = threading.Lock()
-        self._throttle = _Throttle()
+        self._throttle = Throttle(log, exc_info=True)
 
     def reserve(self, label: str, values: Iterable[str]) -> None:
         with self._lock:
@@ -178,7 +161,7 @@ class GpuMemoryCollector:
     NAME = "inspector_gpu_memory_bytes"
     HELP = "Bytes of GPU memory held by tensors (torch.cuda.memory_allocated), per CUDA device."
 
-    def __init__(self, throttle: _Throttle) -> None:
+    def __init__(self, throttle: Throttle) -> None:
         self._throttle = throttle
 
     def describe(self) -> Iterable[Metric]:
@@ -204,7 +187,7 @@ class MemoryLimitCollector:
     NAME = "inspector_memory_limit_bytes"
     HELP = "The worker's memory limit in bytes (cgroup v2 memory.max along its cgroup); absent when unlimited."
 
-    def __init__(self, throttle: _Throttle, read: Callable[[], int | None] = memory_limit_bytes) -> None:
+    def __init__(self, throttle: Throttle, read: Callable[[], int | None] = memory_limit_bytes) -> None:
         self._throttle, self._read = throttle, read
 
     def describe(self) -> Iterable[Metric]:
@@ -270,7 +253,7 @@ class Metrics:
         # prometheus_client's process-wide switch: the worker owns its process.
         disable_created_metrics()
         self.settings = settings
-        self.throttle = _Throttle()
+        self.throttle = Throttle(log, exc_info=True)
         self.registry = CollectorRegistry()
         self._cap = LabelCap(settings.max_label_values)
         self._lock = threading.Lock()

@@ -32,7 +32,7 @@ from inspector.config import ModelSettings, RouteSettings
 from inspector.errors import FrameError, PluginError, StateError, VersionIncomplete
 from inspector.messages import Capture
 from inspector.plugin import Plugin, can_explain, get_plugin, region_level
-from inspector.store import ModelStore
+from inspector.stores import Store
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def is_final(exc: BaseException) -> bool:
 
 
 def load_version(
-    store: ModelStore, name: str, settings: ModelSettings, device: torch.device, version: str | None = None,
+    store: Store, name: str, settings: ModelSettings, device: torch.device, version: str | None = None,
     progress: Callable[[], None] | None = None, plugin_settings: BaseModel | None = None,
 ) -> ServedModel:
     """Verify, load and warm up a stored version (None: the current one); StateError when any step fails.
@@ -243,7 +243,7 @@ class Reloader:
 
     def __init__(
         self,
-        store: ModelStore,
+        store: Store,
         models: ModelSet,
         device: torch.device,
         poll_s: float,

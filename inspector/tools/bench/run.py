@@ -36,7 +36,7 @@ from inspector.config import ExchangeSettings, Settings, StoreSettings
 from inspector.devices import resolve_device
 from inspector.errors import BrokerError, ConfigError, PluginError
 from inspector.plugin import decode_size, get_plugin
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.bench.broker_stage import broker_stage
 from inspector.tools.bench.frames import DISTINCT_FRAMES, make_frames

@@ -1,7 +1,7 @@
 """The model store on S3-compatible storage (AWS S3, MinIO, Ceph, SeaweedFS), so that one refit reaches
 the workers of every host.
 
-The same promises as the folder store (inspector.store), kept with what S3 offers instead of renames
+The same promises as the folder store (stores.folder), kept with what S3 offers instead of renames
 and locks:
 
 - a version's files go up first and its manifest last, with `If-None-Match: *`: a version is visible
@@ -17,9 +17,8 @@ and locks:
 Layout under `s3://BUCKET/PREFIX/`, as in the folder store: `<name>/versions/<version>/<files>`,
 `<name>/versions/<version>/manifest.json`, `<name>/current`.
 
-Endpoint and credentials come from the standard AWS environment (`AWS_ENDPOINT_URL_S3` or
-`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`), as every S3 tool
-reads them; never from the configuration file. boto3 is imported only when an s3:// store is used.
+Endpoint and credentials come from the standard AWS environment, through stores.s3client (as for the
+evidence archive); boto3 is imported only when an s3:// store is used.
 """
 
 from __future__ import annotations
@@ -31,76 +30,52 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from inspector import secretfiles
-from inspector.errors import ConfigError, StateError, StoreUnavailable, VersionIncomplete
-from inspector.store import (
+from inspector.errors import ConfigError, StateError, VersionIncomplete
+from inspector.stores.folder import (
     CURRENT,
     MANIFEST,
     MAX_MANIFEST_BYTES,
     MODEL_NAME_PATTERN,
     VERSIONS,
     ModelStore,
-    VersionInfo,
     age,
     created_time,
 )
+from inspector.stores.protocol import VersionInfo
+from inspector.stores.s3client import Conflict, Missing, S3Bucket
 
 log = logging.getLogger(__name__)
 
-SCHEME = "s3://"
 CACHE_KEEP = 3  # verified versions kept per model in the local cache
 # A version written before manifests stated sizes is downloaded up to this per file; a DFKDE state is a few MB.
 MAX_UNSIZED_BYTES = 4 << 30
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _VERSION = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
-_MISSING = ("NoSuchKey", "404", "NotFound")
-_CONFLICT = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
-
-
-def is_s3_url(path: str | os.PathLike) -> bool:
-    return str(path).startswith(SCHEME)
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """(bucket, key prefix ending in '/' or empty) of `s3://bucket/prefix`; ConfigError naming store.path."""
-    rest = url[len(SCHEME):]
-    bucket, _, prefix = rest.partition("/")
-    if not _BUCKET.match(bucket):
-        raise ConfigError(f"store.path {url!r}: {bucket!r} is not an S3 bucket name (3 to 63 lower-case letters, "
-                          "digits, '.' and '-')")
-    prefix = prefix.strip("/")
-    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-        raise ConfigError(f"store.path {url!r}: the key prefix must be plain words separated by '/'")
-    return bucket, f"{prefix}/" if prefix else ""
 
 
 class S3ModelStore:
-    """The versions of every model under one S3 bucket and prefix, with a verified local cache."""
+    """The versions of every model under one S3 bucket and prefix, with a verified local cache (a `Store`)."""
 
     def __init__(self, url: str, cache_dir: Path, client: Any = None) -> None:
-        self.bucket, self.prefix = parse_s3_url(url)
-        self.root = f"{SCHEME}{self.bucket}/{self.prefix}"
+        self.s3 = S3Bucket(url, client, setting="store.path", what="the model store")
+        self.bucket, self.prefix, self.root = self.s3.name, self.s3.prefix, self.s3.root
         key = hashlib.sha256(self.root.encode()).hexdigest()[:16]
         self.cache = ModelStore(Path(cache_dir).expanduser() / f"{self.bucket}-{key}")
-        self._client = client
 
     @property
     def client(self) -> Any:
-        if self._client is None:
-            self._client = make_client()
-        return self._client
+        return self.s3.client
 
     # -- reading ---------------------------------------------------------------------------
 
     def names(self) -> list[str]:
         """Models that have at least one complete version, sorted."""
         found = []
-        for common in self._list_prefixes(self.prefix):
+        for common in self.s3.prefixes(self.prefix):
             name = common[len(self.prefix):].rstrip("/")
             if _MODEL_NAME.match(name) and self._version_ids(name):
                 found.append(name)
@@ -156,7 +131,7 @@ class S3ModelStore:
             self._put(folder + file, (staged.path / file).read_bytes())
         try:
             self._put(folder + MANIFEST, (staged.path / MANIFEST).read_bytes(), if_none_match=True)
-        except _Conflict:
+        except Conflict:
             raise StateError(f"model {name!r}: version {version} was written by another writer at the same "
                              "moment; nothing was changed") from None
         if make_current:
@@ -182,8 +157,8 @@ class S3ModelStore:
         doomed = [info.version for info in listed[:-keep] if info.version != current]
         for version in doomed:
             folder = f"{self.prefix}{name}/{VERSIONS}/{version}/"
-            self._delete([folder + MANIFEST])
-            self._delete([key for key in self._list_keys(folder)])
+            self.s3.delete([folder + MANIFEST])
+            self.s3.delete([key for key in self.s3.keys(folder)])
         if doomed:
             log.info("model %s: pruned %s from %s", name, ", ".join(doomed), self.root)
         return doomed
@@ -199,7 +174,7 @@ class S3ModelStore:
     def _version_ids(self, name: str) -> list[str]:
         folder = self._key(name, VERSIONS) + "/"
         ids = set()
-        for key in self._list_keys(folder):
+        for key in self.s3.keys(folder):
             version, _, file = key[len(folder):].partition("/")
             if file == MANIFEST and _VERSION.match(version):
                 ids.add(version)
@@ -303,15 +278,15 @@ class S3ModelStore:
 
     def _current_etag(self, name: str) -> str | None:
         try:
-            return self._call("head_object", Bucket=self.bucket, Key=self._key(name, CURRENT))["ETag"]
-        except _Missing:
+            return self.s3.call("head_object", Bucket=self.bucket, Key=self._key(name, CURRENT))["ETag"]
+        except Missing:
             return None
 
     def _switch(self, name: str, version: str, expected: str | None, *, written: bool) -> None:
         try:
             self._put(self._key(name, CURRENT), f"{version}\n".encode(), if_match=expected,
                       if_none_match=expected is None)
-        except _Conflict:
+        except Conflict:
             stored = "is stored but not current" if written else "was not made current"
             raise StateError(f"model {name!r}: another writer changed the current version while this one ran; "
                              f"version {version} {stored}. Look with `inspector models list`, and make it current "
@@ -323,12 +298,12 @@ class S3ModelStore:
             extra["IfMatch"] = if_match
         elif if_none_match:
             extra["IfNoneMatch"] = "*"
-        self._call("put_object", Bucket=self.bucket, Key=key, Body=body, **extra)
+        self.s3.call("put_object", Bucket=self.bucket, Key=key, Body=body, **extra)
 
     def _get_text(self, key: str, limit: int = 4096) -> str | None:
         try:
-            answer = self._call("get_object", Bucket=self.bucket, Key=key)
-        except _Missing:
+            answer = self.s3.call("get_object", Bucket=self.bucket, Key=key)
+        except Missing:
             return None
         data = answer["Body"].read(limit + 1)
         if len(data) > limit:
@@ -340,8 +315,8 @@ class S3ModelStore:
         manifest states. What is past the limit is never read, let alone written."""
         where = f"{self.root}{key[len(self.prefix):]}"
         try:
-            answer = self._call("get_object", Bucket=self.bucket, Key=key)
-        except _Missing:
+            answer = self.s3.call("get_object", Bucket=self.bucket, Key=key)
+        except Missing:
             raise VersionIncomplete(f"{where}: missing") from None
         body = answer["Body"]
         try:
@@ -361,73 +336,3 @@ class S3ModelStore:
             close = getattr(body, "close", None)
             if close is not None:
                 close()
-
-    def _list_keys(self, prefix: str) -> Iterator[str]:
-        for page in self._pages(Prefix=prefix):
-            for item in page.get("Contents", []):
-                yield item["Key"]
-
-    def _list_prefixes(self, prefix: str) -> list[str]:
-        return [p["Prefix"] for page in self._pages(Prefix=prefix, Delimiter="/") for p in page.get("CommonPrefixes", [])]
-
-    def _pages(self, **query: Any) -> Iterator[dict]:
-        token = None
-        while True:
-            page = self._call("list_objects_v2", Bucket=self.bucket, **query,
-                              **({"ContinuationToken": token} if token else {}))
-            yield page
-            if not page.get("IsTruncated"):
-                return
-            token = page["NextContinuationToken"]
-
-    def _delete(self, keys: list[str]) -> None:
-        for start in range(0, len(keys), 1000):
-            batch = [{"Key": key} for key in keys[start:start + 1000]]
-            if batch:
-                self._call("delete_objects", Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
-
-    def _call(self, operation: str, **arguments: Any) -> Any:
-        """One S3 request, its failures turned into the project's errors with the fix named."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-        try:
-            return getattr(self.client, operation)(**arguments)
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in _MISSING:
-                raise _Missing(code) from None
-            if code in _CONFLICT:
-                raise _Conflict(code) from None
-            if code == "NoSuchBucket":
-                raise ConfigError(f"store.path {self.root}: the bucket {self.bucket!r} does not exist; create it "
-                                  "(e.g. `aws s3 mb s3://BUCKET`) or correct store.path") from None
-            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
-                raise ConfigError(f"store.path {self.root}: access denied ({code}); check AWS_ACCESS_KEY_ID and "
-                                  "AWS_SECRET_ACCESS_KEY and the bucket's policy") from None
-            raise StoreUnavailable(f"the model store {self.root} answered {code or exc} to {operation}") from None
-        except NoCredentialsError:
-            raise ConfigError(f"store.path {self.root}: no S3 credentials; set AWS_ACCESS_KEY_ID and "
-                              "AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL_S3 for a non-AWS store)") from None
-        except BotoCoreError as exc:
-            raise StoreUnavailable(f"cannot reach the model store {self.root} ({exc}); check AWS_ENDPOINT_URL_S3 "
-                                   "(or AWS_ENDPOINT_URL) and that the store runs") from None
-
-
-class _Missing(Exception):
-    """The object does not exist (internal: callers turn it into None or their own error)."""
-
-
-class _Conflict(Exception):
-    """A conditional write lost: the object changed, or already existed."""
-
-
-def make_client() -> Any:
-    """A boto3 S3 client configured by the standard AWS environment, with short timeouts and few retries:
-    a worker asks again at its next poll rather than hanging on a store that is away."""
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError:
-        raise ConfigError("store.path is an s3:// URL, but boto3 is not installed: pip install boto3") from None
-    config = Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"})
-    return boto3.client("s3", config=config, **secretfiles.aws_credentials(os.environ))
