@@ -19,7 +19,7 @@ from PIL import Image, features
 from inspector import cli, config, imageformats
 from inspector.imageformats import ENCODED, FORMATS, RAW
 from inspector.imagefiles import is_image_file
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 from inspector.tools import publish, samples
 from inspector.tools.bench.options import ENCODER_OPTIONS, ENCODINGS, BenchOptions
 from inspector.worker import decode, evidence

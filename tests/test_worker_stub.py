@@ -18,7 +18,7 @@ import zlib
 import pytest
 
 from inspector.broker import announcement
-from inspector.store import ModelStore
+from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.worker.consumer import Consumer
 from inspector.worker.evidence import Evidence

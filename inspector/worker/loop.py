@@ -43,8 +43,7 @@ from inspector.messages import (
     result_routing_key,
 )
 from inspector.plugin import decode_size
-from inspector.store import ModelStore
-from inspector.stores import open_store
+from inspector.stores import Store, open_store
 from inspector.timestamps import utc_now
 from inspector.worker.batcher import Batcher
 from inspector.worker.consumer import Consumer, Delivery, Outcome
@@ -108,7 +107,7 @@ class Worker:
     `hooks` a profiler or a test watches the frame path through (hooks.py; None: nobody watches)."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, *,
-                 consumer_factory: ConsumerFactory = Consumer, store: ModelStore | None = None,
+                 consumer_factory: ConsumerFactory = Consumer, store: Store | None = None,
                  device: torch.device | None = None, evidence: Evidence | None = None,
                  watchdog: Watchdog | None = None, decoders: Executor | None = None,
                  hooks: StageHooks | None = None) -> None:
