@@ -11,11 +11,10 @@ import pytest
 from inspector.worker.consumer import (
     Delivery,
     Outcome,
-    UndecodableProperties,
     _dead_letter_properties,
     _encoded_size,
-    _salvage_header,
 )
+from inspector.worker.pikaconnection import UndecodableProperties, _salvage_header
 
 
 def outcome(properties: pika.BasicProperties) -> Outcome:
