@@ -23,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BASELINE_FILES = ("inspector/worker/consumer.py", "inspector/worker/pikaconnection.py")
+BASELINE_FILES = ("inspector/worker/consumer.py", "inspector/worker/pikaconnection.py",
+                  "inspector/worker/envelopes.py")
 TRIES = 3
 STAGES = ("consume", "hand-off", "parse", "decode", "prepare", "decode other", "batch", "score", "result encode",
           "publish", "confirm", "ack", "settled", "pika I/O")

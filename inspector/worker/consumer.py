@@ -22,7 +22,6 @@ one AMQP frame. The IOLoop ticks every second, so a watchdog sees a stuck thread
 
 from __future__ import annotations
 
-import base64
 import functools
 import logging
 import random
@@ -30,11 +29,9 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pika
-import pika.data
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 from pika.spec import Basic
@@ -42,7 +39,18 @@ from pika.spec import Basic
 from inspector.broker import connection_parameters
 from inspector.config import Settings, redact_url
 from inspector.errors import BrokerError, ConfigError, InspectorError
-from inspector.messages import RESULT_SCHEMA, printable
+from inspector.worker.envelopes import (
+    Delivery,
+    Outcome,
+    dead_letter_properties,
+    properties_budget,
+    publish_message_id,
+    publish_sequence,
+    result_properties,
+    unroutable_copy,
+)
+from inspector.worker.envelopes import dead_letter_properties as _dead_letter_properties  # its name before it moved
+from inspector.worker.envelopes import encoded_size as _encoded_size  # its name before it moved
 from inspector.worker.ledger import ENDED, HELD, Entry, Ledger
 from inspector.worker.pikaconnection import TolerantConnection
 from inspector.worker.pikaconnection import UndecodableProperties as UndecodableProperties  # re-exported
@@ -56,9 +64,6 @@ CONTROL_BINDING = "model.#"  # model names may hold dots
 _FIRST_BACKOFF_S = 0.5
 TICK_S = 1.0  # the IOLoop's heartbeat for the watchdog
 NACK_BACKOFF_MAX_S = 30.0  # longest pause before a capture whose result the broker refused is requeued
-FRAME_OVERHEAD = 8 + 14 + 1024  # frame header and end, content-header fields, and a margin
-KEPT_RAW_PROPERTIES = 32 * 1024  # undecodable properties up to this size travel with the dead letter (base64)
-UNROUTABLE_PREFIX = "unroutable."
 RESUME_SHARE = 0.75  # paused over worker.max_inflight_bytes, consuming resumes below this share of it
 MAX_RESULT_REFUSALS = 3  # a capture whose result the broker refused this often is dead-lettered, not requeued
 REFUSALS_REMEMBERED = 4096  # frames whose refusals are counted (the oldest forgotten first)
@@ -86,33 +91,6 @@ def _survive(method: Callable) -> Callable:
             return None
 
     return guarded
-
-
-@dataclass(frozen=True, eq=False)
-class Delivery:
-    """A capture as the broker handed it over, tagged with the connection it came on."""
-
-    generation: int
-    tag: int
-    exchange: str
-    routing_key: str
-    properties: pika.BasicProperties
-    body: bytes
-    redelivered: bool
-    received_at: float  # time.time()
-
-
-@dataclass(eq=False)
-class Outcome:
-    """What the worker answers a delivery with: one result, and a dead letter when it failed."""
-
-    delivery: Delivery
-    routing_key: str
-    result: bytes | None  # None: no result can be built; the broker dead-letters the capture (nack)
-    frame_id: str
-    dead_letter: tuple[str, str] | None = None  # (code, message)
-    record: Any = None  # what the worker wants back in on_settled (for its metrics)
-    submitted_at: float = field(default_factory=time.perf_counter)
 
 
 class Consumer:
@@ -445,18 +423,15 @@ class Consumer:
         publish, so a return finds its own capture even when two captures share a frame id."""
         outcome: Outcome = entry.outcome
         delivery = outcome.delivery
-        result_properties = pika.BasicProperties(
-            content_type="application/json", delivery_mode=2, correlation_id=outcome.frame_id,
-            message_id=f"{self._publish_id}.{entry.generation}.{self.ledger.next_sequence()}",
-            timestamp=int(time.time()), type=RESULT_SCHEMA,
-        )
+        message_id = publish_message_id(self._publish_id, entry.generation, self.ledger.next_sequence())
+        properties = result_properties(outcome, message_id)
         dead_properties = None
         if outcome.dead_letter is not None:  # pika marshals one publish whole before sending it; two need this
-            result_properties.encode()
-            dead_properties = _dead_letter_properties(outcome, self._properties_budget())
+            properties.encode()
+            dead_properties = dead_letter_properties(outcome, self._properties_budget())
             dead_properties.encode()
         channel.basic_publish(self.settings.broker.exchanges.results, outcome.routing_key, outcome.result,
-                              result_properties, mandatory=True)
+                              properties, mandatory=True)
         self.ledger.publish(entry)
         if dead_properties is None:
             return
@@ -477,15 +452,14 @@ class Consumer:
 
     def _properties_budget(self) -> int:
         connection = self._connection
-        frame_max = connection.params.frame_max if connection is not None else pika.spec.FRAME_MAX_SIZE
-        return max(4096, min(frame_max, pika.spec.FRAME_MAX_SIZE) - FRAME_OVERHEAD)
+        return properties_budget(connection.params.frame_max) if connection is not None else properties_budget()
 
     @_survive
     def _on_return(self, channel: Any, method: Any, properties: pika.BasicProperties, body: bytes) -> None:
         """A result no queue took (nothing bound on the results exchange for its routing key): keep it on
         the dead-letter exchange, where `inspection.dead` holds it, before its capture is acked. The
         broker sends the return before the confirm of that publish, so the capture waits for this one."""
-        entry = self.ledger.by_sequence(_publish_sequence(properties.message_id, self._publish_id,
+        entry = self.ledger.by_sequence(publish_sequence(properties.message_id, self._publish_id,
                                                           self.ledger.generation))
         self.unroutable += 1
         self.on_unroutable()
@@ -495,14 +469,7 @@ class Consumer:
                         self.unroutable, self.settings.broker.exchanges.dead)
         if entry is None or entry.state == ENDED or channel is not self._channel or not channel.is_open:
             return
-        key = UNROUTABLE_PREFIX + method.routing_key
-        if len(key.encode()) > 255:
-            key = UNROUTABLE_PREFIX.rstrip(".")
-        headers = {"x-inspector-unroutable": True, "x-inspector-original-exchange": method.exchange,
-                   "x-inspector-original-routing-key": method.routing_key}
-        kept = pika.BasicProperties(content_type=properties.content_type, delivery_mode=2,
-                                    correlation_id=properties.correlation_id, timestamp=properties.timestamp,
-                                    type=properties.type, headers=headers)
+        key, kept = unroutable_copy(method, properties)
         channel.basic_publish(self.settings.broker.exchanges.dead, key, body, kept)
         self.ledger.publish(entry)
 
@@ -686,69 +653,6 @@ def _bind(queue: str, exchange: str, key: str, channel: Any, done: Callable) -> 
     channel.queue_bind(queue, exchange, routing_key=key, callback=done)
 
 
-def _dead_letter_properties(outcome: Outcome, budget: int) -> pika.BasicProperties:
-    """The capture's own properties and headers, plus why it could not be scored, within `budget` bytes
-    encoded: a content header must fit one frame, or the broker closes the connection (FRAME_ERROR).
-    Over budget, the largest original headers are dropped first and the count is said."""
-    original = outcome.delivery.properties
-    code, message = outcome.dead_letter or ("", "")
-    added: dict[str, Any] = {
-        "x-inspector-error-code": code,
-        "x-inspector-error-message": printable(message, 1000),
-        "x-inspector-frame-id": outcome.frame_id,
-        "x-inspector-original-exchange": outcome.delivery.exchange,
-        "x-inspector-original-routing-key": outcome.delivery.routing_key,
-    }
-    raw = getattr(original, "raw", None)
-    if raw is not None and len(raw) <= KEPT_RAW_PROPERTIES:
-        added["x-inspector-original-properties-b64"] = base64.b64encode(raw).decode("ascii")
-    headers = dict(original.headers or {}) if isinstance(original.headers, dict) else {}
-
-    def build(kept: dict[str, Any], dropped: int) -> pika.BasicProperties:
-        extra = {"x-inspector-headers-dropped": dropped} if dropped else {}
-        return pika.BasicProperties(
-            content_type=original.content_type, content_encoding=original.content_encoding,
-            headers={**kept, **added, **extra}, delivery_mode=2, priority=original.priority,
-            correlation_id=original.correlation_id, message_id=original.message_id or outcome.frame_id,
-            timestamp=original.timestamp, type=original.type, app_id=original.app_id,
-        )
-
-    properties = build(headers, 0)
-    full = _encoded_size(properties)
-    if full <= budget:
-        return properties
-    # One pass: an AMQP table's size is the sum of its items' sizes, so each header is measured once
-    # and the largest are dropped until the rest fit (re-encoding the table per drop was quadratic).
-    sizes = {key: _item_size(key, value) for key, value in headers.items()}
-    excess = full - budget + 64  # room for the dropped count's own header (under 40 bytes)
-    dropped = 0
-    for key in sorted(sizes, key=sizes.__getitem__, reverse=True):
-        if excess <= 0:
-            break
-        excess -= sizes.pop(key)
-        dropped += 1
-    properties = build({key: headers[key] for key in sizes}, dropped)
-    if _encoded_size(properties) <= budget:
-        return properties
-    return build({}, len(headers))
-
-
-def _item_size(key: str, value: Any) -> int:
-    """What one header adds to an encoded table; a header pika cannot encode counts as too large to keep."""
-    try:
-        pieces: list[bytes] = []
-        return pika.data.encode_short_string(pieces, key) + pika.data.encode_value(pieces, value)
-    except Exception:  # noqa: BLE001 - dropped first
-        return 1 << 30
-
-
-def _encoded_size(properties: pika.BasicProperties) -> int:
-    try:
-        return sum(len(piece) for piece in properties.encode())
-    except Exception:  # noqa: BLE001 - a value pika cannot encode: never fits
-        return 1 << 30
-
-
 def _remedy_for_406(reply_text: str, settings: Settings) -> str:
     """What an operator does about a refused declaration. For the capture queue the exact choice, since
     deleting it with frames inside would lose them."""
@@ -776,14 +680,3 @@ def prefetch_for(configured: int, budget: int, largest: int) -> int:
     this many captures before any is acked, and a pause cannot call back what is already on its way.
     Never over worker.prefetch, never under 1."""
     return max(1, min(configured, budget // max(1, largest)))
-
-
-def _publish_sequence(message_id: str | None, prefix: str, generation: int) -> int:
-    """The publish sequence number a returned result's message_id names, or 0 (no publish has 0)."""
-    head = f"{prefix}.{generation}."
-    if not message_id or not message_id.startswith(head):
-        return 0
-    try:
-        return int(message_id[len(head):])
-    except ValueError:
-        return 0
