@@ -51,8 +51,10 @@ from inspector.worker.envelopes import (
 )
 from inspector.worker.envelopes import dead_letter_properties as _dead_letter_properties  # its name before it moved
 from inspector.worker.envelopes import encoded_size as _encoded_size  # its name before it moved
+from inspector.worker import topology
 from inspector.worker.ledger import ENDED, HELD, Entry, Ledger
 from inspector.worker.pikaconnection import TolerantConnection
+from inspector.worker.topology import CONTROL_BINDING as CONTROL_BINDING  # re-exported
 from inspector.worker.pikaconnection import UndecodableProperties as UndecodableProperties  # re-exported
 from inspector.worker.pikaconnection import _salvage_header as _salvage_header  # re-exported
 
@@ -60,7 +62,6 @@ log = logging.getLogger(__name__)
 
 _TolerantConnection = TolerantConnection  # its name before it moved to pikaconnection
 
-CONTROL_BINDING = "model.#"  # model names may hold dots
 _FIRST_BACKOFF_S = 0.5
 TICK_S = 1.0  # the IOLoop's heartbeat for the watchdog
 NACK_BACKOFF_MAX_S = 30.0  # longest pause before a capture whose result the broker refused is requeued
@@ -277,41 +278,12 @@ class Consumer:
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
         channel.add_on_return_callback(self._on_return)
-        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._declare(channel, self._topology()))
+        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: topology.declare(
+            channel, self.settings, self._is_current, lambda queue: self._start_consuming(channel, queue)))
 
-    def _topology(self) -> list[Callable[[Any, Callable], None]]:
-        """The declarations, in order; each step takes (channel, next). Idempotent on an existing topology."""
-        broker, worker = self.settings.broker, self.settings.worker
-        ex = broker.exchanges
-        steps: list[Callable[[Any, Callable], None]] = [
-            *(functools.partial(_exchange, name) for name in (ex.captures, ex.results, ex.control, ex.dead)),
-            lambda ch, done: ch.queue_declare(
-                worker.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}, callback=done),
-            lambda ch, done: ch.queue_bind(worker.dead_letter_queue, ex.dead, routing_key="#", callback=done),
-            lambda ch, done: ch.queue_declare(worker.queue, durable=True, arguments={
-                "x-queue-type": "quorum",
-                "x-dead-letter-exchange": ex.dead,
-                "x-delivery-limit": worker.delivery_limit,
-            }, callback=done),
-            *(functools.partial(_bind, worker.queue, ex.captures, key) for key in worker.binding_keys),
-            lambda ch, done: ch.queue_declare("", exclusive=True, auto_delete=True, callback=done),
-        ]
-        return steps
-
-    def _declare(self, channel: Any, steps: list) -> None:
-        if channel is not self._channel or not channel.is_open:
-            return
-        if not steps:
-            return
-        step, rest = steps[0], steps[1:]
-        if rest:
-            step(channel, lambda _frame: self._declare(channel, rest))
-        else:  # the last step declares the control queue; its name comes back in the frame
-            step(channel, lambda frame: self._on_control_queue(channel, frame.method.queue))
-
-    def _on_control_queue(self, channel: Any, queue: str) -> None:
-        channel.queue_bind(queue, self.settings.broker.exchanges.control, routing_key=CONTROL_BINDING,
-                           callback=lambda _frame: self._start_consuming(channel, queue))
+    def _is_current(self, channel: Any) -> bool:
+        """`channel` is this connection's open channel (not one closed or replaced meanwhile)."""
+        return channel is self._channel and channel.is_open
 
     def _start_consuming(self, channel: Any, control_queue: str) -> None:
         channel.basic_consume(control_queue, self._on_control_message, auto_ack=True)
@@ -590,7 +562,7 @@ class Consumer:
         connection = self._connection
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == 406:
             log.error("RabbitMQ refused the worker's topology: %s. %s", reason.reply_text,
-                      _remedy_for_406(reason.reply_text, self.settings))
+                      topology.remedy_for_406(reason.reply_text, self.settings))
         if connection is not None and connection.is_open:
             connection.close()  # one path to recovery: a fresh connection
 
@@ -643,30 +615,6 @@ class Consumer:
         self.failure = error
         self._stopping = True
         self._ioloop.stop()
-
-
-def _exchange(name: str, channel: Any, done: Callable) -> None:
-    channel.exchange_declare(name, exchange_type="topic", durable=True, callback=done)
-
-
-def _bind(queue: str, exchange: str, key: str, channel: Any, done: Callable) -> None:
-    channel.queue_bind(queue, exchange, routing_key=key, callback=done)
-
-
-def _remedy_for_406(reply_text: str, settings: Settings) -> str:
-    """What an operator does about a refused declaration. For the capture queue the exact choice, since
-    deleting it with frames inside would lose them."""
-    worker = settings.worker
-    if worker.queue in reply_text or worker.dead_letter_queue in reply_text:
-        name = worker.queue if worker.queue in reply_text else worker.dead_letter_queue
-        return (f"RabbitMQ fixes a queue's arguments when it is first declared, and {name} was declared with "
-                f"others (worker.delivery_limit changed?). Either set the configuration back to the queue's "
-                f"value (the 'current is' figure above), or declare it anew without losing frames: let the "
-                f"workers that still run drain it until `rabbitmqctl list_queues name messages` shows 0 for it, "
-                f"then `rabbitmqctl delete_queue {name}` and start the workers, which declare it with the new "
-                f"value.")
-    return ("An existing exchange or queue was declared with other settings; match them "
-            "(`rabbitmqctl list_exchanges name type durable`), or delete it if it holds nothing.")
 
 
 def _describe_error(error: BaseException) -> str:
