@@ -27,7 +27,6 @@ import logging
 import random
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -39,36 +38,36 @@ from pika.spec import Basic
 from inspector.broker import connection_parameters
 from inspector.config import Settings, redact_url
 from inspector.errors import BrokerError, ConfigError, InspectorError
+from inspector.worker import pikaconnection, topology
 from inspector.worker.envelopes import (
     Delivery,
     Outcome,
     dead_letter_properties,
+    encoded_size,
     properties_budget,
     publish_message_id,
     publish_sequence,
     result_properties,
     unroutable_copy,
 )
-from inspector.worker.envelopes import dead_letter_properties as _dead_letter_properties  # its name before it moved
-from inspector.worker.envelopes import encoded_size as _encoded_size  # its name before it moved
-from inspector.worker import topology
 from inspector.worker.ledger import ENDED, HELD, Entry, Ledger
-from inspector.worker.pikaconnection import TolerantConnection
-from inspector.worker.topology import CONTROL_BINDING as CONTROL_BINDING  # re-exported
-from inspector.worker.pikaconnection import UndecodableProperties as UndecodableProperties  # re-exported
-from inspector.worker.pikaconnection import _salvage_header as _salvage_header  # re-exported
+from inspector.worker.pacing import MAX_RESULT_REFUSALS, RecentSizes, Refusals, prefetch_for, reconnect_delay
+from inspector.worker.pikaconnection import TolerantConnection, UndecodableProperties
+from inspector.worker.topology import CONTROL_BINDING
+
+__all__ = ["CONTROL_BINDING", "MAX_RESULT_REFUSALS", "Consumer", "Delivery", "Outcome", "UndecodableProperties",
+           "prefetch_for"]
+
+# The names these had here before they moved to modules of their own, for code that imports them from here.
+_TolerantConnection = TolerantConnection
+_dead_letter_properties = dead_letter_properties
+_encoded_size = encoded_size
+_salvage_header = pikaconnection._salvage_header
 
 log = logging.getLogger(__name__)
 
-_TolerantConnection = TolerantConnection  # its name before it moved to pikaconnection
-
-_FIRST_BACKOFF_S = 0.5
 TICK_S = 1.0  # the IOLoop's heartbeat for the watchdog
-NACK_BACKOFF_MAX_S = 30.0  # longest pause before a capture whose result the broker refused is requeued
 RESUME_SHARE = 0.75  # paused over worker.max_inflight_bytes, consuming resumes below this share of it
-MAX_RESULT_REFUSALS = 3  # a capture whose result the broker refused this often is dead-lettered, not requeued
-REFUSALS_REMEMBERED = 4096  # frames whose refusals are counted (the oldest forgotten first)
-SIZES_REMEMBERED = 64  # the prefetch follows the largest of this many recent capture bodies
 
 
 def _survive(method: Callable) -> Callable:
@@ -134,9 +133,8 @@ class Consumer:
         self._stopping = False
         self._stop_deadline: float | None = None
         self._last_error = "no attempt yet"
-        self._nack_streak = 0
-        self._refusals: OrderedDict[str, int] = OrderedDict()  # frame id -> results refused so far
-        self._sizes: deque[int] = deque(maxlen=SIZES_REMEMBERED)
+        self._refusals = Refusals()  # results the broker refused: per frame, and the pause before a requeue
+        self._sizes = RecentSizes()  # the latest capture bodies' sizes, which the prefetch follows
         self._prefetch = 0  # the prefetch of the consumer now registered (0: none)
         self._not_consuming_since: float | None = None  # connected, not paused, not stopping, yet no consumer
         self._publish_id = f"{random.getrandbits(48):012x}"  # this process's results' message_id prefix
@@ -305,13 +303,9 @@ class Consumer:
         if self.ledger.paused or self._stopping or self._consumer_tag or channel is None or not channel.is_open:
             return
         worker = self.settings.worker
-        self._prefetch = prefetch_for(worker.prefetch, worker.max_inflight_bytes, self._largest_recent())
+        self._prefetch = self._sizes.prefetch(worker.prefetch, worker.max_inflight_bytes)
         channel.basic_qos(prefetch_count=self._prefetch)
         self._consumer_tag = channel.basic_consume(worker.queue, self._on_message)
-
-    def _largest_recent(self) -> int:
-        """The largest capture body of late; before any, the configured prefetch stands."""
-        return max(self._sizes) if self._sizes else 1
 
     def _grow_prefetch(self) -> None:
         """Frames shrank since the prefetch was cut to fit large ones: register the consumer anew with a
@@ -319,9 +313,9 @@ class Consumer:
         pause cancels the consumer, and it comes back with a prefetch sized to them.) Deliveries already
         made stay with the channel; any the broker sends before the cancel is done are requeued by pika."""
         worker = self.settings.worker
-        wanted = prefetch_for(worker.prefetch, worker.max_inflight_bytes, self._largest_recent())
+        wanted = self._sizes.prefetch(worker.prefetch, worker.max_inflight_bytes)
         if self._consumer_tag and wanted >= self._prefetch * 2:
-            log.info("captures of up to %d bytes: prefetch %d -> %d", self._largest_recent(), self._prefetch, wanted)
+            log.info("captures of up to %d bytes: prefetch %d -> %d", self._sizes.largest(), self._prefetch, wanted)
             self._cancel_consumer()
             self._consume()
 
@@ -329,7 +323,7 @@ class Consumer:
         if not self.ledger.live:  # pika delivers nothing after a close; if it did, the broker redelivers it
             return
         entry, crossed = self.ledger.take(method.delivery_tag, len(body))
-        self._sizes.append(len(body))
+        self._sizes.add(len(body))
         if crossed:
             self._pause()
         else:
@@ -462,7 +456,7 @@ class Consumer:
         if refused:
             self._refused(channel, refused)
         elif confirmed:
-            self._nack_streak = 0
+            self._refusals.confirmed()
         last, multiple, alone = self.ledger.ack_plan(confirmed)
         if last is not None:
             channel.basic_ack(last, multiple=multiple)
@@ -478,12 +472,8 @@ class Consumer:
         is requeued after a growing pause at most MAX_RESULT_REFUSALS - 1 times, then dead-lettered."""
         again: list[Entry] = []
         for entry in entries:
-            frame_id = entry.outcome.frame_id
-            refusals = self._refusals.pop(frame_id, 0) + 1
-            if refusals < MAX_RESULT_REFUSALS:
-                self._refusals[frame_id] = refusals
-                while len(self._refusals) > REFUSALS_REMEMBERED:
-                    self._refusals.popitem(last=False)
+            refusals, requeue = self._refusals.refused(entry.outcome.frame_id)
+            if requeue:
                 self.ledger.refuse(entry)
                 again.append(entry)
                 continue
@@ -505,8 +495,7 @@ class Consumer:
     def _requeue_later(self, refused: list[Entry]) -> None:
         """Requeue after a pause that grows while refusals go on, so a broker in trouble is not hammered
         with the same captures."""
-        delay = min(NACK_BACKOFF_MAX_S, _FIRST_BACKOFF_S * 2 ** min(self._nack_streak, 16))
-        self._nack_streak += 1
+        delay = self._refusals.next_pause()
         for entry in refused:
             log.warning("RabbitMQ refused the result of frame %s; the capture is requeued in %.1f s",
                         entry.outcome.frame_id, delay)
@@ -604,9 +593,7 @@ class Consumer:
             return
         failed = self._nodes[self._node][0]
         self._node = (self._node + 1) % len(self._nodes)  # fail over: the next node of the cluster first
-        rounds = max(0, self._attempt - 1) // len(self._nodes)  # back off per round over every node
-        delay = min(worker.reconnect_max_s, _FIRST_BACKOFF_S * 2 ** min(rounds, 16))
-        delay *= random.uniform(0.5, 1.0)  # jitter: a fleet of workers does not reconnect in step
+        delay = reconnect_delay(self._attempt, len(self._nodes), worker.reconnect_max_s)
         log.warning("cannot reach RabbitMQ at %s (%s); trying %s in %.1f s", failed, self._last_error,
                     self._nodes[self._node][0], delay)
         self._ioloop.call_later(delay, self._connect)
@@ -620,11 +607,3 @@ class Consumer:
 def _describe_error(error: BaseException) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else repr(error)
-
-
-
-def prefetch_for(configured: int, budget: int, largest: int) -> int:
-    """The prefetch that keeps one window of deliveries within the byte budget: the broker sends up to
-    this many captures before any is acked, and a pause cannot call back what is already on its way.
-    Never over worker.prefetch, never under 1."""
-    return max(1, min(configured, budget // max(1, largest)))
