@@ -8,7 +8,11 @@ from __future__ import annotations
 import ast
 import collections.abc
 import inspect
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import tomllib
 import types
 from pathlib import Path
@@ -23,6 +27,7 @@ from inspector.worker import pikaconnection
 from inspector.worker.pikaconnection import TolerantConnection
 
 ROOT = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 TRANSPORT = "_AsyncPlaintextTransport"
 
 
@@ -210,3 +215,24 @@ def test_the_checker_names_what_changed_in_an_altered_pika(connection_class, tra
     found = pika_differences(connection_class, _module(transport))
     assert len(found) == 1 and expected in found[0], found
 
+
+@pytest.mark.parametrize("line", [
+    "from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport",
+    "import pika.adapters.base_connection",
+    "from pika.connection import Connection",
+])
+def test_the_import_contract_refuses_pikas_internals_anywhere_but_pikaconnection(tmp_path, line):
+    """tests/test_architecture.py runs the contracts on the tree as it is; here one module of a copy imports
+    a private pika module, and the pika-internals contract breaks, naming it."""
+    for package in ("inspector", "plugins"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    with (tmp_path / "inspector" / "worker" / "consumer.py").open("a") as module:
+        module.write(f"\n{line}  # noqa: E402\n")
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    run = subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=tmp_path, env=environment, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode != 0, run.stdout
+    assert "only worker/pikaconnection.py imports pika's private internals BROKEN" in run.stdout, run.stdout
+    assert "Contracts: 3 kept, 1 broken." in run.stdout, run.stdout
+    assert "inspector.worker.consumer -> pika." in run.stdout, run.stdout
