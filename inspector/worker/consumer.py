@@ -18,6 +18,11 @@ every callback survives its own bugs (logged; the connection is recycled when it
 may be wrong), results that reach no queue are kept in the dead-letter exchange, a result
 the broker refuses is requeued after a growing pause, and a dead letter is trimmed to fit
 one AMQP frame. The IOLoop ticks every second, so a watchdog sees a stuck thread.
+
+This module is the thread, pika's callbacks and the state machine; what they decide with lives apart:
+the connection that reads and writes frames (pikaconnection, the one place pika's internals are used),
+the declarations (topology), the messages and their properties (envelopes), the books of held captures
+(ledger) and the prefetch and backoff rules (pacing).
 """
 
 from __future__ import annotations
