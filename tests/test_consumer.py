@@ -8,14 +8,8 @@ import pika
 import pika.frame
 import pytest
 
-from inspector.worker.consumer import (
-    Delivery,
-    Outcome,
-    UndecodableProperties,
-    _dead_letter_properties,
-    _encoded_size,
-    _salvage_header,
-)
+from inspector.worker.envelopes import Delivery, Outcome, dead_letter_properties, encoded_size
+from inspector.worker.pikaconnection import UndecodableProperties, _salvage_header
 
 
 def outcome(properties: pika.BasicProperties) -> Outcome:
@@ -26,7 +20,7 @@ def outcome(properties: pika.BasicProperties) -> Outcome:
 
 
 def test_a_dead_letter_keeps_every_header_that_fits():
-    properties = _dead_letter_properties(outcome(pika.BasicProperties(headers={"lot": "A7"})), budget=4096)
+    properties = dead_letter_properties(outcome(pika.BasicProperties(headers={"lot": "A7"})), budget=4096)
     assert properties.headers["lot"] == "A7" and properties.headers["x-inspector-error-code"] == "empty_body"
     assert "x-inspector-headers-dropped" not in properties.headers
 
@@ -34,8 +28,8 @@ def test_a_dead_letter_keeps_every_header_that_fits():
 @pytest.mark.parametrize("budget", [4096, 20_000, 100_000])
 def test_a_dead_letter_over_its_budget_drops_the_largest_headers_first(budget):
     headers = {"small": "s", "medium": "m" * 3000, "large": "l" * 120_000, "lot": "A7"}
-    properties = _dead_letter_properties(outcome(pika.BasicProperties(headers=headers)), budget=budget)
-    assert _encoded_size(properties) <= budget
+    properties = dead_letter_properties(outcome(pika.BasicProperties(headers=headers)), budget=budget)
+    assert encoded_size(properties) <= budget
     kept = {k for k in headers if k in properties.headers}
     dropped = properties.headers.get("x-inspector-headers-dropped", 0)
     assert dropped == len(headers) - len(kept)
@@ -75,9 +69,9 @@ def test_trimming_a_dead_letter_with_a_full_frame_of_headers_is_one_pass():
     headers = {f"h{i:05d}": None for i in range(26_000)}
     properties = pika.BasicProperties(headers=headers, content_type="x" * 200)
     started = time.perf_counter()
-    trimmed = _dead_letter_properties(outcome(properties), budget=4096)
+    trimmed = dead_letter_properties(outcome(properties), budget=4096)
     elapsed = time.perf_counter() - started
-    assert _encoded_size(trimmed) <= 4096
+    assert encoded_size(trimmed) <= 4096
     kept = [key for key in trimmed.headers if key.startswith("h")]
     assert trimmed.headers["x-inspector-headers-dropped"] == len(headers) - len(kept)
     assert len(kept) > 100  # what fits is kept, not everything dropped

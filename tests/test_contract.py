@@ -44,7 +44,7 @@ from inspector.messages import (
     TEXT_MAX_BYTES,
 )
 from inspector.tools import samples
-from inspector.worker.consumer import CONTROL_BINDING
+from inspector.worker.topology import CONTROL_BINDING
 from inspector.worker.decode import (
     JSON_MAX_STRUCTURE,
     JSON_TEXT_MAX_BYTES,

@@ -160,7 +160,7 @@ def _connect(vhost: str) -> pika.BlockingConnection:
 
 def _declare_as_the_worker_does(vhost: str) -> None:
     """The dead-letter exchange, the dead-letter queue bound to it, and the capture queue, with the
-    arguments inspector/worker/consumer.py declares them with."""
+    arguments inspector/worker/topology.py declares them with."""
     worker, exchanges = WorkerSettings(), ExchangeSettings()
     connection = _connect(vhost)
     try:

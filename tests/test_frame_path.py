@@ -1,4 +1,4 @@
-"""The broker thread's reading and writing, made cheaper per frame (worker/consumer.py), against pika's own
+"""The broker thread's reading and writing, made cheaper per frame (worker/pikaconnection.py), against pika's own
 frame codec as the reference; and large captures through a real worker and RabbitMQ, byte for byte."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from inspector.messages import frame_id_for
 from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.refit import RefitOptions, run_refit
-from inspector.worker.consumer import _TolerantConnection
+from inspector.worker.pikaconnection import TolerantConnection
 from tests.workerkit import worker_config
 
 BODY_MAX = 131072 - 8  # pika's body frame payload at RabbitMQ's default frame_max
@@ -43,10 +43,10 @@ def _stream(seed: int) -> tuple[bytes, list[bytes]]:
 
 @pytest.fixture
 def reader():
-    """A _TolerantConnection never connected (its IOLoop never runs), and the frames it hands to pika's frame
+    """A TolerantConnection never connected (its IOLoop never runs), and the frames it hands to pika's frame
     processing, each marshalled again for comparison."""
     loop = IOLoop()
-    connection = _TolerantConnection(pika.ConnectionParameters("127.0.0.1", 1), custom_ioloop=loop)
+    connection = TolerantConnection(pika.ConnectionParameters("127.0.0.1", 1), custom_ioloop=loop)
     seen: list[bytes] = []
     connection._process_frame = lambda value: seen.append(value.marshal())
     yield connection, seen

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pika
 
 from hostile import Case
-from inspector.worker.consumer import Delivery, Outcome, _dead_letter_properties, _encoded_size
+from inspector.worker.envelopes import Delivery, Outcome, dead_letter_properties, encoded_size
 
 HEADERS = 26_000  # void headers: about 200 KB of table, what one capture's content header can carry
 BUDGET = 131_072 - 1046  # RabbitMQ's frame_max less the consumer's FRAME_OVERHEAD
@@ -20,7 +20,7 @@ def _outcome() -> Outcome:
 
 
 def trim_now() -> str:
-    properties = _dead_letter_properties(_outcome(), BUDGET)
+    properties = dead_letter_properties(_outcome(), BUDGET)
     return f"{properties.headers['x-inspector-headers-dropped']} headers dropped"
 
 
@@ -34,11 +34,11 @@ def trim_one_at_a_time() -> str:
         return pika.BasicProperties(content_type="x" * 200,
                                     headers={**kept, **added, "x-inspector-headers-dropped": dropped})
 
-    by_size = sorted(headers, key=lambda key: _encoded_size(pika.BasicProperties(headers={key: headers[key]})),
+    by_size = sorted(headers, key=lambda key: encoded_size(pika.BasicProperties(headers={key: headers[key]})),
                      reverse=True)
     for dropped, key in enumerate(by_size, start=1):
         del headers[key]
-        if _encoded_size(build(headers, dropped)) <= BUDGET:
+        if encoded_size(build(headers, dropped)) <= BUDGET:
             return f"{dropped} headers dropped"
     return f"{len(by_size)} headers dropped"
 

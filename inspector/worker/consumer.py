@@ -18,162 +18,62 @@ every callback survives its own bugs (logged; the connection is recycled when it
 may be wrong), results that reach no queue are kept in the dead-letter exchange, a result
 the broker refuses is requeued after a growing pause, and a dead letter is trimmed to fit
 one AMQP frame. The IOLoop ticks every second, so a watchdog sees a stuck thread.
+
+This module is the thread, pika's callbacks and the state machine; what they decide with lives apart:
+the connection that reads and writes frames (pikaconnection, the one place pika's internals are used),
+the declarations (topology), the messages and their properties (envelopes), the books of held captures
+(ledger) and the prefetch and backoff rules (pacing).
 """
 
 from __future__ import annotations
 
-import base64
 import functools
 import logging
 import random
-import struct
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pika
-import pika.data
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
-from pika.adapters.utils.io_services_utils import _AsyncPlaintextTransport
 from pika.spec import Basic
 
 from inspector.broker import connection_parameters
 from inspector.config import Settings, redact_url
 from inspector.errors import BrokerError, ConfigError, InspectorError
-from inspector.messages import RESULT_SCHEMA, printable
 from inspector.worker.hooks import StageHooks, staged, watch
+from inspector.worker import pikaconnection, topology
+from inspector.worker.envelopes import (
+    Delivery,
+    Outcome,
+    dead_letter_properties,
+    encoded_size,
+    properties_budget,
+    publish_message_id,
+    publish_sequence,
+    result_properties,
+    unroutable_copy,
+)
 from inspector.worker.ledger import ENDED, HELD, Entry, Ledger
+from inspector.worker.pacing import MAX_RESULT_REFUSALS, RecentSizes, Refusals, prefetch_for, reconnect_delay
+from inspector.worker.pikaconnection import TolerantConnection, UndecodableProperties
+from inspector.worker.topology import CONTROL_BINDING
+
+__all__ = ["CONTROL_BINDING", "MAX_RESULT_REFUSALS", "Consumer", "Delivery", "Outcome", "UndecodableProperties",
+           "prefetch_for"]
+
+# The names these had here before they moved to modules of their own, for code that imports them from here.
+_TolerantConnection = TolerantConnection
+_dead_letter_properties = dead_letter_properties
+_encoded_size = encoded_size
+_salvage_header = pikaconnection._salvage_header
 
 log = logging.getLogger(__name__)
 
-CONTROL_BINDING = "model.#"  # model names may hold dots
-_FIRST_BACKOFF_S = 0.5
 TICK_S = 1.0  # the IOLoop's heartbeat for the watchdog
-NACK_BACKOFF_MAX_S = 30.0  # longest pause before a capture whose result the broker refused is requeued
-FRAME_OVERHEAD = 8 + 14 + 1024  # frame header and end, content-header fields, and a margin
-KEPT_RAW_PROPERTIES = 32 * 1024  # undecodable properties up to this size travel with the dead letter (base64)
-UNROUTABLE_PREFIX = "unroutable."
-RECV_BYTES = 256 * 1024  # one socket read at most (pika's own is 4 KiB): two body frames at RabbitMQ's frame_max
-CONSUME_BYTES = RECV_BYTES  # read per readable event before the IOLoop serves its timers and callbacks again
-MERGED_WRITE_BYTES = 64 * 1024  # writes up to this size are merged into one send (results, acks; not dead letters)
 RESUME_SHARE = 0.75  # paused over worker.max_inflight_bytes, consuming resumes below this share of it
-MAX_RESULT_REFUSALS = 3  # a capture whose result the broker refused this often is dead-lettered, not requeued
-REFUSALS_REMEMBERED = 4096  # frames whose refusals are counted (the oldest forgotten first)
-SIZES_REMEMBERED = 64  # the prefetch follows the largest of this many recent capture bodies
-
-
-class UndecodableProperties(pika.BasicProperties):
-    """The properties of a delivery pika could not decode (a table nested too deep, a time out of
-    range): empty, with the reason and the raw bytes, so the capture is still answered."""
-
-    def __init__(self, reason: str, raw: bytes) -> None:
-        super().__init__()
-        self.decode_error = reason
-        self.raw = raw
-
-
-class _TolerantConnection(pika.SelectConnection):
-    """A SelectConnection that survives a content header it cannot decode: pika would raise out of
-    the IOLoop and drop the connection on every redelivery, so one hostile capture would stall the
-    worker and drag innocent captures past their delivery limit.
-
-    It also reads captures at a frame's cost, not the square of it: pika reads 4 KiB at a time and
-    appends each read to one bytes buffer, copying the whole buffer every time, so a 128 KiB body frame
-    cost 32 reads and about 2 MiB of copying. Here reads are RECV_BYTES and kept aside until the frame
-    they belong to is complete, then joined once and parsed by pika as before. And it writes small
-    messages whole: pika hands the socket each frame of a publish (method, header, body) and each ack
-    as a write of its own, one send() apiece; here the frames of a message go as one write, and small
-    writes waiting for the socket are merged, so a batch of results and their acks leave in one send().
-    """
-
-    def _init_connection_state(self) -> None:
-        super()._init_connection_state()
-        self._reads: list[bytes] = []  # reads not yet handed to pika's frame buffer
-        self._read_bytes = 0
-        self._awaited = 0  # bytes still missing from the frame at the buffer's start
-
-    def _proto_connection_made(self, transport: Any) -> None:
-        transport._MAX_RECV_BYTES = max(RECV_BYTES, getattr(transport, "_MAX_RECV_BYTES", 0))
-        transport._MAX_CONSUME_BYTES = max(CONSUME_BYTES, getattr(transport, "_MAX_CONSUME_BYTES", 0))
-        if isinstance(transport, _AsyncPlaintextTransport):  # TLS retries a send with the same buffer: left alone
-            transport._buffer_tx_data = functools.partial(_merge_tx_data, transport, transport._buffer_tx_data)
-        super()._proto_connection_made(transport)
-
-    def _output_marshaled_frames(self, marshaled_frames: Any) -> None:
-        if len(marshaled_frames) < 2 or sum(map(len, marshaled_frames)) > MERGED_WRITE_BYTES:
-            super()._output_marshaled_frames(marshaled_frames)
-            return
-        data = b"".join(marshaled_frames)
-        self.bytes_sent += len(data)
-        self.frames_sent += len(marshaled_frames)
-        self._adapter_emit_data(data)
-
-    def _on_data_available(self, data_in: bytes) -> None:
-        self._reads.append(data_in)
-        self._read_bytes += len(data_in)
-        if self._read_bytes < self._awaited:
-            return
-        data = self._reads[0] if len(self._reads) == 1 else b"".join(self._reads)
-        self._reads, self._read_bytes = [], 0
-        try:
-            super()._on_data_available(data)
-        finally:
-            self._awaited = _missing_bytes(self._frame_buffer)
-
-    def _read_frame(self) -> Any:
-        try:
-            return super()._read_frame()
-        except pika.exceptions.InvalidFrameError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - RecursionError, OverflowError, ValueError from the decoder
-            salvaged = _salvage_header(self._frame_buffer, exc)
-            if salvaged is None:
-                raise
-            return salvaged
-
-
-def _merge_tx_data(transport: Any, buffer_tx_data: Callable[[bytes], None], data: bytes) -> None:
-    """pika's plaintext transport buffering one write, merged into the last write still waiting while both
-    are small: the socket then takes them in one send() (a partial send is requeued by pika as before)."""
-    buffers = transport._tx_buffers
-    if (data and buffers and transport._state == transport._STATE_ACTIVE and len(data) < MERGED_WRITE_BYTES
-            and len(buffers[-1]) < MERGED_WRITE_BYTES):
-        buffers[-1] += data
-        transport._tx_buffered_byte_count += len(data)
-    else:
-        buffer_tx_data(data)
-
-
-def _missing_bytes(buffer: bytes) -> int:
-    """How many more bytes the frame at the start of `buffer` needs before pika can parse it; 0 when it
-    may parse now (empty, complete, or a protocol header, which pika reads itself)."""
-    if not buffer or buffer[:1] == b"A":  # b"AMQP...": a protocol header, 8 bytes
-        return 0
-    if len(buffer) < pika.spec.FRAME_HEADER_SIZE:
-        return pika.spec.FRAME_HEADER_SIZE - len(buffer)
-    _type, _channel, size = struct.unpack_from(">BHL", buffer, 0)
-    return max(0, pika.spec.FRAME_HEADER_SIZE + size + pika.spec.FRAME_END_SIZE - len(buffer))
-
-
-def _salvage_header(data: bytes, error: BaseException) -> tuple[int, pika.frame.Header] | None:
-    """The content header frame at the start of `data` with its properties replaced, or None when the
-    frame that failed is not a content header."""
-    try:
-        frame_type, channel, size = struct.unpack_from(">BHL", data, 0)
-        if frame_type != pika.spec.FRAME_HEADER:
-            return None
-        frame_end = pika.spec.FRAME_HEADER_SIZE + size + pika.spec.FRAME_END_SIZE
-        payload = data[pika.spec.FRAME_HEADER_SIZE:frame_end - 1]
-        _class_id, _weight, body_size = struct.unpack_from(">HHQ", payload, 0)
-    except struct.error:
-        return None
-    reason = f"{type(error).__name__}: {str(error)[:200]}"
-    log.warning("a delivery's properties could not be decoded (%s); it is answered as headers_undecodable", reason)
-    return frame_end, pika.frame.Header(channel, body_size, UndecodableProperties(reason, bytes(payload[12:])))
 
 
 def _survive(method: Callable) -> Callable:
@@ -197,33 +97,6 @@ def _survive(method: Callable) -> Callable:
             return None
 
     return guarded
-
-
-@dataclass(frozen=True, eq=False)
-class Delivery:
-    """A capture as the broker handed it over, tagged with the connection it came on."""
-
-    generation: int
-    tag: int
-    exchange: str
-    routing_key: str
-    properties: pika.BasicProperties
-    body: bytes
-    redelivered: bool
-    received_at: float  # time.time()
-
-
-@dataclass(eq=False)
-class Outcome:
-    """What the worker answers a delivery with: one result, and a dead letter when it failed."""
-
-    delivery: Delivery
-    routing_key: str
-    result: bytes | None  # None: no result can be built; the broker dead-letters the capture (nack)
-    frame_id: str
-    dead_letter: tuple[str, str] | None = None  # (code, message)
-    record: Any = None  # what the worker wants back in on_settled (for its metrics)
-    submitted_at: float = field(default_factory=time.perf_counter)
 
 
 class Consumer:
@@ -273,9 +146,8 @@ class Consumer:
         self._stopping = False
         self._stop_deadline: float | None = None
         self._last_error = "no attempt yet"
-        self._nack_streak = 0
-        self._refusals: OrderedDict[str, int] = OrderedDict()  # frame id -> results refused so far
-        self._sizes: deque[int] = deque(maxlen=SIZES_REMEMBERED)
+        self._refusals = Refusals()  # results the broker refused: per frame, and the pause before a requeue
+        self._sizes = RecentSizes()  # the latest capture bodies' sizes, which the prefetch follows
         self._prefetch = 0  # the prefetch of the consumer now registered (0: none)
         self._not_consuming_since: float | None = None  # connected, not paused, not stopping, yet no consumer
         self._publish_id = f"{random.getrandbits(48):012x}"  # this process's results' message_id prefix
@@ -384,7 +256,7 @@ class Consumer:
             self._ioloop.stop()
             return
         self._attempt += 1
-        self._connection = _TolerantConnection(
+        self._connection = TolerantConnection(
             self._nodes[self._node][1],
             on_open_callback=self._on_connection_open,
             on_open_error_callback=self._on_connection_open_error,
@@ -417,41 +289,12 @@ class Consumer:
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
         channel.add_on_return_callback(self._on_return)
-        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: self._declare(channel, self._topology()))
+        channel.confirm_delivery(self._on_confirm, callback=lambda _frame: topology.declare(
+            channel, self.settings, self._is_current, lambda queue: self._start_consuming(channel, queue)))
 
-    def _topology(self) -> list[Callable[[Any, Callable], None]]:
-        """The declarations, in order; each step takes (channel, next). Idempotent on an existing topology."""
-        broker, worker = self.settings.broker, self.settings.worker
-        ex = broker.exchanges
-        steps: list[Callable[[Any, Callable], None]] = [
-            *(functools.partial(_exchange, name) for name in (ex.captures, ex.results, ex.control, ex.dead)),
-            lambda ch, done: ch.queue_declare(
-                worker.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}, callback=done),
-            lambda ch, done: ch.queue_bind(worker.dead_letter_queue, ex.dead, routing_key="#", callback=done),
-            lambda ch, done: ch.queue_declare(worker.queue, durable=True, arguments={
-                "x-queue-type": "quorum",
-                "x-dead-letter-exchange": ex.dead,
-                "x-delivery-limit": worker.delivery_limit,
-            }, callback=done),
-            *(functools.partial(_bind, worker.queue, ex.captures, key) for key in worker.binding_keys),
-            lambda ch, done: ch.queue_declare("", exclusive=True, auto_delete=True, callback=done),
-        ]
-        return steps
-
-    def _declare(self, channel: Any, steps: list) -> None:
-        if channel is not self._channel or not channel.is_open:
-            return
-        if not steps:
-            return
-        step, rest = steps[0], steps[1:]
-        if rest:
-            step(channel, lambda _frame: self._declare(channel, rest))
-        else:  # the last step declares the control queue; its name comes back in the frame
-            step(channel, lambda frame: self._on_control_queue(channel, frame.method.queue))
-
-    def _on_control_queue(self, channel: Any, queue: str) -> None:
-        channel.queue_bind(queue, self.settings.broker.exchanges.control, routing_key=CONTROL_BINDING,
-                           callback=lambda _frame: self._start_consuming(channel, queue))
+    def _is_current(self, channel: Any) -> bool:
+        """`channel` is this connection's open channel (not one closed or replaced meanwhile)."""
+        return channel is self._channel and channel.is_open
 
     def _start_consuming(self, channel: Any, control_queue: str) -> None:
         channel.basic_consume(control_queue, self._on_control_message, auto_ack=True)
@@ -473,13 +316,9 @@ class Consumer:
         if self.ledger.paused or self._stopping or self._consumer_tag or channel is None or not channel.is_open:
             return
         worker = self.settings.worker
-        self._prefetch = prefetch_for(worker.prefetch, worker.max_inflight_bytes, self._largest_recent())
+        self._prefetch = self._sizes.prefetch(worker.prefetch, worker.max_inflight_bytes)
         channel.basic_qos(prefetch_count=self._prefetch)
         self._consumer_tag = channel.basic_consume(worker.queue, self._on_message)
-
-    def _largest_recent(self) -> int:
-        """The largest capture body of late; before any, the configured prefetch stands."""
-        return max(self._sizes) if self._sizes else 1
 
     def _grow_prefetch(self) -> None:
         """Frames shrank since the prefetch was cut to fit large ones: register the consumer anew with a
@@ -487,9 +326,9 @@ class Consumer:
         pause cancels the consumer, and it comes back with a prefetch sized to them.) Deliveries already
         made stay with the channel; any the broker sends before the cancel is done are requeued by pika."""
         worker = self.settings.worker
-        wanted = prefetch_for(worker.prefetch, worker.max_inflight_bytes, self._largest_recent())
+        wanted = self._sizes.prefetch(worker.prefetch, worker.max_inflight_bytes)
         if self._consumer_tag and wanted >= self._prefetch * 2:
-            log.info("captures of up to %d bytes: prefetch %d -> %d", self._largest_recent(), self._prefetch, wanted)
+            log.info("captures of up to %d bytes: prefetch %d -> %d", self._sizes.largest(), self._prefetch, wanted)
             self._cancel_consumer()
             self._consume()
 
@@ -498,7 +337,7 @@ class Consumer:
         if not self.ledger.live:  # pika delivers nothing after a close; if it did, the broker redelivers it
             return
         entry, crossed = self.ledger.take(method.delivery_tag, len(body))
-        self._sizes.append(len(body))
+        self._sizes.add(len(body))
         if crossed:
             self._pause()
         else:
@@ -565,18 +404,15 @@ class Consumer:
         publish, so a return finds its own capture even when two captures share a frame id."""
         outcome: Outcome = entry.outcome
         delivery = outcome.delivery
-        result_properties = pika.BasicProperties(
-            content_type="application/json", delivery_mode=2, correlation_id=outcome.frame_id,
-            message_id=f"{self._publish_id}.{entry.generation}.{self.ledger.next_sequence()}",
-            timestamp=int(time.time()), type=RESULT_SCHEMA,
-        )
+        message_id = publish_message_id(self._publish_id, entry.generation, self.ledger.next_sequence())
+        properties = result_properties(outcome, message_id)
         dead_properties = None
         if outcome.dead_letter is not None:  # pika marshals one publish whole before sending it; two need this
-            result_properties.encode()
-            dead_properties = _dead_letter_properties(outcome, self._properties_budget())
+            properties.encode()
+            dead_properties = dead_letter_properties(outcome, self._properties_budget())
             dead_properties.encode()
         channel.basic_publish(self.settings.broker.exchanges.results, outcome.routing_key, outcome.result,
-                              result_properties, mandatory=True)
+                              properties, mandatory=True)
         self.ledger.publish(entry)
         if dead_properties is None:
             return
@@ -597,15 +433,14 @@ class Consumer:
 
     def _properties_budget(self) -> int:
         connection = self._connection
-        frame_max = connection.params.frame_max if connection is not None else pika.spec.FRAME_MAX_SIZE
-        return max(4096, min(frame_max, pika.spec.FRAME_MAX_SIZE) - FRAME_OVERHEAD)
+        return properties_budget(connection.params.frame_max) if connection is not None else properties_budget()
 
     @_survive
     def _on_return(self, channel: Any, method: Any, properties: pika.BasicProperties, body: bytes) -> None:
         """A result no queue took (nothing bound on the results exchange for its routing key): keep it on
         the dead-letter exchange, where `inspection.dead` holds it, before its capture is acked. The
         broker sends the return before the confirm of that publish, so the capture waits for this one."""
-        entry = self.ledger.by_sequence(_publish_sequence(properties.message_id, self._publish_id,
+        entry = self.ledger.by_sequence(publish_sequence(properties.message_id, self._publish_id,
                                                           self.ledger.generation))
         self.unroutable += 1
         self.on_unroutable()
@@ -615,14 +450,7 @@ class Consumer:
                         self.unroutable, self.settings.broker.exchanges.dead)
         if entry is None or entry.state == ENDED or channel is not self._channel or not channel.is_open:
             return
-        key = UNROUTABLE_PREFIX + method.routing_key
-        if len(key.encode()) > 255:
-            key = UNROUTABLE_PREFIX.rstrip(".")
-        headers = {"x-inspector-unroutable": True, "x-inspector-original-exchange": method.exchange,
-                   "x-inspector-original-routing-key": method.routing_key}
-        kept = pika.BasicProperties(content_type=properties.content_type, delivery_mode=2,
-                                    correlation_id=properties.correlation_id, timestamp=properties.timestamp,
-                                    type=properties.type, headers=headers)
+        key, kept = unroutable_copy(method, properties)
         channel.basic_publish(self.settings.broker.exchanges.dead, key, body, kept)
         self.ledger.publish(entry)
 
@@ -645,7 +473,7 @@ class Consumer:
         if refused:
             self._refused(channel, refused)
         elif confirmed:
-            self._nack_streak = 0
+            self._refusals.confirmed()
         last, multiple, alone = self.ledger.ack_plan(confirmed)
         if last is not None:
             channel.basic_ack(last, multiple=multiple)
@@ -661,12 +489,8 @@ class Consumer:
         is requeued after a growing pause at most MAX_RESULT_REFUSALS - 1 times, then dead-lettered."""
         again: list[Entry] = []
         for entry in entries:
-            frame_id = entry.outcome.frame_id
-            refusals = self._refusals.pop(frame_id, 0) + 1
-            if refusals < MAX_RESULT_REFUSALS:
-                self._refusals[frame_id] = refusals
-                while len(self._refusals) > REFUSALS_REMEMBERED:
-                    self._refusals.popitem(last=False)
+            refusals, requeue = self._refusals.refused(entry.outcome.frame_id)
+            if requeue:
                 self.ledger.refuse(entry)
                 again.append(entry)
                 continue
@@ -688,8 +512,7 @@ class Consumer:
     def _requeue_later(self, refused: list[Entry]) -> None:
         """Requeue after a pause that grows while refusals go on, so a broker in trouble is not hammered
         with the same captures."""
-        delay = min(NACK_BACKOFF_MAX_S, _FIRST_BACKOFF_S * 2 ** min(self._nack_streak, 16))
-        self._nack_streak += 1
+        delay = self._refusals.next_pause()
         for entry in refused:
             log.warning("RabbitMQ refused the result of frame %s; the capture is requeued in %.1f s",
                         entry.outcome.frame_id, delay)
@@ -745,7 +568,7 @@ class Consumer:
         connection = self._connection
         if isinstance(reason, pika.exceptions.ChannelClosedByBroker) and reason.reply_code == 406:
             log.error("RabbitMQ refused the worker's topology: %s. %s", reason.reply_text,
-                      _remedy_for_406(reason.reply_text, self.settings))
+                      topology.remedy_for_406(reason.reply_text, self.settings))
         if connection is not None and connection.is_open:
             connection.close()  # one path to recovery: a fresh connection
 
@@ -787,9 +610,7 @@ class Consumer:
             return
         failed = self._nodes[self._node][0]
         self._node = (self._node + 1) % len(self._nodes)  # fail over: the next node of the cluster first
-        rounds = max(0, self._attempt - 1) // len(self._nodes)  # back off per round over every node
-        delay = min(worker.reconnect_max_s, _FIRST_BACKOFF_S * 2 ** min(rounds, 16))
-        delay *= random.uniform(0.5, 1.0)  # jitter: a fleet of workers does not reconnect in step
+        delay = reconnect_delay(self._attempt, len(self._nodes), worker.reconnect_max_s)
         log.warning("cannot reach RabbitMQ at %s (%s); trying %s in %.1f s", failed, self._last_error,
                     self._nodes[self._node][0], delay)
         self._ioloop.call_later(delay, self._connect)
@@ -800,112 +621,6 @@ class Consumer:
         self._ioloop.stop()
 
 
-def _exchange(name: str, channel: Any, done: Callable) -> None:
-    channel.exchange_declare(name, exchange_type="topic", durable=True, callback=done)
-
-
-def _bind(queue: str, exchange: str, key: str, channel: Any, done: Callable) -> None:
-    channel.queue_bind(queue, exchange, routing_key=key, callback=done)
-
-
-def _dead_letter_properties(outcome: Outcome, budget: int) -> pika.BasicProperties:
-    """The capture's own properties and headers, plus why it could not be scored, within `budget` bytes
-    encoded: a content header must fit one frame, or the broker closes the connection (FRAME_ERROR).
-    Over budget, the largest original headers are dropped first and the count is said."""
-    original = outcome.delivery.properties
-    code, message = outcome.dead_letter or ("", "")
-    added: dict[str, Any] = {
-        "x-inspector-error-code": code,
-        "x-inspector-error-message": printable(message, 1000),
-        "x-inspector-frame-id": outcome.frame_id,
-        "x-inspector-original-exchange": outcome.delivery.exchange,
-        "x-inspector-original-routing-key": outcome.delivery.routing_key,
-    }
-    raw = getattr(original, "raw", None)
-    if raw is not None and len(raw) <= KEPT_RAW_PROPERTIES:
-        added["x-inspector-original-properties-b64"] = base64.b64encode(raw).decode("ascii")
-    headers = dict(original.headers or {}) if isinstance(original.headers, dict) else {}
-
-    def build(kept: dict[str, Any], dropped: int) -> pika.BasicProperties:
-        extra = {"x-inspector-headers-dropped": dropped} if dropped else {}
-        return pika.BasicProperties(
-            content_type=original.content_type, content_encoding=original.content_encoding,
-            headers={**kept, **added, **extra}, delivery_mode=2, priority=original.priority,
-            correlation_id=original.correlation_id, message_id=original.message_id or outcome.frame_id,
-            timestamp=original.timestamp, type=original.type, app_id=original.app_id,
-        )
-
-    properties = build(headers, 0)
-    full = _encoded_size(properties)
-    if full <= budget:
-        return properties
-    # One pass: an AMQP table's size is the sum of its items' sizes, so each header is measured once
-    # and the largest are dropped until the rest fit (re-encoding the table per drop was quadratic).
-    sizes = {key: _item_size(key, value) for key, value in headers.items()}
-    excess = full - budget + 64  # room for the dropped count's own header (under 40 bytes)
-    dropped = 0
-    for key in sorted(sizes, key=sizes.__getitem__, reverse=True):
-        if excess <= 0:
-            break
-        excess -= sizes.pop(key)
-        dropped += 1
-    properties = build({key: headers[key] for key in sizes}, dropped)
-    if _encoded_size(properties) <= budget:
-        return properties
-    return build({}, len(headers))
-
-
-def _item_size(key: str, value: Any) -> int:
-    """What one header adds to an encoded table; a header pika cannot encode counts as too large to keep."""
-    try:
-        pieces: list[bytes] = []
-        return pika.data.encode_short_string(pieces, key) + pika.data.encode_value(pieces, value)
-    except Exception:  # noqa: BLE001 - dropped first
-        return 1 << 30
-
-
-def _encoded_size(properties: pika.BasicProperties) -> int:
-    try:
-        return sum(len(piece) for piece in properties.encode())
-    except Exception:  # noqa: BLE001 - a value pika cannot encode: never fits
-        return 1 << 30
-
-
-def _remedy_for_406(reply_text: str, settings: Settings) -> str:
-    """What an operator does about a refused declaration. For the capture queue the exact choice, since
-    deleting it with frames inside would lose them."""
-    worker = settings.worker
-    if worker.queue in reply_text or worker.dead_letter_queue in reply_text:
-        name = worker.queue if worker.queue in reply_text else worker.dead_letter_queue
-        return (f"RabbitMQ fixes a queue's arguments when it is first declared, and {name} was declared with "
-                f"others (worker.delivery_limit changed?). Either set the configuration back to the queue's "
-                f"value (the 'current is' figure above), or declare it anew without losing frames: let the "
-                f"workers that still run drain it until `rabbitmqctl list_queues name messages` shows 0 for it, "
-                f"then `rabbitmqctl delete_queue {name}` and start the workers, which declare it with the new "
-                f"value.")
-    return ("An existing exchange or queue was declared with other settings; match them "
-            "(`rabbitmqctl list_exchanges name type durable`), or delete it if it holds nothing.")
-
-
 def _describe_error(error: BaseException) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else repr(error)
-
-
-
-def prefetch_for(configured: int, budget: int, largest: int) -> int:
-    """The prefetch that keeps one window of deliveries within the byte budget: the broker sends up to
-    this many captures before any is acked, and a pause cannot call back what is already on its way.
-    Never over worker.prefetch, never under 1."""
-    return max(1, min(configured, budget // max(1, largest)))
-
-
-def _publish_sequence(message_id: str | None, prefix: str, generation: int) -> int:
-    """The publish sequence number a returned result's message_id names, or 0 (no publish has 0)."""
-    head = f"{prefix}.{generation}."
-    if not message_id or not message_id.startswith(head):
-        return 0
-    try:
-        return int(message_id[len(head):])
-    except ValueError:
-        return 0
