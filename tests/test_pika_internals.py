@@ -9,6 +9,7 @@ import ast
 import collections.abc
 import inspect
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -234,5 +235,5 @@ def test_the_import_contract_refuses_pikas_internals_anywhere_but_pikaconnection
                          text=True, timeout=120)
     assert run.returncode != 0, run.stdout
     assert "only worker/pikaconnection.py imports pika's private internals BROKEN" in run.stdout, run.stdout
-    assert "Contracts: 3 kept, 1 broken." in run.stdout, run.stdout
+    assert re.search(r"Contracts: \d+ kept, 1 broken\.", run.stdout), run.stdout
     assert "inspector.worker.consumer -> pika." in run.stdout, run.stdout
