@@ -14,9 +14,13 @@ import sys
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from inspector import __version__, imageformats, logs
 from inspector.errors import ConfigError, InspectorError, StateError
+
+if TYPE_CHECKING:  # the plugin contract imports torch, which a command loads only when it needs it
+    from inspector.plugin import Calibration
 
 log = logging.getLogger("inspector")
 
@@ -392,12 +396,12 @@ def _cmd_refit(settings, args) -> int:
         how = ", ".join(f"{count} by {source.replace('_', ' ')}" for source, count in g.get("merged_by", {}).items())
         print(f"  parts: {g['groups']} groups of {g['images']} images, {g['images_with_twin']} images with a twin "
               f"(kept together){f'; joined {how}' if how else ''}")
-    if result.components and result.components["used"] < result.components["configured"]:
+    if result.components and result.components.reduced:
         c = result.components
-        print(f"  components: {c['used']} of the {c['configured']} configured: {c['images_per_fit']} images per fit "
-              f"carry {c['used']} at {c['images_per_component']} images per component")
-    if result.calibration:
-        for line in _calibration_lines(result.calibration):
+        print(f"  components: {c.used} of the {c.configured} configured: {c.images_per_fit} images per fit "
+              f"carry {c.used} at {c.images_per_component} images per component")
+    if result.calibrated and result.calibration:
+        for line in _calibration_lines(result.calibrated, result.calibration):
             print(f"  {line}")
     else:
         print("  calibration: none; the configured threshold and offset are kept")
@@ -423,9 +427,10 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
-def _calibration_lines(c: dict) -> list[str]:
-    """A refit's calibration as an operator reads it: how, where the threshold went, and how fine it can be."""
-    scored, target = c.get("held_out", 0), c.get("target_false_reject", 0)
+def _calibration_lines(calibrated: Calibration, c: dict) -> list[str]:
+    """A refit's calibration as an operator reads it: how (refit's record `c`), where the threshold went and
+    how fine it can be (the plugin's typed Calibration)."""
+    scored, target = c.get("held_out", 0), calibrated.target_false_reject
     how = "automatic choice" if c.get("automatic") else "as asked"
     if c.get("method") == "cross-fit":
         reuse = ("backbone features extracted once and reused" if c.get("reused_embeddings")
@@ -436,24 +441,23 @@ def _calibration_lines(c: dict) -> list[str]:
     else:
         method = f"held-out ({how}): {scored} images held out of the fit and scored"
         reached = "held out"
-    boundary = c.get("boundary_log_density")  # DFKDE's; another plugin reports its own figures
-    where = f" at log-density {boundary:.3f}" if isinstance(boundary, (int, float)) else ""
+    boundary = calibrated.boundary
+    where = f" at {calibrated.score_name} {boundary:.3f}" if boundary is not None else ""
     step = c.get("false_reject_resolution") or (1 / scored if scored else 0)
     lines = [
         f"calibration: {method}",
-        (f"  threshold {c.get('threshold')}{where} for a false-reject rate of {target:.2%} ({reached}: "
-         f"{c.get('held_out_false_reject', 0):.2%} of {scored})"),
+        (f"  threshold {calibrated.threshold}{where} for a false-reject rate of {target:.2%} ({reached}: "
+         f"{calibrated.held_out_false_reject:.2%} of {scored})"),
     ]
-    k, n, expected = c.get("k"), c.get("n"), c.get("expected_false_reject")
-    interval = c.get("false_reject_interval") or {}
-    if isinstance(k, int) and isinstance(n, int) and isinstance(expected, (int, float)):
-        # The split-conformal figures (DFKDE's): what the threshold promises fresh good parts of this line.
-        lines.append(f"  expected false-reject rate on fresh good parts: {expected:.2%} (the {_ordinal(k)} lowest "
-                     f"of {n} scores, k = floor({target:g} x {n + 1}) = {k}; k/(n+1), at most the target)")
-        if {"low", "high"} <= interval.keys():
-            lines.append(f"  this threshold's own rate: {interval['low']:.2%} to {interval['high']:.2%} "
-                         f"({interval.get('low_quantile', 0.05):.0%}-{interval.get('high_quantile', 0.95):.0%} of "
-                         f"{interval.get('distribution', 'its Beta distribution')}); more images narrow it")
+    promise = calibrated.promise
+    if promise is not None:
+        # What the threshold promises fresh good parts of this line (DFKDE's split-conformal rule).
+        k, n = promise.k, promise.n
+        lines.append(f"  expected false-reject rate on fresh good parts: {promise.expected:.2%} (the {_ordinal(k)} "
+                     f"lowest of {n} scores, k = floor({target:g} x {n + 1}) = {k}; k/(n+1), at most the target)")
+        lines.append(f"  this threshold's own rate: {promise.low:.2%} to {promise.high:.2%} "
+                     f"({promise.low_quantile:.0%}-{promise.high_quantile:.0%} of "
+                     f"{promise.distribution or 'its Beta distribution'}); more images narrow it")
     else:
         lines.append(f"  resolution: false-reject rates in steps of 1/{scored} = {step:.2%}"
                      + (f"; {target:.2%} is finer than that, so the threshold rests on the lowest-scoring images"

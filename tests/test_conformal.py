@@ -53,14 +53,17 @@ def test_the_boundary_is_the_kth_smallest_score_with_k_floor_q_n_plus_1(plugin, 
         with pytest.raises(FitError, match=f"needs at least {math.ceil(1 / q) - 1} calibration images"):
             plugin.calibrate(Scores(probability=np.zeros(n), raw=raw), 0.5, q)
         return
-    figures = plugin.calibrate(Scores(probability=np.zeros(n), raw=raw), 0.5, q)
-    assert figures["boundary_log_density"] == np.sort(raw)[k - 1]
-    assert (figures["n"], figures["k"]) == (n, k)
-    assert figures["expected_false_reject"] == pytest.approx(k / (n + 1)) and k / (n + 1) <= q
-    assert figures["held_out_false_reject"] == pytest.approx(k / n)
-    interval = figures["false_reject_interval"]
-    assert interval["low"] == pytest.approx(scipy.stats.beta.ppf(0.05, k, n + 1 - k), rel=1e-9)
-    assert interval["high"] == pytest.approx(scipy.stats.beta.ppf(0.95, k, n + 1 - k), rel=1e-9)
+    calibrated = plugin.calibrate(Scores(probability=np.zeros(n), raw=raw), 0.5, q)
+    promise = calibrated.promise
+    assert calibrated.boundary == np.sort(raw)[k - 1]
+    assert (promise.n, promise.k) == (n, k)
+    assert promise.expected == pytest.approx(k / (n + 1)) and k / (n + 1) <= q
+    assert calibrated.held_out_false_reject == pytest.approx(k / n)
+    assert promise.low == pytest.approx(scipy.stats.beta.ppf(0.05, k, n + 1 - k), rel=1e-9)
+    assert promise.high == pytest.approx(scipy.stats.beta.ppf(0.95, k, n + 1 - k), rel=1e-9)
+    figures = calibrated.manifest()  # the manifest's record keeps its names
+    assert figures["boundary_log_density"] == calibrated.boundary and (figures["n"], figures["k"]) == (n, k)
+    assert figures["false_reject_interval"]["low"] == promise.low
     # every calibration score: fails iff at or below the boundary
     probability = plugin.model.to_probability(torch.from_numpy(raw)).numpy()
     assert probability.dtype == np.float64
@@ -79,7 +82,7 @@ def test_too_few_images_for_the_target_is_refused_with_the_number_needed(plugin)
     raw = _good_scores(np.random.default_rng(1), 150)
     with pytest.raises(FitError, match=r"0.005 needs at least 199 calibration images .*got 150.*at least 0.00662"):
         plugin.calibrate(Scores(probability=np.zeros(150), raw=raw), 0.5, 0.005)
-    assert plugin.calibrate(Scores(probability=np.zeros(199), raw=np.resize(raw, 199)), 0.5, 0.005)["k"] == 1
+    assert plugin.calibrate(Scores(probability=np.zeros(199), raw=np.resize(raw, 199)), 0.5, 0.005).promise.k == 1
 
 
 # --- the promise, over many archives --------------------------------------------------------------

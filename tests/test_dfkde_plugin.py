@@ -157,11 +157,12 @@ class _Incomplete:
     def create(cls, settings, device): ...
 
     @classmethod
-    def load(cls, folder, device): ...
+    def load(cls, folder, device, settings=None): ...
 
 
 def test_registry_checks_the_contract_and_refuses_duplicates(monkeypatch):
-    with pytest.raises(PluginError, match="plugin 'broken': missing method `describe`"):
+    with pytest.raises(PluginError, match="plugin 'broken': missing `min_images` of the inspector plugin contract, "
+                                          "a property `min_images`"):
         registry_module.check_plugin("broken", _Incomplete)
     with pytest.raises(PluginError, match="declares name 'dfkde'"):
         registry_module.check_plugin("other", DfkdePlugin)
@@ -240,8 +241,7 @@ def _calibrated(fitted, folder, target=0.05):
     good = np.concatenate([plugin.score(b).raw for b in _batches(plugin, samples.make_images(40, seed=12))])
     from inspector.plugin import Scores
 
-    figures = plugin.calibrate(Scores(probability=np.zeros(40), raw=good), 0.5, target)
-    return plugin, figures
+    return plugin, plugin.calibrate(Scores(probability=np.zeros(40), raw=good), 0.5, target)
 
 
 def test_a_version_saved_before_calibration_scores_were_kept_loads_and_scores_as_before(fitted, tmp_path):
@@ -262,8 +262,8 @@ def test_a_version_saved_before_calibration_scores_were_kept_loads_and_scores_as
 
 
 def test_a_calibrated_version_keeps_its_scale_and_scores_the_same_after_loading(fitted, tmp_path):
-    plugin, figures = _calibrated(fitted, tmp_path / "a")
-    assert (figures["n"], figures["k"]) == (40, 2)
+    plugin, calibrated = _calibrated(fitted, tmp_path / "a")
+    assert (calibrated.promise.n, calibrated.promise.k) == (40, 2)
     (tmp_path / "b").mkdir()
     plugin.save(tmp_path / "b")
     assert _header(tmp_path / "b") == _header(tmp_path / "a") | CALIBRATION_TENSORS
@@ -273,13 +273,13 @@ def test_a_calibrated_version_keeps_its_scale_and_scores_the_same_after_loading(
     before, after = plugin.score(batch), loaded.score(batch)
     np.testing.assert_array_equal(after.probability, before.probability)
     assert after.probability.dtype == np.float64
-    np.testing.assert_array_equal(after.probability >= 0.5, after.raw <= figures["boundary_log_density"])
+    np.testing.assert_array_equal(after.probability >= 0.5, after.raw <= calibrated.boundary)
 
 
 def test_extreme_defects_keep_their_order_instead_of_tying_at_one(fitted, tmp_path):
     """The logistic in float32 gave exactly 1.0 to every log-density some hundreds of nats below the boundary."""
-    plugin, figures = _calibrated(fitted, tmp_path / "a")
-    far = figures["boundary_log_density"] - torch.tensor([50.0, 500.0, 5e3, 5e4, 5e5], dtype=torch.float32)
+    plugin, calibrated = _calibrated(fitted, tmp_path / "a")
+    far = calibrated.boundary - torch.tensor([50.0, 500.0, 5e3, 5e4, 5e5], dtype=torch.float32)
     probability = plugin.model.to_probability(far).numpy()
     assert (np.diff(probability) > 0).all() and (probability < 1).all() and (probability >= 0.5).all()
 

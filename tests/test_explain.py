@@ -26,7 +26,7 @@ from tests.workerkit import SIZE, tool_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_SCHEMA = json.loads((ROOT / "docs" / "schemas" / "result.schema.json").read_text())
-HAS_EXPLAIN = hasattr(DfkdePlugin, "explain")  # a method or, for DFKDE, a property giving one
+HAS_EXPLAIN = hasattr(DfkdePlugin, "explain")
 
 
 # -- names ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from inspector import config
 from inspector.errors import StateError
-from inspector.plugin import Scores, check_plugin, get_plugin
+from inspector.plugin import Calibration, Scores, check_plugin, get_plugin
 from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.refit import RefitOptions, run_refit
@@ -62,9 +62,12 @@ def test_a_damaged_state_is_a_state_error_naming_the_file(tmp_path, text):
 def test_calibration_reports_what_the_fixed_probability_gives():
     plugin = NullPlugin.create(NullSettings(probability=0.6), CPU)
     held_out = Scores(probability=np.full(30, 0.6), raw=np.zeros(30))
-    figures = plugin.calibrate(held_out, threshold=0.5, target_false_reject=0.01)
-    assert figures["threshold"] == 0.5 and figures["held_out_false_reject"] == 1.0
-    assert plugin.calibrate(held_out, threshold=0.7, target_false_reject=0.01)["held_out_false_reject"] == 0.0
+    calibrated = plugin.calibrate(held_out, threshold=0.5, target_false_reject=0.01)
+    assert isinstance(calibrated, Calibration)
+    assert calibrated.threshold == 0.5 and calibrated.held_out_false_reject == 1.0
+    assert calibrated.boundary is None and calibrated.promise is None  # no rule, so nothing promised
+    assert calibrated.manifest()["held_out_false_reject"] == 1.0  # the manifest's record, as before
+    assert plugin.calibrate(held_out, threshold=0.7, target_false_reject=0.01).held_out_false_reject == 0.0
 
 
 def test_a_refit_null_model_is_served_by_a_worker(tmp_path, stub_start, prefix):

@@ -16,7 +16,7 @@ import torch
 
 from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
-from inspector.plugin import get_plugin, score_all
+from inspector.plugin import calibrate, get_plugin, score_all
 from inspector.tools import samples
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,10 @@ def run_demo(settings: Settings, *, train: int, test: int, seed: int) -> int:
     # Calibrate as refit does, on good images held out of the fit, so the verdicts below mean something.
     held_out = samples.make_images(max(20, train // 5), seed=seed + 3)
     held_scores = score_all(plugin, _batches(plugin, held_out))
-    calibration = plugin.calibrate(held_scores, model.threshold, DEMO_FALSE_REJECT)
+    calibration = calibrate(plugin, held_scores, model.threshold, DEMO_FALSE_REJECT)
+    where = "" if calibration.boundary is None else f" at {calibration.score_name} {calibration.boundary:.3f}"
     print(f"calibrated on {len(held_out)} held-out good images for a {DEMO_FALSE_REJECT:.0%} false-reject rate: "
-          f"probability {calibration['threshold']} at log-density {calibration['boundary_log_density']:.3f}")
+          f"probability {calibration.threshold}{where}")
 
     good = _score(plugin, samples.make_images(test, seed=seed + 1))
     rng = np.random.default_rng(seed + 2)

@@ -34,9 +34,9 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -47,7 +47,10 @@ from inspector.config import Settings
 from inspector.devices import describe_device, resolve_device
 from inspector.errors import BrokerError, ConfigError, FitError
 from inspector.imagefiles import scan_images
-from inspector.plugin import FitReport, Plugin, Scores, decode_size, get_plugin, score_all
+from inspector.plugin import (
+    Calibration, ChoosesComponents, Components, FitReport, Plugin, ReusesEmbeddings, Scores, calibrate,
+    calibration_images, decode_size, get_plugin, min_images_reason, score_all,
+)
 from inspector.stores import is_s3_url, open_store
 from inspector.tools import groups
 from inspector.tools.imagestream import ImageStream
@@ -73,29 +76,17 @@ class RefitResult:
     skipped: int
     held_out: int
     seconds: float
-    calibration: dict[str, Any] | None
+    calibration: dict[str, Any] | None  # the manifest's record
     announced: bool
     pruned: list[str] = field(default_factory=list)
     skipped_reasons: dict[str, int] = field(default_factory=dict)  # see skip_reasons
     groups: dict[str, Any] | None = None  # see Grouping.summary
-    components: dict[str, int] | None = None  # the plugin's component count and why (DFKDE)
+    components: Components | None = None  # the plugin's component count and why (ChoosesComponents)
+    calibrated: Calibration | None = None  # what the plugin's `calibrate` said
 
     @property
     def images_per_second(self) -> float:
         return (self.used + self.held_out) / self.seconds if self.seconds > 0 else 0.0
-
-
-@runtime_checkable
-class ReusesEmbeddings(Protocol):
-    """Optional plugin members for cheap cross-fitting: a fit that is a costly embedding of each image
-    followed by a cheap fit of the embeddings. `fit_embeddings` on the rows of some images, in their order,
-    must give the model that `fit` gives from those images, and `score_embeddings` what `score` gives."""
-
-    def embed(self, batch: torch.Tensor) -> torch.Tensor: ...
-
-    def fit_embeddings(self, embeddings: torch.Tensor) -> FitReport: ...
-
-    def score_embeddings(self, embeddings: torch.Tensor) -> Scores: ...
 
 
 def split_held_out(paths: Sequence[Path], share: float, seed: int,
@@ -196,7 +187,7 @@ class CrossFit:
     fold_seconds: float  # the fold fits and their scoring: the cost beyond one ordinary fit
     reused_embeddings: bool
     grouping: groups.Grouping | None = None  # with a FoldPlan
-    components: dict[str, int] | None = None  # a plugin's component count fixed for every fit (DFKDE)
+    components: Components | None = None  # a plugin's component count fixed for every fit (ChoosesComponents)
 
 
 def cross_fit(plugin: Plugin, create: Callable[[], Plugin], paths: Sequence[Path],
@@ -289,13 +280,12 @@ def _cross_fit_refitting(plugin: Plugin, create: Callable[[], Plugin], paths: Se
                     grouping=plan.grouping if plan else None, components=components)
 
 
-def _fix_components(plugin: Any, images: int) -> dict[str, int] | None:
-    """The plugin's own component rule, applied once for every fit of a cross-fit (DFKDE: fix_components)."""
-    fix = getattr(plugin, "fix_components", None)
-    if fix is None:
+def _fix_components(plugin: Any, images: int) -> Components | None:
+    """The plugin's own component rule, applied once for every fit of a cross-fit (ChoosesComponents)."""
+    if not isinstance(plugin, ChoosesComponents):
         return None
     try:
-        return fix(images)
+        return plugin.fix_components(images)
     except FitError as exc:
         raise FitError(f"cross-fitted calibration: {exc} for the smallest fold's fit. Add images, raise --folds "
                        "(each fold's fit then keeps more of them), or use --no-calibrate") from exc
@@ -357,11 +347,11 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
                                 stream(progress), refit.batch_size)
         report, skipped, held_out = crossed.report, crossed.skipped, 0
         found_groups = crossed.grouping
-        calibration = plugin.calibrate(crossed.scores, model_settings.threshold, options.target_false_reject)
-        calibration |= {"folds": len(crossed.folds), "fold_order": _fold_order(options, settings),
-                        "fold_seed": refit.seed,
-                        "fold_seconds": round(crossed.fold_seconds, 3),
-                        "reused_embeddings": crossed.reused_embeddings}
+        calibrated = calibrate(plugin, crossed.scores, model_settings.threshold, options.target_false_reject)
+        calibration = calibrated.manifest() | {
+            "folds": len(crossed.folds), "fold_order": _fold_order(options, settings), "fold_seed": refit.seed,
+            "fold_seconds": round(crossed.fold_seconds, 3), "reused_embeddings": crossed.reused_embeddings,
+        }
         scored = len(crossed.positions)
     else:
         keys, _ = archive_groups(paths, options, settings)
@@ -378,7 +368,7 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
             except FitError as exc:
                 if fit_stream.used >= plugin.min_images:
                     raise
-                why = getattr(plugin, "min_images_reason", "")
+                why = min_images_reason(plugin)
                 raise FitError(
                     f"{model_settings.plugin} needs at least {plugin.min_images} images to fit"
                     f"{f' ({why})' if why else ''}; "
@@ -387,23 +377,24 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
                 ) from exc
             held_stream = stream(progress)()
             held_scores = score_all(plugin, held_stream.batches(held_paths, refit.batch_size))
-        skipped, held_out, calibration = fit_stream.skipped + held_stream.skipped, held_stream.used, None
+        skipped, held_out = fit_stream.skipped + held_stream.skipped, held_stream.used
+        calibrated, calibration = None, None
         scored = held_stream.used
         if options.calibrate:
             if scored < MIN_HELD_OUT:
                 raise FitError(f"only {scored} held-out images could be read; calibration needs {MIN_HELD_OUT}")
-            calibration = plugin.calibrate(held_scores, model_settings.threshold, options.target_false_reject)
-            calibration |= {"held_out_share": share}
+            calibrated = calibrate(plugin, held_scores, model_settings.threshold, options.target_false_reject)
+            calibration = calibrated.manifest() | {"held_out_share": share}
     if calibration is not None:
         # A target too fine for the images scored is the plugin's to refuse (DFKDE: k = 0, see its calibrate).
         calibration |= {"method": choice.method, "automatic": choice.automatic, "held_out": scored,
                         "false_reject_resolution": 1.0 / scored}
 
-    components = getattr(plugin, "components", None)  # the plugin's component rule, as it applied (DFKDE)
-    if components and components["used"] < components["configured"]:
+    components = plugin.components if isinstance(plugin, ChoosesComponents) else None  # its rule, as it applied
+    if components and components.reduced:
         log.warning("%d components fitted of the %d configured: %d images per fit carry %d at %d images per "
-                    "component", components["used"], components["configured"], components["images_per_fit"],
-                    components["used"], components["images_per_component"])
+                    "component", components.used, components.configured, components.images_per_fit,
+                    components.used, components.images_per_component)
     skipped = scan.skipped + skipped
     reasons = skip_reasons(skipped)
     if skipped:
@@ -415,7 +406,7 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
         "threshold": model_settings.threshold,
         "images": {"found": len(paths), "used": report.images, "embeddings": report.embeddings,
                    "held_out": held_out, "skipped": len(skipped), "skipped_reasons": reasons,
-                   "groups": found_groups.summary()} | ({"components": components} if components else {}),
+                   "groups": found_groups.summary()} | ({"components": asdict(components)} if components else {}),
         "source": str(options.data.resolve()),
         "calibration": calibration,
         "device": str(device),
@@ -436,7 +427,8 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
             log.warning("%s", exc)
     return RefitResult(version=info.version, found=len(paths), used=report.images, skipped=len(skipped),
                        held_out=held_out, seconds=seconds, calibration=calibration, announced=announced,
-                       pruned=pruned, skipped_reasons=reasons, groups=found_groups.summary(), components=components)
+                       pruned=pruned, skipped_reasons=reasons, groups=found_groups.summary(), components=components,
+                       calibrated=calibrated)
 
 
 def _fold_order(options: RefitOptions, settings: Settings) -> str:
@@ -511,8 +503,9 @@ def _check_enough(paths: Sequence[Path], read: Callable[[Path], Any], options: R
     (counting only the files that decode), the setting behind the plugin's, and only advice that works."""
     reuses = isinstance(plugin, ReusesEmbeddings)
     scored, target_reason = MIN_HELD_OUT, ""
-    if options.calibrate and callable(getattr(plugin, "calibration_images", None)):
-        scored = max(MIN_HELD_OUT, plugin.calibration_images(options.target_false_reject))
+    needed = calibration_images(plugin, options.target_false_reject) if options.calibrate else None
+    if needed is not None:
+        scored = max(MIN_HELD_OUT, needed)
         if scored > MIN_HELD_OUT:
             target_reason = (f"a false-reject rate of {options.target_false_reject:g} needs at least {scored} "
                              "calibration images, each scored by a model fitted without it")
@@ -529,7 +522,7 @@ def _check_enough(paths: Sequence[Path], read: Callable[[Path], Any], options: R
     files = (f"{len(paths)} image files under {options.data}" + (f", {readable} readable" if readable < len(paths)
                                                                   else "")) if paths else (
         f"no image files under {options.data} ({imageformats.suffix_words()}, found recursively)")
-    why = getattr(plugin, "min_images_reason", "")
+    why = min_images_reason(plugin)
     fit_only = f"{name} needs at least {plugin.min_images} images to fit" + (f" ({why})" if why else "")
     if not options.calibrate:
         raise FitError(f"{fit_only}; found {files}. Add images of good parts")

@@ -21,6 +21,10 @@ from fractions import Fraction
 
 import numpy as np
 
+from inspector.plugin import FalseRejectPromise
+
+RULE = "split-conformal: the k-th smallest calibration score, k = floor(target x (n + 1))"
+
 # A stored table of calibration scores is bounded (8 bytes each: 32 MiB); an archive larger than this
 # calibrates on a hold-out instead.
 MAX_SCORES = 1 << 22
@@ -164,16 +168,9 @@ class ConformalScale:
             passing = np.minimum(t * (n1 - r) / (n1 - rb), np.nextafter(t, 0.0))
             return np.clip(np.where(fails, failing, np.where(np.isnan(raw), np.nan, passing)), 0.0, 1.0)
 
-    def figures(self, interval: tuple[float, float] = (0.05, 0.95)) -> dict[str, object]:
-        """What the manifest records: the rule, n, k, the expected rate and an interval for this threshold's."""
+    def promise(self, interval: tuple[float, float] = (0.05, 0.95)) -> FalseRejectPromise:
+        """What this threshold promises fresh good parts: n, k, the expected rate and an interval for its own."""
         a, b = self.k, self.n + 1 - self.k
-        return {
-            "rule": "split-conformal: the k-th smallest calibration score, k = floor(target x (n + 1))",
-            "n": self.n,
-            "k": self.k,
-            "expected_false_reject": self.k / (self.n + 1),
-            "false_reject_interval": {"low_quantile": interval[0], "high_quantile": interval[1],
-                                      "low": beta_quantile(interval[0], a, b),
-                                      "high": beta_quantile(interval[1], a, b),
-                                      "distribution": f"Beta({a}, {b})"},
-        }
+        return FalseRejectPromise(n=self.n, k=self.k, expected=self.k / (self.n + 1),
+                                  low=beta_quantile(interval[0], a, b), high=beta_quantile(interval[1], a, b),
+                                  low_quantile=interval[0], high_quantile=interval[1], distribution=f"Beta({a}, {b})")

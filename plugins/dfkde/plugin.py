@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torchvision.transforms.v2 import functional as TF
 
 from inspector.errors import ConfigError, FitError, PluginError
-from inspector.plugin import Explained, FitReport, Scores
-from plugins.dfkde.conformal import MAX_SCORES, ConformalScale, boundary_rank, images_needed
+from inspector.plugin import Calibration, Components, Explained, FitReport, Scores
+from plugins.dfkde.conformal import MAX_SCORES, RULE, ConformalScale, boundary_rank, images_needed
 from plugins.dfkde.maps import LocalStats, draw
 from plugins.dfkde.maps import LocalSums as _Sums
 from plugins.dfkde.model import DfkdeModel
@@ -172,10 +172,10 @@ class DfkdePlugin:
         IMAGES_PER_COMPONENT images of a fit when that is fewer."""
         return min(self.configured_components, images // IMAGES_PER_COMPONENT)
 
-    def fix_components(self, images: int) -> dict[str, int]:
+    def fix_components(self, images: int) -> Components:
         """Fit `components_for(images)` components from now on, whatever each fit's own count: a cross-fit
         fixes it from its smallest fold's fit, so that the fold models and the final one share it. FitError
-        when that is below MIN_COMPONENTS. Returns the figures for the manifest."""
+        when that is below MIN_COMPONENTS."""
         used = self.components_for(images)
         if used < min(MIN_COMPONENTS, self.configured_components):
             raise FitError(self._too_few(images))
@@ -185,11 +185,11 @@ class DfkdePlugin:
         return self.components
 
     @property
-    def components(self) -> dict[str, int]:
+    def components(self) -> Components:
         """The components fitted and why: the configured count, the count used, the images per fit it was
         chosen for and the floor per component."""
-        return {"configured": self.configured_components, "used": self.model.n_components,
-                "images_per_fit": self._images_per_fit, "images_per_component": IMAGES_PER_COMPONENT}
+        return Components(configured=self.configured_components, used=self.model.n_components,
+                          images_per_fit=self._images_per_fit, images_per_component=IMAGES_PER_COMPONENT)
 
     _images_per_fit = 0  # the images the component count was chosen for
 
@@ -302,14 +302,16 @@ class DfkdePlugin:
         return _scores(probability, log_density)
 
     @property
-    def explain(self) -> Callable[[torch.Tensor], Explained] | None:
-        """Scores with anomaly maps (inspector.plugin's optional `explain`), for a model fitted with the maps'
-        statistics; None for one saved before maps existed, so that `can_explain` says no (refit it)."""
-        return self._explain if self.patch_map is not None or self.model.local_stats.fitted else None
+    def draws_maps(self) -> bool:
+        """Whether this version draws anomaly maps (inspector.plugin's optional `draws_maps`): a model fitted with
+        the maps' statistics does; one saved before maps existed does not (refit it)."""
+        return self.patch_map is not None or self.model.local_stats.fitted
 
-    def _explain(self, batch: torch.Tensor) -> Explained:
+    def explain(self, batch: torch.Tensor) -> Explained:
         """`score`'s very numbers (the same pass), keeping what `map_of` draws from: the batch itself for the
         localisation map's own pass (run per frame, on request), else the scoring pass's feature maps."""
+        if not self.draws_maps:
+            raise PluginError("this DFKDE version draws no anomaly maps: it was saved before maps existed; refit it")
         probability, log_density, maps = self.model.score_with_maps(batch.to(self.device, non_blocking=True))
         map_of = _MapDrawer(self.model, maps)
         if self.patch_map is not None:
@@ -378,7 +380,7 @@ class DfkdePlugin:
         """The fewest calibration images that give k = floor(target x (n + 1)) >= 1."""
         return images_needed(target_false_reject)
 
-    def calibrate(self, held_out: Scores, threshold: float, target_false_reject: float) -> dict[str, Any]:
+    def calibrate(self, held_out: Scores, threshold: float, target_false_reject: float) -> Calibration:
         """Split-conformal: the boundary is the k-th lowest log-density of the calibration images,
         k = floor(target x (n + 1)), so a fresh good part of the same line fails with probability
         k / (n + 1) <= target; probabilities become ranks among those images, with `threshold` on the
@@ -410,16 +412,21 @@ class DfkdePlugin:
         self.model.calibration = scale
         probability = self.model.to_probability(torch.from_numpy(raw)).numpy()
         levels = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 0.9)
-        return {
-            **scale.figures(),
-            "target_false_reject": target_false_reject,
-            "threshold": threshold,
-            "threshold_offset": offset,
-            "threshold_steepness": steepness,
-            "boundary_log_density": scale.boundary,
-            "held_out_false_reject": float(np.mean(probability >= threshold)),
-            "held_out_log_density_quantiles": {str(q): float(np.quantile(raw, q)) for q in levels},
-        } | ({} if self.patch_map is None else {"localisation_map": dict(self.patch_map.density.figures)})
+        return Calibration(
+            threshold=threshold,
+            target_false_reject=target_false_reject,
+            held_out_false_reject=float(np.mean(probability >= threshold)),
+            boundary=scale.boundary,
+            score_name="log-density",
+            promise=scale.promise(),
+            figures={
+                "rule": RULE,
+                "threshold_offset": offset,
+                "threshold_steepness": steepness,
+                "boundary_log_density": scale.boundary,
+                "held_out_log_density_quantiles": {str(q): float(np.quantile(raw, q)) for q in levels},
+            } | ({} if self.patch_map is None else {"localisation_map": dict(self.patch_map.density.figures)}),
+        )
 
     def save(self, folder: Path) -> list[str]:
         files = save_state(self.model, folder, plugin={"jpeg_reduced_decode": self.jpeg_reduced_decode})

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inspector.errors import StateError
-from inspector.plugin import FitReport, Scores
+from inspector.plugin import Calibration, FitReport, Scores
 
 STATE_FILE = "null.json"
 _TOKEN = torch.zeros(1, dtype=torch.uint8)  # what prepare gives for every image: stacking it costs nothing
@@ -74,15 +74,15 @@ class NullPlugin:
         size = int(batch.shape[0])
         return Scores(probability=np.full(size, self.settings.probability), raw=np.full(size, self.settings.score))
 
-    def calibrate(self, held_out: Scores, threshold: float, target_false_reject: float) -> dict[str, Any]:
+    def calibrate(self, held_out: Scores, threshold: float, target_false_reject: float) -> Calibration:
         """Nothing moves: the probability is fixed. The figures say what it gives on the images."""
         probability = np.asarray(held_out.probability, dtype=np.float64)
-        return {
-            "rule": "none: the null plugin's probability is fixed",
-            "target_false_reject": target_false_reject,
-            "threshold": threshold,
-            "held_out_false_reject": float(np.mean(probability >= threshold)) if probability.size else 0.0,
-        }
+        return Calibration(
+            threshold=threshold,
+            target_false_reject=target_false_reject,
+            held_out_false_reject=float(np.mean(probability >= threshold)) if probability.size else 0.0,
+            figures={"rule": "none: the null plugin's probability is fixed"},
+        )
 
     def save(self, folder: Path) -> list[str]:
         (Path(folder) / STATE_FILE).write_text(json.dumps(self.settings.model_dump()), encoding="utf-8")
