@@ -256,7 +256,7 @@ def test_gpu_memory_has_a_series_per_cuda_device_and_none_without():
     assert [sample.labels["device"] for sample in family.samples] == expected
 
 
-CONTRACT = {  # /work/shared/CONTRACT.md, "Metrics and health": family name, type, labels
+CONTRACT = {  # the original external contract's "Metrics and health": family name, type, labels
     "inspector_frames": ("counter", {"line", "camera", "model", "verdict"}),
     "inspector_anomaly_probability": ("histogram", {"line", "model"}),
     "inspector_frame_latency_seconds": ("histogram", {"model"}),
