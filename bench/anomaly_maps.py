@@ -38,7 +38,7 @@ Methods (see plugins/dfkde/patchmap.py for the one shipped):
 - mean good: |image - mean good image| (grey levels; the mean of train/good resized to 256 x 256,
   brought back to each image's size), smoothed.
 
-    .venv/bin/python bench/anomaly_maps.py             # --data PATH (or $MAGNETIC_TILE): 40 s on 2 idle cores (13 min when busy)
+    .venv/bin/python bench/anomaly_maps.py   # --data PATH (or $MAGNETIC_TILE): 40 s on 2 idle cores (13 min when busy)
     .venv/bin/python bench/anomaly_maps.py --data DIR --json
 """
 
@@ -341,7 +341,8 @@ class Located:
         self.defects_hit += len(hit - {0})
 
     def figures(self, level: float | None) -> dict[str, Any]:
-        return {"level": level, "defect_regions": self.defects, "region_recall": self.defects_hit / max(1, self.defects),
+        return {"level": level, "defect_regions": self.defects,
+                "region_recall": self.defects_hit / max(1, self.defects),
                 "good_images": self.good_images, "good_with_boxes": self.good_with_boxes / max(1, self.good_images),
                 "boxes": self.boxes}
 
@@ -427,7 +428,8 @@ def main() -> int:
             pixels.add_map("centre prior", index, chosen, regions, n, centre_prior(size))
             diff = gaussian_blur((grey(image, MEAN_SIZE) - mean_good).abs()[None], 2 * SMOOTH_SIGMA)[0]
             pixels.add_map("mean good", index, chosen, regions, n, to_size(diff, size))
-        print(f"[{time.perf_counter() - started:6.0f} s] {start + len(chunk)}/{len(items)}", file=sys.stderr, flush=True)
+        elapsed = time.perf_counter() - started
+        print(f"[{elapsed:6.0f} s] {start + len(chunk)}/{len(items)}", file=sys.stderr, flush=True)
     report = {"seconds": time.perf_counter() - started, "fit_seconds": fit_seconds, "data": str(args.data),
               "explain_vs_score": explain_cost(plugin, items, args.cost_rounds),
               "torch_threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),

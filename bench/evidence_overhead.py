@@ -5,8 +5,8 @@ rounds in one run, on this machine.
 The model is fitted as `make run` fits its first one (`inspector samples`, then refit on train/good with a
 quarter held out for a 2% false-reject calibration). Each round starts a fresh worker process with evidence
 off, on with `maps = false`, or on with the defaults (every fail and error, maps when the plugin draws them),
-into a folder on this machine's disk, waits until it is ready, publishes the test set (`--repeat` times, each frame its own id) as
-a backlog at once, and times it from the first publish to the last result, and reads the worker process's
+into a folder on this machine's disk, waits until it is ready, publishes the test set (`--repeat` times, each frame
+its own id) as a backlog at once, and times it from the first publish to the last result, and reads the worker process's
 CPU time over the same span. Every frame must come back once; with evidence on, every rejected frame must be
 in the archive, with nothing else, when the worker has stopped. Half of the test set is defective: a reject
 rate far above a real line's, so the archive's share of the work is far above a real line's too.

@@ -10,7 +10,8 @@ Last, for one setting, the calibration: the false-reject rate on the good test i
 calibrated for each target, cross-fitted and held out from the whole training archive and cross-fitted
 from a small one (40 of its images), with a 95% Clopper-Pearson interval.
 
-Data: the magnetic-tile photographs (the public Magnetic Tile Defect set, `--magnetic-tile PATH` or $MAGNETIC_TILE; bench/datasets.py) and the
+Data: the magnetic-tile photographs (the public Magnetic Tile Defect set, `--magnetic-tile PATH` or $MAGNETIC_TILE;
+bench/datasets.py) and the
 synthetic sample line (written to a temporary folder, as `inspector samples --out DIR` writes it).
 
     .venv/bin/python bench/quality.py --save quality.json  # the default grid, both data sets: ~13 min on 2 cores

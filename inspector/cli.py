@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(demo)
     demo.add_argument("--train", type=int, default=200, help="good images to fit on (default 200)")
-    demo.add_argument("--test", type=int, default=40, help="held-out good images and defective images each (default 40)")
+    demo.add_argument("--test", type=int, default=40,
+                      help="held-out good images and defective images each (default 40)")
     demo.add_argument("--seed", type=int, default=0, help="seeds the synthetic images (default 0)")
     demo.set_defaults(func=_cmd_demo)
 

@@ -443,7 +443,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist; copy config.example.toml there or pass --config") from None
+        raise ConfigError(f"config file {path} does not exist; copy config.example.toml there or pass --config") \
+            from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:

@@ -562,7 +562,8 @@ def test_the_worker_declares_the_documented_topology(real_traffic):
                                        "x-delivery-limit": worker.delivery_limit}
     assert (exchanges.dead, worker.dead_letter_queue, "#") in topology.bindings
     assert {(exchanges.captures, worker.queue, key) for key in worker.binding_keys} <= topology.bindings
-    control = [queue for source, queue, key in topology.bindings if source == exchanges.control and key == CONTROL_BINDING]
+    control = [queue for source, queue, key in topology.bindings
+               if source == exchanges.control and key == CONTROL_BINDING]
     assert len(control) == 1
     assert topology.queues[control[0]]["auto_delete"] is True and topology.queues[control[0]]["exclusive"]
 

@@ -267,7 +267,8 @@ def test_the_worker_and_the_refit_share_the_configuration_the_store_and_the_secr
         assert password["name"] == secret["metadata"]["name"] and password["key"] in secret["stringData"]
     assert "ReadWriteMany" in by_kind(objects, "PersistentVolumeClaim")["spec"]["accessModes"]
     refit = by_kind(objects, "CronJob")
-    assert refit["spec"]["suspend"] is True, "a template for `kubectl create job --from=cronjob/...`, never run by itself"
+    assert refit["spec"]["suspend"] is True, \
+        "a template for `kubectl create job --from=cronjob/...`, never run by itself"
     assert container(refit)["args"][:3] == ["refit", "--data", "/archive"]
 
 
@@ -367,7 +368,8 @@ def test_a_configuration_change_rolls_the_workers_and_the_refit_takes_the_same_i
     assert "[worker]\n" in toml
     (copy / "inspector.toml").write_text(toml.replace("[worker]\n", "[worker]\nprefetch = 32\n"))
     text = (copy / "kustomization.yaml").read_text()
-    (copy / "kustomization.yaml").write_text(text.replace("newName: inspector ", "newName: registry.example.com/inspector "))
+    changed = text.replace("newName: inspector ", "newName: registry.example.com/inspector ")
+    (copy / "kustomization.yaml").write_text(changed)
     after, used, images = names_and_images()
     assert after != before and used == {after}, "the pods name the new ConfigMap: a rollout"
     assert images == {"registry.example.com/inspector:0.1.0"}

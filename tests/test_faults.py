@@ -108,7 +108,8 @@ def test_hostile_captures_are_each_answered_and_good_frames_keep_scoring(fitted,
         publish_raw(line, [(key, body, properties)])
         line.publish([good(f"g-raw-{index}")])
     with line._channel() as channel:  # hostile control messages: garbage and a body far too large
-        channel.basic_publish(line.exchanges["control"], "model.default", b"[" * 60_000)  # under the size cap: parsed, and too deep
+        # under the size cap: parsed, and too deep
+        channel.basic_publish(line.exchanges["control"], "model.default", b"[" * 60_000)
         channel.basic_publish(line.exchanges["control"], "model.default", b" " * 2_000_000)
     line.publish([good("g-after-control")])
 
@@ -257,7 +258,8 @@ def test_a_stuck_scoring_thread_is_found_within_the_watchdog_limit(watched, line
         while running.watchdog.problem is None and time.monotonic() - started < 20:
             time.sleep(0.2)
         found_after = time.monotonic() - started
-        assert running.watchdog.problem is not None and "scoring thread has made no progress" in running.watchdog.problem
+        problem = running.watchdog.problem
+        assert problem is not None and "scoring thread has made no progress" in problem
         assert 5.0 <= found_after < 12.0
         assert http_status(port, "/healthz")[0] == 503
         stalls = scrape(port)

@@ -60,7 +60,8 @@ datetimes = st.datetimes(timezones=st.none() | offsets) | st.builds(  # years 1 
     lambda moment, zone: moment.replace(tzinfo=zone), edges, st.none() | offsets)
 any_char = st.characters(exclude_categories=())  # lone surrogates too: a str need not be valid UTF-8
 long_text = st.builds(operator.mul, st.text(any_char, min_size=1, max_size=4), st.integers(1, 3000))
-texts = st.text(any_char, max_size=40) | long_text | st.sampled_from(["..", "../etc/passwd", "a\nb", "\x1b[31m", "a/b", "-x"])
+texts = (st.text(any_char, max_size=40) | long_text
+         | st.sampled_from(["..", "../etc/passwd", "a\nb", "\x1b[31m", "a/b", "-x"]))
 integers = st.integers(-2**63, 2**64 - 1) | st.integers()
 scalars = st.one_of(texts, st.binary(max_size=300), integers, st.floats(), st.decimals(), datetimes,
                     st.booleans(), st.none())
@@ -220,7 +221,8 @@ images = st.sampled_from(SEEDS) | st.builds(mutate, st.sampled_from(SEEDS),
                                             st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
                                                      max_size=8),
                                             st.integers(0, 200))
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+json_values = st.recursive(json_scalars,
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
                                                                                        max_size=4), max_leaves=20)
 uris = st.sampled_from([p.as_uri() for p in sorted(TESTS.iterdir())[:5]] + ["file:///etc/passwd", "http://x/a.png",

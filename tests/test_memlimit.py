@@ -62,7 +62,8 @@ def test_a_scrape_exports_the_limit_when_set_and_no_series_when_not(tmp_path):
     limit = (root / "system.slice" / "inspector.service" / "memory.max")
     metrics = Metrics(MetricsSettings(host="127.0.0.1", port=0))
     metrics.registry.unregister(metrics.memory_limit)
-    metrics.registry.register(MemoryLimitCollector(Throttle(logging.getLogger(__name__)), lambda: memory_limit_bytes(proc, root)))
+    throttle = Throttle(logging.getLogger(__name__))
+    metrics.registry.register(MemoryLimitCollector(throttle, lambda: memory_limit_bytes(proc, root)))
     base = f"http://127.0.0.1:{metrics.serve()}"
     try:
         assert value(scrape(base), "inspector_memory_limit_bytes") == 10 * GiB

@@ -45,7 +45,8 @@ def test_line_and_camera_come_from_headers_else_the_routing_key():
 
 def test_captured_at_header_wins_over_the_amqp_timestamp():
     moment = datetime(2026, 11, 28, 10, 15, 1, 120000, tzinfo=timezone.utc)
-    with_header = parse_capture("a.b", props(timestamp=1_700_000_000, headers={"captured_at": "2026-11-28T10:15:01.120Z"}),
+    header = {"captured_at": "2026-11-28T10:15:01.120Z"}
+    with_header = parse_capture("a.b", props(timestamp=1_700_000_000, headers=header),
                                 b"x", False)
     assert with_header.captured_at == moment
     only_amqp = parse_capture("a.b", props(timestamp=1_700_000_000), b"x", False)
@@ -70,7 +71,8 @@ def test_result_body_follows_the_contract():
     capture = parse_capture("line1.cam3", props(message_id="f-1", headers={"captured_at": "2026-11-28T10:15:01.120Z"}),
                             b"x", True)
     body = result_body(capture, verdict="pass", probability=0.031, score=41.7, threshold=0.5,
-                       model={"name": "default", "plugin": "dfkde", "version": "v"}, inspected_at="2026-11-28T10:15:01.162Z")
+                       model={"name": "default", "plugin": "dfkde", "version": "v"},
+                       inspected_at="2026-11-28T10:15:01.162Z")
     assert body == {
         "schema": "inspection.result/1", "frame_id": "f-1", "line_id": "line1", "camera_id": "cam3",
         "verdict": "pass", "anomaly_probability": 0.031, "anomaly_score": 41.7, "threshold": 0.5,

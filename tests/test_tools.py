@@ -456,7 +456,8 @@ def test_watch_prints_no_escape_sequence_or_forged_line_from_a_hostile_result():
     from inspector.tools.watch import format_line, parse_result
 
     hostile = {"verdict": "fail", "anomaly_probability": 0.9, "line_id": "l1\x1b[2J", "camera_id": "c\nFAKE pass",
-               "frame_id": "f\r\u202e1" + "x" * 5000, "model": {"version": "v\x07"}, "meta": {"source": "a\x1b]0;t\x07"},
+               "frame_id": "f\r\u202e1" + "x" * 5000, "model": {"version": "v\x07"},
+               "meta": {"source": "a\x1b]0;t\x07"},
                "inspected_at": "0001-01-01T00:00:00+01:00"}
     text = format_line(hostile, colour=False)
     assert "\n" not in text and "\r" not in text and "\x1b" not in text and "\x07" not in text

@@ -444,7 +444,8 @@ def test_a_scrape_after_real_traffic_counts_what_was_sent(fitted, line, prefix, 
     try:
         assert _status(port, "/readyz") == 200
         png = encoded(samples.make_images(1, seed=2, size=SIZE)[0], "PNG")
-        frames = [(f"line1.cam{i % 2 + 1}", png, {"content_type": "image/png", "message_id": f"g{i}"}) for i in range(12)]
+        frames = [(f"line1.cam{i % 2 + 1}", png, {"content_type": "image/png", "message_id": f"g{i}"})
+                  for i in range(12)]
         frames += [("line2.cam7", b"", {"content_type": "image/png", "message_id": f"e{i}"}) for i in range(2)]
         frames += [("line2.cam7", b"x", {"content_type": "text/plain", "message_id": "t0"})]
         line.publish(frames)
@@ -470,7 +471,8 @@ def test_a_scrape_after_real_traffic_counts_what_was_sent(fitted, line, prefix, 
     assert m[("inspector_dead_letters_total", (("reason", "empty_body"),))] == 2
     assert m[("inspector_anomaly_probability_count", (("line", "line1"), ("model", "default")))] == 12
     probabilities = sum(results[k][2]["anomaly_probability"] for k in results if k[0] == "g")
-    assert m[("inspector_anomaly_probability_sum", (("line", "line1"), ("model", "default")))] == pytest.approx(probabilities)
+    key = ("inspector_anomaly_probability_sum", (("line", "line1"), ("model", "default")))
+    assert m[key] == pytest.approx(probabilities)
     assert m[("inspector_frame_latency_seconds_count", (("model", "default"),))] == 15
     assert m[("inspector_batch_size_sum", (("model", "default"),))] == 12
     assert m[("inspector_stage_seconds_count", (("stage", "infer"),))] >= 1

@@ -227,7 +227,8 @@ class SecondBroker:
         return {**os.environ, "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(self.port),
                 "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_DIST_PORT": str(self.port + 20000),
                 "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"), "RABBITMQ_LOG_BASE": str(self.folder / "log"),
-                "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq.conf"), "RABBITMQ_PID_FILE": str(self.folder / "pid"),
+                "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq.conf"),
+                "RABBITMQ_PID_FILE": str(self.folder / "pid"),
                 "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.folder / "enabled_plugins"), "HOME": "/var/lib/rabbitmq"}
 
     def start(self, timeout: float = 60.0) -> None:

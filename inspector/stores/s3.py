@@ -213,7 +213,8 @@ class S3ModelStore:
             manifest = loaded
         except (ValueError, RecursionError) as exc:
             if strict:
-                raise StateError(f"model {name!r} version {version}: {MANIFEST}: cannot be read: {exc!r:.200}") from None
+                raise StateError(f"model {name!r} version {version}: {MANIFEST}: cannot be read: {exc!r:.200}") \
+                    from None
         except StateError:
             if strict:
                 raise
@@ -244,7 +245,8 @@ class S3ModelStore:
             try:
                 manifest = json.loads(text)
             except (ValueError, RecursionError) as exc:
-                raise StateError(f"model {name!r} version {version}: {MANIFEST}: cannot be read: {exc!r:.200}") from None
+                raise StateError(f"model {name!r} version {version}: {MANIFEST}: cannot be read: {exc!r:.200}") \
+                    from None
             files = manifest.get("files") if isinstance(manifest, dict) else None
             sizes = manifest.get("sizes", {}) if isinstance(manifest, dict) else None
             if not isinstance(files, dict) or not isinstance(sizes, dict):

@@ -76,7 +76,8 @@ def run_demo(settings: Settings, *, train: int, test: int, seed: int) -> int:
     good = _score(plugin, samples.make_images(test, seed=seed + 1))
     rng = np.random.default_rng(seed + 2)
     per_kind = max(1, test // len(samples.DEFECT_KINDS))
-    defective = {kind: [samples.defective_part(rng, kind=kind) for _ in range(per_kind)] for kind in samples.DEFECT_KINDS}
+    defective = {kind: [samples.defective_part(rng, kind=kind) for _ in range(per_kind)]
+                 for kind in samples.DEFECT_KINDS}
     started = time.perf_counter()
     scored = {kind: _score(plugin, images) for kind, images in defective.items()}
     score_seconds = time.perf_counter() - started

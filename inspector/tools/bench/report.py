@@ -93,7 +93,8 @@ class BenchReport:
             lines.append(_row("2  decode + prepare", encoding, d["frames_per_second"], "frames/s"))
             notes.append(f"  2  {encoding}: {d['threads']} threads; on one thread {d['decode_ms']:.1f} ms decode + "
                          f"{d['prepare_ms']:.1f} ms prepare (decoding in full: "
-                         f"{d['full_size_decode_and_prepare_ms']:.1f} ms); {f['bytes'][encoding] / 1024:.0f} KiB a frame")
+                         f"{d['full_size_decode_and_prepare_ms']:.1f} ms); "
+                         f"{f['bytes'][encoding] / 1024:.0f} KiB a frame")
         for encoding, run in (self.broker or {}).items():
             sat, half = run["saturation"], run["half_load"]
             lines.append(_row("3a whole path, saturation", encoding, sat["frames_per_second"], "frames/s",
