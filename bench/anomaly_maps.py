@@ -63,7 +63,7 @@ from sklearn.metrics import roc_auc_score
 import datasets
 from inspector.imagefiles import find_images, read_image
 from inspector.regions import regions_of
-from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings, _MapDrawer
+from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings, _MapDrawer
 
 ROOT = Path(__file__).resolve().parents[1]
 MAGNETIC_TILE = datasets.magnetic_tile()

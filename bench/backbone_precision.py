@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from inspector.tools import samples
-from plugins.dfkde.backbones import create_backbone
-from plugins.dfkde.model import DfkdeModel
+from inspector_dfkde.backbones import create_backbone
+from inspector_dfkde.model import DfkdeModel
 
 
 def _stack(images):

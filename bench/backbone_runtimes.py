@@ -20,9 +20,9 @@ import time
 import torch
 
 from inspector.tools import samples
-from plugins.dfkde.model import DfkdeModel
-from plugins.dfkde.plugin import DfkdeSettings
-from plugins.dfkde.runtimes import RUNTIMES, missing_packages
+from inspector_dfkde.model import DfkdeModel
+from inspector_dfkde.plugin import DfkdeSettings
+from inspector_dfkde.runtimes import RUNTIMES, missing_packages
 
 
 def _stack(images):

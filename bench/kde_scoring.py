@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from plugins.dfkde.kde import GaussianKDE
+from inspector_dfkde.kde import GaussianKDE
 
 
 def per_sample_loop(kde: GaussianKDE, features: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.evaluate import EvaluateOptions, Evaluation, run_evaluate
 from inspector.tools.refit import RefitOptions, RefitResult, run_refit
-from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
+from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 MAGNETIC_TILE = public_data.magnetic_tile()

@@ -26,7 +26,7 @@ from inspector.imagefiles import find_images
 from inspector.tools import samples
 from inspector.tools.imagestream import ImageStream
 from inspector.tools.progress import Progress
-from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
+from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 
 def _write_archive(root: Path, n: int, width: int, height: int) -> None:

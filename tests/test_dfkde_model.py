@@ -8,7 +8,7 @@ import scipy.stats
 import torch
 
 from inspector.errors import FitError
-from plugins.dfkde.model import DfkdeModel
+from inspector_dfkde.model import DfkdeModel
 
 
 @pytest.fixture(scope="module")

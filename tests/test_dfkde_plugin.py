@@ -11,8 +11,8 @@ from inspector import plugin as registry_module
 from inspector.errors import FitError, PluginError, StateError
 from inspector.plugin import get_plugin
 from inspector.tools import samples
-from plugins.dfkde.maps import SAMPLED_LOCATIONS
-from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
+from inspector_dfkde.maps import SAMPLED_LOCATIONS
+from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 CPU = torch.device("cpu")
 
@@ -168,7 +168,7 @@ def test_registry_checks_the_contract_and_refuses_duplicates(monkeypatch):
         registry_module.check_plugin("other", DfkdePlugin)
 
     duplicate = [
-        EntryPoint("dfkde", "plugins.dfkde.plugin:DfkdePlugin", "inspector.plugins"),
+        EntryPoint("dfkde", "inspector_dfkde.plugin:DfkdePlugin", "inspector.plugins"),
         EntryPoint("dfkde", "somewhere.else:Plugin", "inspector.plugins"),
     ]
     monkeypatch.setattr(registry_module, "entry_points", lambda group: duplicate)
@@ -204,7 +204,7 @@ def test_a_stored_version_with_absurd_settings_is_refused_before_anything_is_bui
     plugin.save(tmp_path)
     _edit_settings(tmp_path, **changes)
     built = []
-    monkeypatch.setattr("plugins.dfkde.model.create_backbone", lambda *a, **k: built.append(a) or 1 / 0)
+    monkeypatch.setattr("inspector_dfkde.model.create_backbone", lambda *a, **k: built.append(a) or 1 / 0)
     with pytest.raises(StateError, match=named) as refused:
         DfkdePlugin.load(tmp_path, CPU)
     assert "settings.json" in str(refused.value) and not built
@@ -216,7 +216,7 @@ def test_a_state_whose_tensors_do_not_fit_its_settings_is_refused_before_they_ar
     plugin, _ = fitted
     plugin.save(tmp_path)
     _edit_settings(tmp_path, filter_count=10)  # the state holds 120 rows
-    monkeypatch.setattr("plugins.dfkde.state.load_file", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("inspector_dfkde.state.load_file", lambda *a, **k: 1 / 0)
     with pytest.raises(StateError, match=r"kde.whitened .* over filter_count 10"):
         DfkdePlugin.load(tmp_path, CPU)
 

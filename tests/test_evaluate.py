@@ -23,7 +23,7 @@ from inspector.tools import samples
 from inspector.tools.evaluate import scan_test_set
 from inspector.tools.figures import auroc, average_precision, best_f1_threshold, confusion, figures
 from inspector.tools.refit import RefitOptions, run_refit
-from plugins.dfkde.plugin import DfkdePlugin
+from inspector_dfkde.plugin import DfkdePlugin
 
 SIZE = 128  # frames and model input: small, so the file stays quick on two cores
 

@@ -21,7 +21,7 @@ from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.explain import ExplainOptions, output_names, run_explain
 from inspector.tools.overlay import MAP_FLOOR, MIN_WIDTH, VERDICT_COLOURS, Header, checked_map, overlay
-from plugins.dfkde.plugin import DfkdePlugin
+from inspector_dfkde.plugin import DfkdePlugin
 from tests.workerkit import SIZE, tool_config
 
 ROOT = Path(__file__).resolve().parents[1]

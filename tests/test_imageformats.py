@@ -24,7 +24,7 @@ from inspector.tools import publish, samples
 from inspector.tools.bench.options import ENCODER_OPTIONS, ENCODINGS, BenchOptions
 from inspector.worker import decode, evidence
 from inspector.worker.decode import DecodeLimits, decode_capture
-from plugins.dfkde.plugin import DfkdePlugin
+from inspector_dfkde.plugin import DfkdePlugin
 from tests.workerkit import SIZE, worker_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import pytest
 import scipy.stats
 import torch
 
-from plugins.dfkde.kde import GaussianKDE
+from inspector_dfkde.kde import GaussianKDE
 
 
 def _data(n=3000, d=16, seed=0):
@@ -38,7 +38,7 @@ def test_chunking_gives_the_same_answer(monkeypatch):
     queries = torch.tensor(rng.normal(size=(37, 4)) * 0.3)
     kde = GaussianKDE().fit(torch.tensor(points))
     whole = kde.log_density(queries)
-    monkeypatch.setattr("plugins.dfkde.kde._BLOCK_ELEMENTS", 37 * 128)  # 16 chunks of 128 points
+    monkeypatch.setattr("inspector_dfkde.kde._BLOCK_ELEMENTS", 37 * 128)  # 16 chunks of 128 points
     np.testing.assert_allclose(kde.log_density(queries).numpy(), whole.numpy(), rtol=1e-12)
 
 

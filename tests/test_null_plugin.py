@@ -16,7 +16,7 @@ from inspector.plugin import Calibration, Scores, check_plugin, get_plugin
 from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.refit import RefitOptions, run_refit
-from plugins.null.plugin import STATE_FILE, NullPlugin, NullSettings
+from inspector_null.plugin import STATE_FILE, NullPlugin, NullSettings
 from tests.workerkit import encoded, worker_config
 
 CPU = torch.device("cpu")

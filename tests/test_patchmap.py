@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from inspector.errors import StateError
 from inspector.plugin import region_level
 from inspector.tools import samples
-from plugins.dfkde import patchmap
-from plugins.dfkde.patchmap import FILE, PatchDensity, PatchSampler, map_layer, region_rank
-from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
+from inspector_dfkde import patchmap
+from inspector_dfkde.patchmap import FILE, PatchDensity, PatchSampler, map_layer, region_rank
+from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 CPU = torch.device("cpu")
 SIZE = 96

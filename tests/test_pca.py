@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from plugins.dfkde.pca import PCA
+from inspector_dfkde.pca import PCA
 
 
 def test_matches_numpy_svd_up_to_sign():

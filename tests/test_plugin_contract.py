@@ -13,8 +13,8 @@ import torch
 from inspector import plugin as contract
 from inspector.errors import PluginError
 from inspector.tools import refit
-from plugins.dfkde.plugin import DfkdePlugin
-from plugins.null.plugin import NullPlugin, NullSettings
+from inspector_dfkde.plugin import DfkdePlugin
+from inspector_null.plugin import NullPlugin, NullSettings
 
 CPU = torch.device("cpu")
 REQUIRED = sorted(name for name in vars(contract.Plugin)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from inspector.tools import samples
-from plugins.dfkde.backbones import create_backbone
-from plugins.dfkde.model import DfkdeModel
-from plugins.dfkde.plugin import resolve_precision
+from inspector_dfkde.backbones import create_backbone
+from inspector_dfkde.model import DfkdeModel
+from inspector_dfkde.plugin import resolve_precision
 
 PROBABILITY_TOLERANCE = 0.01
 LOG_DENSITY_SHARE_OF_SPREAD = 0.25
@@ -79,7 +79,7 @@ def test_reduced_jpeg_decoding_is_fixed_at_fit_time_and_followed_when_serving(tm
 
     from inspector.plugin import decode_size
     from inspector.worker.decode import DecodeLimits, decode_capture
-    from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings
+    from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings
 
     def jpeg(image):
         buffer = io.BytesIO()

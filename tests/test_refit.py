@@ -17,7 +17,7 @@ from PIL import Image
 
 from inspector.stores import ModelStore
 from inspector.tools import samples
-from plugins.dfkde.plugin import DfkdePlugin
+from inspector_dfkde.plugin import DfkdePlugin
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = 150
@@ -380,6 +380,6 @@ def test_a_twin_archive_calibrates_as_the_single_archive_does(tmp_path):
 
 
 def config_dfkde():
-    from plugins.dfkde.plugin import DfkdeSettings
+    from inspector_dfkde.plugin import DfkdeSettings
 
     return DfkdeSettings(input_size=64)

@@ -8,7 +8,7 @@ import pytest
 import scipy.ndimage
 
 from inspector.regions import GRID, Region, find_regions, grid_size, label, regions_of
-from plugins.dfkde.patchmap import images_for_regions, region_rank
+from inspector_dfkde.patchmap import images_for_regions, region_rank
 
 EIGHT = np.ones((3, 3), dtype=bool)
 

@@ -25,7 +25,7 @@ from inspector.tools import samples
 from inspector.tools.evaluate import EvaluateOptions, run_evaluate
 from inspector.tools.report import ScoredImage, galleries
 from inspector.tools.report_figures import roc_points
-from plugins.dfkde.plugin import DfkdePlugin
+from inspector_dfkde.plugin import DfkdePlugin
 from tests.workerkit import SIZE, tool_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -15,9 +15,9 @@ from pydantic import ValidationError
 
 from inspector.errors import ConfigError
 from inspector.tools import samples
-from plugins.dfkde import runtimes
-from plugins.dfkde.model import DfkdeModel
-from plugins.dfkde.plugin import DfkdePlugin, DfkdeSettings, resolve_runtime
+from inspector_dfkde import runtimes
+from inspector_dfkde.model import DfkdeModel
+from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings, resolve_runtime
 
 FP32_TOLERANCE = 1e-5
 BF16_TOLERANCE = 0.03
@@ -117,7 +117,7 @@ def test_one_export_per_backbone_size_and_runtime(backbone, runtime):
 
 
 def test_auto_is_the_measured_cpu_runtime_and_torch_on_cuda():
-    from plugins.dfkde.plugin import CPU_RUNTIME
+    from inspector_dfkde.plugin import CPU_RUNTIME
 
     if not runtimes.missing_packages(CPU_RUNTIME):
         assert resolve_runtime("auto", "fp32", torch.device("cpu")) == CPU_RUNTIME

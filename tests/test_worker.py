@@ -28,8 +28,8 @@ from inspector.broker import announcement
 from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.worker.loop import Worker
-from plugins.dfkde.conformal import ConformalScale
-from plugins.dfkde.plugin import DfkdePlugin
+from inspector_dfkde.conformal import ConformalScale
+from inspector_dfkde.plugin import DfkdePlugin
 from tests.workerkit import SIZE, Line, close_all_connections, encoded, http_status, scrape, worker_config
 
 CAPTURED_AT = "2026-11-28T10:15:01.120Z"

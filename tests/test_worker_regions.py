@@ -17,8 +17,8 @@ from inspector import config
 from inspector.regions import find_regions
 from inspector.tools import samples
 from inspector.tools.refit import RefitOptions, run_refit
-from plugins.dfkde.patchmap import FILE, GOOD_REGION_RATE
-from plugins.dfkde.plugin import DfkdePlugin
+from inspector_dfkde.patchmap import FILE, GOOD_REGION_RATE
+from inspector_dfkde.plugin import DfkdePlugin
 from tests.workerkit import SIZE, _toml, encoded
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "schemas" / "result.schema.json").read_text())

@@ -36,7 +36,7 @@ def fit_store(root: Path, plugin: dict | None = None) -> Path:
 def write_null_version(store: Path, name: str = "default", probability: float = 0.25, score: float = 1.5) -> str:
     """A stored version of `name` for the null plugin, with no fit: every frame gets these figures; its id."""
     from inspector.stores import ModelStore
-    from plugins.null.plugin import NullPlugin, NullSettings
+    from inspector_null.plugin import NullPlugin, NullSettings
 
     plugin = NullPlugin(NullSettings(probability=probability, score=score))
     return ModelStore(store).write(name, plugin.save, {"plugin": "null"}).version

@@ -70,7 +70,7 @@ def giant_bounded() -> str:
     import torch
 
     from inspector.errors import StateError
-    from plugins.dfkde.plugin import DfkdePlugin
+    from inspector_dfkde.plugin import DfkdePlugin
 
     try:
         DfkdePlugin.load(_giant_settings(), torch.device("cpu"))
@@ -81,7 +81,7 @@ def giant_bounded() -> str:
 
 def giant_unbounded() -> str:
     """The old load: the backbone built from the stored settings, before the digest (or anything) is checked."""
-    from plugins.dfkde.model import DfkdeModel
+    from inspector_dfkde.model import DfkdeModel
 
     settings = json.loads((_giant_settings() / "settings.json").read_text())["settings"]
     DfkdeModel(settings.pop("backbone"), **settings)

@@ -27,7 +27,7 @@ from timm.models.efficientnet import EfficientNetFeatures
 from timm.models.mobilenetv3 import MobileNetV3Features
 
 from inspector.errors import ConfigError, WeightsError
-from plugins.dfkde.lite0 import is_lukemelas_state_dict, lukemelas_to_timm
+from inspector_dfkde.lite0 import is_lukemelas_state_dict, lukemelas_to_timm
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from inspector.errors import FitError
-from plugins.dfkde.backbones import Backbone, create_backbone
-from plugins.dfkde.conformal import ConformalScale
-from plugins.dfkde.kde import GaussianKDE
-from plugins.dfkde.maps import LocalStats
-from plugins.dfkde.pca import PCA
-from plugins.dfkde.runtimes import RUNTIMES, runner_for
+from inspector_dfkde.backbones import Backbone, create_backbone
+from inspector_dfkde.conformal import ConformalScale
+from inspector_dfkde.kde import GaussianKDE
+from inspector_dfkde.maps import LocalStats
+from inspector_dfkde.pca import PCA
+from inspector_dfkde.runtimes import RUNTIMES, runner_for
 
 PRE_PROCESSING = ("scale", "norm")
 PRECISIONS = ("fp32", "bf16", "fp16")

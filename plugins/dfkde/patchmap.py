@@ -35,9 +35,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from inspector.errors import StateError, StoreUnavailable
-from plugins.dfkde.backbones import create_backbone
-from plugins.dfkde.kde import GaussianKDE
-from plugins.dfkde.pca import PCA
+from inspector_dfkde.backbones import create_backbone
+from inspector_dfkde.kde import GaussianKDE
+from inspector_dfkde.pca import PCA
 
 FILE = "patchmap.safetensors"
 FORMAT = "dfkde.patchmap/1"

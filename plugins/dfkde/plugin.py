@@ -15,14 +15,14 @@ from torchvision.transforms.v2 import functional as TF
 
 from inspector.errors import ConfigError, FitError, PluginError
 from inspector.plugin import Calibration, Components, Explained, FitReport, Scores
-from plugins.dfkde.conformal import MAX_SCORES, RULE, ConformalScale, boundary_rank, images_needed
-from plugins.dfkde.maps import LocalStats, draw
-from plugins.dfkde.maps import LocalSums as _Sums
-from plugins.dfkde.model import DfkdeModel
-from plugins.dfkde.patchmap import FILE as PATCH_MAP_FILE
-from plugins.dfkde.patchmap import PatchDensity, PatchExtractor, PatchMap, PatchSampler
-from plugins.dfkde.runtimes import RUNTIMES, check_runtime, missing_packages
-from plugins.dfkde.state import load_state, model_settings, read_settings, save_state
+from inspector_dfkde.conformal import MAX_SCORES, RULE, ConformalScale, boundary_rank, images_needed
+from inspector_dfkde.maps import LocalStats, draw
+from inspector_dfkde.maps import LocalSums as _Sums
+from inspector_dfkde.model import DfkdeModel
+from inspector_dfkde.patchmap import FILE as PATCH_MAP_FILE
+from inspector_dfkde.patchmap import PatchDensity, PatchExtractor, PatchMap, PatchSampler
+from inspector_dfkde.runtimes import RUNTIMES, check_runtime, missing_packages
+from inspector_dfkde.state import load_state, model_settings, read_settings, save_state
 
 
 class DfkdeSettings(BaseModel):

@@ -28,9 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from inspector.errors import StateError, StoreUnavailable
-from plugins.dfkde.backbones import weights_digest
-from plugins.dfkde.conformal import MAX_SCORES, ConformalScale
-from plugins.dfkde.model import DfkdeModel
+from inspector_dfkde.backbones import weights_digest
+from inspector_dfkde.conformal import MAX_SCORES, ConformalScale
+from inspector_dfkde.model import DfkdeModel
 
 STATE_FILE = "state.safetensors"
 SETTINGS_FILE = "settings.json"

@@ -1,1 +1,0 @@
-"""Built-in scoring plugins, registered through the `inspector.plugins` entry points."""
