@@ -14,11 +14,23 @@ def pytest_collection_modifyitems(config, items):
 # -- the worker tests' shared pieces: a fitted store, private broker names, a camera line, workers --
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fitted(tmp_path_factory):
+    """One store fitted for the whole run (a fit takes seconds): tests read it and change only a copy (`store`),
+    which the end of the run checks."""
     from tests.workerkit import fit_store
 
-    return fit_store(tmp_path_factory.mktemp("fitted"))
+    made = fit_store(tmp_path_factory.mktemp("fitted"))
+    before = _contents(made)
+    yield made
+    assert _contents(made) == before, "a test changed the shared fitted store; change a copy (the store fixture)"
+
+
+def _contents(root):
+    import hashlib
+
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            for path in sorted(root.rglob("*"))}
 
 
 @pytest.fixture

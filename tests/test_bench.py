@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(tmp_path: Path, *args: str, broker_url: str | None = None, timeout: float = 180):
-    lines = ['device = "cpu"', "[plugins.dfkde]", "input_size = 64"]
+    # no localisation maps: the bench's throwaway fit would pay their own backbone pass, and no stage draws them
+    lines = ['device = "cpu"', "[plugins.dfkde]", "input_size = 64", "localisation_maps = false"]
     if broker_url:
         lines += ["[broker]", f'url = "{broker_url}"']
     config = tmp_path / "inspector.toml"

@@ -119,8 +119,10 @@ def test_a_given_share_or_method_is_used_as_asked(reuses):
 
 
 def _settings(**overrides) -> DfkdeSettings:
+    # no localisation maps: their own backbone pass would double each fit, and nothing here is about them
+    # (a refit that draws them: tests/test_worker_regions.py)
     base = {"backbone": "resnet18", "layers": ["layer4"], "weights": "none", "precision": "fp32",
-            "input_size": SIZE, "n_comps": 4}
+            "input_size": SIZE, "n_comps": 4, "localisation_maps": False}
     return DfkdeSettings(**(base | overrides))
 
 
@@ -221,7 +223,8 @@ def test_unreadable_files_drop_out_of_their_folds(tmp_path):
 
 def _config(root: Path, **dfkde) -> Path:
     lines = ['device = "cpu"', "[store]", f'path = "{root / "models"}"', "[refit]", "batch_size = 16",
-             "[plugins.dfkde]", f"input_size = {SIZE}", *(f"{k} = {v!r}".replace("'", '"') for k, v in dfkde.items())]
+             "[plugins.dfkde]", f"input_size = {SIZE}", "localisation_maps = false",  # as in _settings
+             *(f"{k} = {v!r}".replace("'", '"') for k, v in dfkde.items())]
     path = root / "inspector.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

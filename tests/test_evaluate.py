@@ -186,8 +186,11 @@ def inspector(*args, cwd: Path, timeout: float = 180):
 
 
 def _config(root: Path, store: Path, name: str = "inspector.toml") -> Path:
+    """No localisation maps: evaluate's figures come from the scores alone, and the maps' own backbone pass would
+    double the fit (the report's page draws them: tests/test_report.py)."""
     path = root / name
-    path.write_text(f'device = "cpu"\n[store]\npath = "{store}"\n[plugins.dfkde]\ninput_size = {SIZE}\n')
+    path.write_text(f'device = "cpu"\n[store]\npath = "{store}"\n[plugins.dfkde]\ninput_size = {SIZE}\n'
+                    "localisation_maps = false\n")
     return path
 
 

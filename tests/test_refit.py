@@ -33,6 +33,10 @@ def inspector(*args, cwd, env=None, timeout=300):
 
 
 FORMATS = [(".png", "PNG"), (".JPG", "JPEG"), (".bmp", "BMP"), (".webp", "WEBP")]
+# What these refits are checked for (the archive's walk, the manifest, the calibration, the store, the
+# announcement) does not need the localisation maps' own backbone pass, the larger part of a fit's time here;
+# refit with the maps is checked by tests/test_worker_regions.py and tests/test_explain.py (conftest's store).
+NO_MAPS = "[plugins.dfkde]\nlocalisation_maps = false\n"
 
 
 def _as_camera_saw_it(images):
@@ -64,6 +68,7 @@ def _archive(root: Path, n: int, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def refitted(tmp_path_factory):
     work = tmp_path_factory.mktemp("refit")
+    (work / "inspector.toml").write_text(NO_MAPS)  # read from the folder refit runs in, as an operator's is
     _archive(work / "archive", GOOD, seed=11)
     result = inspector("refit", "--data", "archive", "--held-out", "0.3", "--target-false-reject", "0.1",
                        "--no-announce", cwd=work)
@@ -314,6 +319,7 @@ def test_refit_skips_and_counts_what_a_hostile_archive_holds(tmp_path):
     (archive / "huge.png").write_bytes(_claiming(11_000, 11_000))  # 121 Mpx, over refit.max_image_pixels
     (archive / "scans.jpg").write_bytes(many_scan_jpeg(512, 512, 2000))
     os.mkfifo(archive / "fifo.png")  # opening it for reading would block
+    (tmp_path / "inspector.toml").write_text(NO_MAPS)
 
     result = inspector("refit", "--data", "archive", "--no-calibrate", "--no-announce", cwd=tmp_path, timeout=240,
                        env={"INSPECTOR_PLUGINS__DFKDE__INPUT_SIZE": "64"})
@@ -331,7 +337,7 @@ def test_refit_skips_and_counts_what_a_hostile_archive_holds(tmp_path):
 def _twin_config(root: Path, **refit) -> Path:
     lines = ['device = "cpu"', "[store]", f'path = "{root / "models"}"', "[refit]", "batch_size = 16",
              *(f"{k} = {v!r}".replace("'", '"').replace("True", "true").replace("False", "false")
-               for k, v in refit.items()), "[plugins.dfkde]", "input_size = 64"]
+               for k, v in refit.items()), NO_MAPS.strip(), "input_size = 64"]
     root.mkdir(parents=True, exist_ok=True)
     path = root / "inspector.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -364,8 +370,8 @@ def test_a_twin_archive_calibrates_as_the_single_archive_does(tmp_path):
     leaked, _ = _calibrated(tmp_path / "three", twice, group_twins=False)
     assert result.groups["groups"] == 40 and result.groups["images_with_twin"] == 80
     assert grouped["images"]["groups"]["merged_by"]["pattern"] == 40
-    fresh = [torch.stack([DfkdePlugin.create(config_dfkde(), torch.device("cpu")).prepare(image)
-                          for image in samples.make_images(200, seed=43, size=64)])]
+    preparing = DfkdePlugin.create(config_dfkde(), torch.device("cpu"))  # one for all: each builds a backbone
+    fresh = [torch.stack([preparing.prepare(image) for image in samples.make_images(200, seed=43, size=64)])]
     rates = []
     for root in ("one", "two", "three"):
         stored = DfkdePlugin.load(ModelStore(tmp_path / root / "models").load_path("default").path,
