@@ -258,7 +258,8 @@ def test_an_unexpected_error_on_one_file_skips_that_file_only(tmp_path):
         Image.fromarray(image).save(paths[-1])
 
     def prepare(image):
-        if image[0, 0, 0] == np.asarray(Image.open(paths[2]))[0, 0, 0] and image.sum() == np.asarray(Image.open(paths[2])).sum():
+        broken = np.asarray(Image.open(paths[2]))
+        if image[0, 0, 0] == broken[0, 0, 0] and image.sum() == broken.sum():
             raise RuntimeError("decoder bug")
         return torch.from_numpy(image).permute(2, 0, 1)
 
@@ -294,7 +295,8 @@ def _claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+            + chunk(b"IEND", b""))
 
 
 def test_refit_skips_and_counts_what_a_hostile_archive_holds(tmp_path):
