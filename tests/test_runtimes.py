@@ -3,11 +3,13 @@
 Tolerances. fp32: every feature within FP32_TOLERANCE of the batch's largest feature (float32 noise: the graphs
 fuse and reorder the same sums; measured 1e-6 to 3e-6 here), and log-densities within LOG_DENSITY_TOLERANCE of
 the spread of good parts' own. bf16 (OpenVINO, on a CPU that has it): within BF16_TOLERANCE of the largest
-feature (measured 1.3-1.6% on a CPU with AMX); its scores move, so it is only ever used where asked.
+feature (measured 1.3-1.6% on a CPU with AMX, 5-12% with AVX512_BF16 alone); its scores move, so it is only
+ever used where asked.
 A runtime that is not installed is skipped here with the reason, and is a configuration error in use.
 """
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,9 @@ from inspector_dfkde.model import DfkdeModel
 from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings, resolve_runtime
 
 FP32_TOLERANCE = 1e-5
-BF16_TOLERANCE = 0.03
+# OpenVINO's bf16 depends on the CPU's bf16 path: AMX tiles held within 3% of the largest feature (1.3-1.6%
+# measured); AVX512_BF16 without AMX (an AMD EPYC, Zen 4) measured 5.2-12.3% (docs/performance.md), so 15% there.
+BF16_TOLERANCE = 0.03 if "amx_bf16" in Path("/proc/cpuinfo").read_text(errors="replace") else 0.15
 LOG_DENSITY_TOLERANCE = 1e-3
 SHIPPED = DfkdeSettings()
 EXPORTED = [r for r in runtimes.RUNTIMES if r != "torch"]
