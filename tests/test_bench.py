@@ -31,15 +31,22 @@ def bench(tmp_path: Path, *args: str, broker_url: str | None = None, timeout: fl
                           cwd=ROOT, env=environ, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def bench_queues() -> set[str]:
-    """Names of the bench's queues still on the broker (a bench deletes its own at the end)."""
+def bench_queues(prefix: str = "bench-") -> set[str]:
+    """Names of a bench's queues still on the broker (a bench deletes its own at the end): those of the run whose
+    names start `prefix` (its report's settings.queue_prefix), so another bench running beside it is not counted."""
     listing = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True,
                              timeout=60, check=False)
-    return {line.strip() for line in listing.stdout.splitlines() if line.strip().startswith("bench-")}
+    return {line.strip() for line in listing.stdout.splitlines() if line.strip().startswith(prefix)}
+
+
+def printed_prefix(table: str) -> str:
+    """The broker names a bench's table says it used."""
+    found = re.search(r"broker names (bench-[0-9a-f]{8})\.\*, deleted at the end", table)
+    assert found, table
+    return found.group(1) + "."
 
 
 def test_bench_through_the_broker_reports_every_stage_and_loses_no_frame(tmp_path: Path) -> None:
-    before = bench_queues()
     result = bench(tmp_path, "--resolution", "128", "--encoding", "jpeg", "--frames", "30", "--half-load-s", "3",
                    "--json")
     assert result.returncode == 0, result.stderr
@@ -71,7 +78,8 @@ def test_bench_through_the_broker_reports_every_stage_and_loses_no_frame(tmp_pat
     assert set(targets) == {"throughput", "latency"}
     assert targets["throughput"]["pass"] == (saturation["ratio_to_raw"] >= 0.85)
     assert targets["latency"]["pass"] == (half["p99_over_p50"] <= 3.0)
-    assert bench_queues() == before  # its quorum queues are deleted
+    assert report["settings"]["queue_prefix"].startswith("bench-")
+    assert bench_queues(report["settings"]["queue_prefix"] + ".") == set()  # its quorum queues are deleted
 
 
 def test_bench_without_the_broker_prints_stages_1_and_2(tmp_path: Path) -> None:
@@ -136,7 +144,6 @@ def test_the_null_plugin_bench_measures_the_path_per_stage_and_rabbitmq_alone(tm
     from inspector.tools.bench.cpu_stages import STAGES
     from inspector.worker import hooks
 
-    before = bench_queues()
     result = bench(tmp_path, "--plugin", "null", "--resolution", "96", "--encoding", "mono8,jpeg:64", "--frames", "24",
                    "--half-load-s", "1", "--json")
     assert result.returncode == 0, result.stderr
@@ -167,7 +174,9 @@ def test_the_null_plugin_bench_measures_the_path_per_stage_and_rabbitmq_alone(tm
     assert table.returncode == 0, table.stderr
     assert "null plugin" in table.stdout and "3r RabbitMQ alone" in table.stdout and "pika I/O" in table.stdout
     assert "targets" not in table.stdout.splitlines()  # no model: nothing to hold the path to
-    assert bench_queues() <= before  # its queues, the RabbitMQ-alone one included, are deleted
+    # its queues, the RabbitMQ-alone one included, are deleted, in both runs
+    assert bench_queues(report["settings"]["queue_prefix"] + ".") == set()
+    assert bench_queues(printed_prefix(table.stdout)) == set()
 
 
 def test_an_unknown_plugin_is_a_usage_error_naming_those_installed(tmp_path: Path) -> None:

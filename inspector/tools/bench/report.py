@@ -80,7 +80,8 @@ class BenchReport:
              f"on {s['fit_images']} generated frames" if s["plugin"] != NULL_PLUGIN else
              "model: the null plugin (a fixed score, no work): the frame path's own ceiling"),
             (f"worker policy: batches of up to {s['batch_size']}, waiting {s['max_batch_wait_ms']:g} ms at most; "
-             f"{s['decode_threads']} decode threads; prefetch {s['prefetch']}"),
+             f"{s['decode_threads']} decode threads; prefetch {s['prefetch']}"
+             + (f"; broker names {s['queue_prefix']}.*, deleted at the end" if s.get("queue_prefix") else "")),
             "",
             (f"  {'stage':<28}{'encoding':<10}{'rate':>9}  {'unit':<9}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}"
              f"{'lost':>6}"),

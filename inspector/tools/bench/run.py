@@ -124,7 +124,7 @@ def run_bench(settings: Settings, options: BenchOptions) -> BenchReport:
                 "runtime": described.get("runtime"),
                 "fit_images": fit_images, "batch_size": worker.batch_size,
                 "max_batch_wait_ms": worker.max_batch_wait_ms, "decode_threads": threads,
-                "prefetch": worker.prefetch,
+                "prefetch": worker.prefetch, "queue_prefix": prefix,
             },
             frames={"resolution": options.resolution, "encodings": list(options.encodings),
                     "distinct": DISTINCT_FRAMES, "bytes": {f.encoding: f.mean_bytes for f in frames},
