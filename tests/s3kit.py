@@ -69,8 +69,8 @@ class SeaweedS3:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(timeout=20)
+            try:  # a throwaway server on a temporary folder: SeaweedFS takes 20 s over SIGTERM, so it gets 3
+                self.process.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, 9)
                 self.process.wait(timeout=10)
