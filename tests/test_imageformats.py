@@ -138,8 +138,10 @@ def test_samples_writes_webp_from_the_command_line(tmp_path):
                            "--train", "2", "--test", "1", "--defective", "1", "--size", "64"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-    written = sorted(out.rglob("*.*"))
+    written = sorted(p for p in out.rglob("*.*") if "ground_truth" not in p.parts)
     assert len(written) == 2 + 1 + len(samples.DEFECT_KINDS) and all(p.suffix == ".webp" for p in written)
+    masks = sorted((out / "ground_truth").rglob("*.*"))  # exact, so PNG whatever the images are
+    assert len(masks) == len(samples.DEFECT_KINDS) and all(p.suffix == ".png" for p in masks)
     with Image.open(written[0]) as image:
         assert image.format == "WEBP" and image.size == (64, 64)
 

@@ -17,7 +17,14 @@ from PIL import Image
 from scipy import ndimage
 
 from inspector.tools import samples
-from inspector.tools.samples import DEFECT_KINDS, defective_part, good_part, make_images, write_folder
+from inspector.tools.samples import (
+    DEFECT_KINDS,
+    defective_part,
+    defective_part_and_mask,
+    good_part,
+    make_images,
+    write_folder,
+)
 
 
 def rng(seed: int) -> np.random.Generator:
@@ -227,11 +234,72 @@ def test_a_sample_line_is_mvtec_shaped_deterministic_and_keeps_test_frames_out_o
     first = samples.write_line(tmp_path / "a", train=6, test=3, defective_per_kind=2, seed=4, size=64)
     samples.write_line(tmp_path / "b", train=6, test=3, defective_per_kind=2, seed=4, size=64)
     assert first == {"train": {"good": 6},
-                     "test": {"good": 3, **{kind: 2 for kind in samples.DEFECT_KINDS}}}
+                     "test": {"good": 3, **{kind: 2 for kind in samples.DEFECT_KINDS}},
+                     "ground_truth": {kind: 2 for kind in samples.DEFECT_KINDS}}
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
-    assert len(files) == 6 + 3 + 2 * len(samples.DEFECT_KINDS)
+    assert len(files) == 6 + 3 + 2 * len(samples.DEFECT_KINDS) + 2 * len(samples.DEFECT_KINDS)  # masks too
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     train = {(tmp_path / "a" / "train" / "good" / f"{i:03d}.png").read_bytes() for i in range(6)}
     test = {(tmp_path / "a" / "test" / "good" / f"{i:03d}.png").read_bytes() for i in range(3)}
     assert not train & test
+
+
+# -- ground truth ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", DEFECT_KINDS)
+@pytest.mark.parametrize("size", [64, 256])
+def test_the_mask_is_where_the_defect_changed_the_frame(kind, size):
+    # Same generator state: the good twin is the same part under the same light, so the
+    # pixels the defect changed are known without asking the drawing code.
+    for seed in range(12):
+        good = good_part(rng(seed), size)
+        bad, mask = defective_part_and_mask(rng(seed), size, kind)
+        assert np.array_equal(bad, defective_part(rng(seed), size, kind))  # the same frame, mask or not
+        assert mask.shape == (size, size) and mask.dtype == bool and mask.any()
+        # Material changes (over 6 grey levels: a crack's shadowed edges and a scuff's dulled
+        # rings change less) lie within a few pixels of the mask. Pixels dark in both frames
+        # are left out: a missing corner moves the part's shadow on the belt, which is no defect.
+        dark = (good.mean(axis=-1) < 70) & (bad.mean(axis=-1) < 70)
+        material = changed(good, bad, 6) & ~dark
+        near = ndimage.binary_dilation(mask, iterations=3)
+        assert (material & ~near).sum() <= 0.01 * material.sum(), (kind, seed)
+        # and the mask is not much larger than what changed
+        assert (changed(good, bad) & mask).sum() >= 0.5 * mask.sum(), (kind, seed)
+
+
+def test_a_sample_line_has_a_mask_for_every_defective_image_and_none_for_good_ones(tmp_path):
+    samples.write_line(tmp_path / "line", train=2, test=3, defective_per_kind=3, seed=6, size=96, fmt="jpg")
+    truth = tmp_path / "line" / "ground_truth"
+    assert sorted(p.name for p in truth.iterdir()) == sorted(DEFECT_KINDS)  # no good/ folder
+    for kind in DEFECT_KINDS:
+        images = sorted((tmp_path / "line" / "test" / kind).iterdir())
+        masks = sorted((truth / kind).iterdir())
+        # bench/anomaly_maps.py looks for ground_truth/<kind>/<image stem>.png
+        assert [p.stem + ".png" for p in images] == [p.name for p in masks]
+        for path in masks:
+            with Image.open(path) as opened:
+                assert opened.format == "PNG" and opened.mode == "L" and opened.size == (96, 96)
+                pixels = np.asarray(opened)
+            assert set(np.unique(pixels).tolist()) == {0, 255}, path
+
+
+def test_written_masks_pair_with_their_images(tmp_path):
+    # Writing masks leaves every image as it was, and each mask sits on its own image's
+    # defect: inside it the image departs from the typical good part far more than elsewhere,
+    # and more than inside the mask of another image of the same kind.
+    write_folder(tmp_path / "plain", 0, 3, seed=8, size=128)
+    write_folder(tmp_path / "masked", 0, 3, seed=8, size=128, masks=tmp_path / "truth")
+    typical = np.median(np.stack(make_images(15, seed=9, size=128)).astype(np.float32), axis=0).mean(axis=-1)
+    names = ("000.png", "001.png", "002.png")
+    for kind in DEFECT_KINDS:
+        masks = [np.asarray(Image.open(tmp_path / "truth" / kind / name)) > 127 for name in names]
+        for i, name in enumerate(names):
+            image = (tmp_path / "masked" / kind / name).read_bytes()
+            assert image == (tmp_path / "plain" / kind / name).read_bytes(), (kind, name)
+            pixels = np.asarray(Image.open(tmp_path / "masked" / kind / name)).astype(np.float32).mean(axis=-1)
+            departure = np.abs(pixels - typical)
+            ratios = [departure[m].mean() / departure[~ndimage.binary_dilation(m, iterations=4)].mean()
+                      for m in masks]
+            assert ratios[i] > 2 and ratios[i] == max(ratios), (kind, name, ratios)

@@ -327,11 +327,14 @@ def _window(points_px: np.ndarray, margin_px: float, size: int) -> tuple[slice, 
 
 def _draw_local_defect(
     defect: _Defect, u: np.ndarray, v: np.ndarray, metal: np.ndarray, half: float, to_pixels
-) -> tuple[slice, slice, np.ndarray] | None:
-    """Mark a scratch, hole or crack into the surface brightness, in place.
+) -> tuple[tuple[slice, slice, np.ndarray] | None, tuple[slice, slice, np.ndarray]]:
+    """Mark a scratch, hole or crack into the surface brightness, in place; return (stain, extent).
 
     A stain changes colour, not brightness alone, so it is returned instead: the
-    window it covers and a 3 x h x w factor for the metal's colour there.
+    window it covers and a 3 x h x w factor for the metal's colour there (None for
+    the others). The extent is where the defect is, for its ground-truth mask: the
+    window and a boolean mask in it, taken from the same profiles the drawing used,
+    so the mask follows the drawing rather than a guess from the pixels.
     """
     size = u.shape[0]
     p = defect.params
@@ -341,13 +344,14 @@ def _draw_local_defect(
         window += (0.6 - window) * (0.5 * haze)  # abrasion dulls the turning marks around a scuff
         for contrast, core in zip(p["contrasts"], cores):
             window += contrast * core
-        return None
+        return None, (rows, cols, np.max(cores, axis=0) > 0)  # the strokes; the faint haze is no defect
     if defect.kind == "hole":
         pits = p["pits"]
         margin = float(pits[:, 2].max() + 0.04) * half  # the largest pit and its burr
         rows, cols = _window(np.array([to_pixels(q) for q in pits[:, :2]]), margin, size)
         uw, vw = u[rows, cols], v[rows, cols]
         window = metal[rows, cols]
+        where = np.zeros(window.shape, dtype=bool)
         light_u, light_v = math.cos(_LIGHT_ANGLE), math.sin(_LIGHT_ANGLE)
         for a, b, rr in pits:
             eu, ev = uw - a, vw - b
@@ -359,7 +363,8 @@ def _draw_local_defect(
             window[:] = window * (1 - inside) + wall * inside
             rim = _smoothstep(1.0 - np.abs(d - rr - 0.018) * half / 2.0) * (1 - inside)
             window += 0.15 * rim * np.clip(facing, -0.5, 1.0)
-        return None
+            where |= (inside >= 0.5) | (rim >= 0.5)  # the pit and its burr
+        return None, (rows, cols, where)
     if defect.kind == "stain":
         cu, cv = p["centre"]
         reach = p["radius"] * (1 + np.abs(p["harmonics"]).sum())
@@ -375,12 +380,13 @@ def _draw_local_defect(
         rim = p["rim"] * _smoothstep(1.0 - np.abs(d - 0.85) / 0.15)
         factor = 1.0 - body[None] * (1.0 - p["tint"])[:, None, None]
         factor *= 1.0 - rim[None] * (1.0 - _STAIN_EDGE_TINT)[:, None, None]
-        return rows, cols, factor
+        return (rows, cols, factor), (rows, cols, d < 1.0)  # body and rim end at the outline
     # crack: where branches meet, the darker wins rather than both darkening twice;
     # the opened edges leave a faint shadowed margin
     rows, cols, cores, margin = _lines(u, v, p["paths"], [p["width"]] * len(p["paths"]), 3.0, half, to_pixels)
-    metal[rows, cols] *= (1.0 - p["darkness"] * np.max(cores, axis=0)) * (1.0 - 0.15 * margin)
-    return None
+    core = np.max(cores, axis=0)
+    metal[rows, cols] *= (1.0 - p["darkness"] * core) * (1.0 - 0.15 * margin)
+    return None, (rows, cols, (core > 0) | (margin >= 0.5))  # the opening and its shadowed edges
 
 
 def _shifted(field: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:
@@ -391,8 +397,11 @@ def _shifted(field: np.ndarray, dy: int, dx: int, fill: float) -> np.ndarray:
     return out
 
 
-def _render(nz: _Nuisance, defect: _Defect | None, size: int) -> np.ndarray:
-    """Draw the frame: outline, turned face, defect, belt with shadow, light, noise."""
+def _render(nz: _Nuisance, defect: _Defect | None, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Draw the frame: outline, turned face, defect, belt with shadow, light, noise.
+
+    Returns the frame and, for a defect, where it is (H x W bool; None for a good part).
+    """
     half = _HALF_WIDTH * size * nz.scale  # pixels per part unit
     cx = (size - 1) / 2 + nz.shift[0]
     cy = (size - 1) / 2 + nz.shift[1]
@@ -411,7 +420,7 @@ def _render(nz: _Nuisance, defect: _Defect | None, size: int) -> np.ndarray:
     qv = np.abs(v) - (1.0 - _CORNER_RADIUS)
     mu, mv = np.maximum(qu, 0), np.maximum(qv, 0)
     outline = np.sqrt(mu * mu + mv * mv) + np.minimum(np.maximum(qu, qv), 0) - _CORNER_RADIUS
-    fracture = None
+    fracture = truth = None
     if defect is not None and defect.kind == "missing_corner":
         p = defect.params
         su, sv = p["corner"]
@@ -422,11 +431,13 @@ def _render(nz: _Nuisance, defect: _Defect | None, size: int) -> np.ndarray:
         along = -nv * u + nu * v
         jag = sum(a / k * np.sin(along * (9.0 * k) + b) for k, (a, b) in enumerate(p["jag"], start=1))
         cut = nu * u + nv * v - reach - 0.012 * jag
+        truth = (outline < 0) & (cut >= 0)  # plate before the break, belt after it
         outline = np.maximum(outline, cut)
         # the broken face, seen from above: a band a few pixels wide of bright and dark facets
         band = _smoothstep(1.0 - np.abs(cut) * (half / 5.0)) * (outline <= 0)
         grain = sum(a * np.sin(along * (23.0 * k) + b) for k, (a, b) in enumerate(p["facets"], start=1))
         fracture = band * (0.1 + 0.08 * grain)
+        truth |= band >= 0.5
     part = np.clip(0.5 - outline * half, 0.0, 1.0)
 
     # face-turned surface: concentric marks with per-ring chatter, a bow-tie sheen, the bore.
@@ -451,14 +462,18 @@ def _render(nz: _Nuisance, defect: _Defect | None, size: int) -> np.ndarray:
         + _SECTOR * sector
     ).astype(np.float32)
     # damage is on the face, so it goes on before the bore is cut through it
-    stain = None
+    stain = extent = None
     if defect is not None and defect.kind != "missing_corner":
-        stain = _draw_local_defect(defect, u, v, metal, half, to_pixels)
+        stain, extent = _draw_local_defect(defect, u, v, metal, half, to_pixels)
     chamfer = _smoothstep((r - _BORE_RADIUS) / _CHAMFER)
     facing = cos1 * math.cos(light) + sin1 * math.sin(light)  # cos(theta - light)
     metal = metal * (0.55 + 0.45 * chamfer) + 0.18 * (1 - chamfer) * (0.5 + 0.5 * facing)
     bore = np.clip(0.5 - (_BORE_RADIUS - r) * half, 0.0, 1.0)  # 1 on the face, 0 down the bore
     metal = metal * bore + 0.05 * (1 - bore)
+    if extent is not None:  # face damage shows only on the face: not down the bore, not past the edge
+        rows, cols, where = extent
+        truth = np.zeros((size, size), dtype=bool)
+        truth[rows, cols] = where & (bore[rows, cols] >= 0.5) & (part[rows, cols] >= 0.5)
     if fracture is not None:
         metal += fracture
 
@@ -486,13 +501,13 @@ def _render(nz: _Nuisance, defect: _Defect | None, size: int) -> np.ndarray:
     img *= 255.0
     img += 0.5
     np.clip(img, 0.0, 255.0, out=img)
-    return np.ascontiguousarray(img.astype(np.uint8).transpose(1, 2, 0))
+    return np.ascontiguousarray(img.astype(np.uint8).transpose(1, 2, 0)), truth
 
 
 def good_part(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     """A defect-free frame, H x W x 3 uint8 RGB."""
     _check_size(size)
-    return _render(_draw_nuisance(rng, size), None, size)
+    return _render(_draw_nuisance(rng, size), None, size)[0]
 
 
 def defective_part(rng: np.random.Generator, size: int = 256, kind: str | None = None) -> np.ndarray:
@@ -501,11 +516,24 @@ def defective_part(rng: np.random.Generator, size: int = 256, kind: str | None =
     The nuisance is drawn first, exactly as `good_part` draws it, so both from the
     same generator state differ only where the defect is.
     """
+    return defective_part_and_mask(rng, size, kind)[0]
+
+
+def defective_part_and_mask(
+    rng: np.random.Generator, size: int = 256, kind: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`defective_part`'s frame and its ground truth: H x W bool, True where the defect was drawn.
+
+    The mask covers the defect itself (a scratch's or crack's strokes, the pits with
+    their burrs, the stain to its outline, the broken-off corner with its fracture
+    face), not the faint margins around it nor the part's shadow on the belt.
+    """
     _check_size(size)
     if kind is not None and kind not in DEFECT_KINDS:
         raise ValueError(f"unknown defect kind {kind!r}; known kinds: {', '.join(DEFECT_KINDS)}")
     nuisance = _draw_nuisance(rng, size)  # first, exactly as good_part, so the two pair up
-    return _render(nuisance, _draw_defect(rng, kind), size)
+    image, mask = _render(nuisance, _draw_defect(rng, kind), size)
+    return image, mask
 
 
 def _stream(seed: int, *key: int) -> np.random.Generator:
@@ -537,11 +565,14 @@ def write_folder(
     seed: int = 0,
     size: int = 256,
     fmt: str = "png",
+    masks: pathlib.Path | None = None,
 ) -> dict[str, int]:
     """Write an MVTec-AD-like tree, root/good/000.png and root/<kind>/000.png; return counts per folder.
 
     The good frames are `make_images(n_good, seed=seed)`; each kind has its own
-    stream, so asking for more of one kind does not change the others.
+    stream, so asking for more of one kind does not change the others. With
+    `masks`, each defective frame's ground truth goes to masks/<kind>/<its name>.png
+    (0 background, 255 defect; PNG whatever `fmt` is, so it stays exact).
     """
     from PIL import Image  # only writing needs pillow
 
@@ -556,12 +587,20 @@ def write_folder(
     _check_size(size)
     root = pathlib.Path(root)
 
-    def save(folder: str, images: list[np.ndarray] | Iterator[np.ndarray], n: int) -> int:
+    def save(
+        folder: str, images: list[np.ndarray] | Iterator[np.ndarray], n: int, truth: pathlib.Path | None = None
+    ) -> int:
+        """Write `images` (each a frame, or with `truth` a frame and its mask) to root/folder."""
         path = root / folder
         path.mkdir(parents=True, exist_ok=True)
+        if truth is not None:
+            truth.mkdir(parents=True, exist_ok=True)
         digits = max(3, len(str(n - 1)))  # names sort in order however many there are
         count = 0
         for i, image in enumerate(images):
+            if truth is not None:
+                image, mask = image
+                Image.fromarray(mask.astype(np.uint8) * 255).save(truth / f"{i:0{digits}d}.png", format="PNG")
             Image.fromarray(image).save(path / f"{i:0{digits}d}.{ext}", format=written.pil_format)
             count += 1
         return count
@@ -570,8 +609,12 @@ def write_folder(
     if n_defective_per_kind:
         for k, kind in enumerate(DEFECT_KINDS):
             rng = _stream(seed, 2, k)
-            frames = (defective_part(rng, size, kind) for _ in range(n_defective_per_kind))
-            counts[kind] = save(kind, frames, n_defective_per_kind)
+            if masks is None:
+                frames = (defective_part(rng, size, kind) for _ in range(n_defective_per_kind))
+                counts[kind] = save(kind, frames, n_defective_per_kind)
+            else:
+                pairs = (defective_part_and_mask(rng, size, kind) for _ in range(n_defective_per_kind))
+                counts[kind] = save(kind, pairs, n_defective_per_kind, pathlib.Path(masks) / kind)
     return counts
 
 
@@ -585,12 +628,18 @@ def write_line(
     size: int = 256,
     fmt: str = "png",
 ) -> dict[str, dict[str, int]]:
-    """A sample line in MVTec AD's layout: root/train/good, root/test/good and root/test/<kind>.
+    """A sample line in MVTec AD's layout: root/train/good, root/test/good, root/test/<kind> and the
+    defects' masks in root/ground_truth/<kind>/ (the same names, as PNG), which pixel-level judging
+    (bench/anomaly_maps.py) reads.
 
     Training and test frames come from different seeds, so no test frame was seen in the fit.
     """
     root = pathlib.Path(root)
-    return {
+    counts = {
         "train": write_folder(root / "train", train, seed=seed, size=size, fmt=fmt),
-        "test": write_folder(root / "test", test, defective_per_kind, seed=seed + 1_000_003, size=size, fmt=fmt),
+        "test": write_folder(root / "test", test, defective_per_kind, seed=seed + 1_000_003, size=size, fmt=fmt,
+                             masks=root / "ground_truth"),
     }
+    if defective_per_kind:
+        counts["ground_truth"] = {kind: n for kind, n in counts["test"].items() if kind != "good"}
+    return counts
