@@ -40,6 +40,7 @@ Methods (see plugins/dfkde/patchmap.py for the one shipped):
 
     .venv/bin/python bench/anomaly_maps.py   # --data PATH (or $MAGNETIC_TILE): 40 s on 2 idle cores (13 min when busy)
     .venv/bin/python bench/anomaly_maps.py --data DIR --json
+    .venv/bin/python bench/anomaly_maps.py --data sample-line   # `inspector samples --out sample-line` writes masks
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ Everything is numpy and deterministic from a `numpy.random.Generator`; a
 is drawn before anything about the defect, so `good_part(rng)` and
 `defective_part(rng)` from the same generator state show the same part under
 the same light and differ only where the defect is.
+
+Each defect's ground truth (`defective_part_and_mask`) comes from the drawing
+itself, not from the pixels, so pixel-level judging of anomaly maps has exact
+masks; `write_line` writes them where MVTec AD keeps its own (`ground_truth/`).
 """
 
 from __future__ import annotations
