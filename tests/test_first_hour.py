@@ -150,7 +150,8 @@ def test_a_try_out_refit_sends_nothing_unless_asked(line, tmp_path):
         asked = inspector("refit", "--data", "line", "--any-folder", "--no-calibrate", "--announce", cwd=line,
                           env=env)
         assert asked.returncode == 0, asked.stderr
-        assert "images: 19 found, 19 used for the fit" in asked.stdout  # 12 train + 2 good + 5 defective
+        # 12 train + 2 good + 5 defective + their 5 masks: --any-folder takes the mask folder too, as it says
+        assert "images: 24 found, 24 used for the fit" in asked.stdout
         assert f"announced model.default on {exchange}" in asked.stdout
         got = _announcements(channel, queue, 3.0)
         assert [m["version"] for m in got] == [ModelStore(tmp_path / "models").current("default")]
