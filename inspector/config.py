@@ -271,10 +271,28 @@ class OpcuaSettings(_Section):
         return self
 
 
+REGIONS_CHOICES = "false, true (the same as \"fail\"), \"fail\" or \"all\""
+_REGIONS_WORDS = {"true": "fail", "false": False, "fail": "fail", "all": "all"}
+
+
 class ModelSettings(_Section):
     plugin: str = Field("dfkde", description="the plugin that scores this model's frames")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="anomaly probability at or over which a frame fails")
-    regions: bool = Field(False, description="publish where a failing frame's defect is (its map's regions)")
+    regions: Literal[False, "fail", "all"] = Field(
+        False, description="publish where the defect is (its map's regions): false, 'fail' (or true) in fail "
+                           "results, 'all' in every scored result (a map per frame; a pass then waits for it)")
+
+    @field_validator("regions", mode="before")
+    @classmethod
+    def _regions(cls, value: Any) -> Any:
+        """true was the only way on before 'all' existed, and means 'fail'; an env var's word is taken too."""
+        if value is True:
+            return "fail"
+        if isinstance(value, str) and value.strip().lower() in _REGIONS_WORDS:
+            return _REGIONS_WORDS[value.strip().lower()]
+        if value is False:
+            return False
+        raise ValueError(f"must be {REGIONS_CHOICES}")
 
 
 class Settings(BaseSettings):

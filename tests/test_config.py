@@ -98,6 +98,9 @@ def test_environment_overrides_file_with_nested_keys(tmp_path, monkeypatch):
         ("[models.default]\nplugin = 'patchcore'\n", "models.default.plugin: unknown plugin 'patchcore'"),
         ("default_model = 'nope'\n", "default_model 'nope' is not one of the models defined"),
         ("[models.'bad name']\n", "model name 'bad name'"),
+        ("[models.default]\nregions = 'sometimes'\n",
+         'models.default.regions: Value error, must be false, true (the same as "fail"), "fail" or "all"'),
+        ("[models.default]\nregions = 1\n", "models.default.regions: Value error, must be false, true"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, named):
@@ -105,6 +108,19 @@ def test_bad_values_name_the_key(tmp_path, text, named):
         config.load(_write(tmp_path, text))
     assert named in str(info.value)
     assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize(("value", "means"), [("true", "fail"), ("false", False), ("'fail'", "fail"),
+                                             ("'all'", "all"), ("'All'", "all")])
+def test_regions_takes_a_bool_or_which_verdicts_and_true_means_fail(tmp_path, value, means):
+    assert config.load(_write(tmp_path, f"[models.default]\nregions = {value}\n")).models["default"].regions == means
+
+
+def test_regions_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSPECTOR_MODELS__DEFAULT__REGIONS", "all")
+    assert config.load(_write(tmp_path, "")).models["default"].regions == "all"
+    monkeypatch.setenv("INSPECTOR_MODELS__DEFAULT__REGIONS", "true")
+    assert config.load(_write(tmp_path, "")).models["default"].regions == "fail"
 
 
 def test_bad_environment_value_names_the_variable(tmp_path, monkeypatch):

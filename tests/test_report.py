@@ -1,6 +1,7 @@
 """`inspector evaluate --report`: the page's figures against scikit-learn on scores taken from the plugin
 directly, the page self-contained (every image a data: URI that decodes, nothing fetched), galleries with
-and without maps, and the page rendered by a real browser (headless Chromium)."""
+and without maps, region boxes against the plugin's own maps, and the page rendered by a real browser
+(headless Chromium)."""
 
 import base64
 import io
@@ -20,9 +21,11 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from inspector import cli, config
 from inspector.plugin import Explained
+from inspector.regions import regions_of
 from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.evaluate import EvaluateOptions, run_evaluate
+from inspector.tools.overlay import REGION_COLOUR
 from inspector.tools.report import ScoredImage, galleries
 from inspector.tools.report_figures import roc_points
 from inspector_dfkde.plugin import DfkdePlugin
@@ -197,6 +200,73 @@ def test_galleries_show_maps_when_the_model_draws_them(fitted, test_set, tmp_pat
     drawn, undrawn = Page(text).images[4:], Page(plain).images[4:]
     assert len(drawn) == len(undrawn) > 0
     assert sum(a != b for a, b in zip(drawn, undrawn)) > 0
+
+
+class Figures(HTMLParser):
+    """Each gallery figure: its image's alt and src, and its data-regions (None when it has none)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.shown: dict[str, tuple[str, list | None]] = {}
+        self._in_figure, self._regions = False, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "figure":
+            self._in_figure = True
+            self._regions = json.loads(a["data-regions"]) if "data-regions" in a else None
+        if tag == "img" and self._in_figure:
+            self.shown[a["alt"]] = (a["src"], self._regions)
+
+    def handle_endtag(self, tag):
+        if tag == "figure":
+            self._in_figure = False
+
+
+def _magenta_pixels(src: str) -> int:
+    with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as image:
+        pixels = np.asarray(image.convert("RGB"), int)
+    return int((np.abs(pixels - np.array(REGION_COLOUR)).max(axis=2) < 60).sum())
+
+
+def test_galleries_outline_the_regions_of_a_version_with_a_level(fitted, test_set, tmp_path, monkeypatch):
+    plugin = DfkdePlugin.load(ModelStore(fitted).load_path("default").path, torch.device("cpu"))
+    assert plugin.draws_maps and plugin.region_level is None  # the shared version: maps, too few good for a level
+    files = sorted(test_set.rglob("*.png"))
+    images = [np.array(Image.open(f).convert("RGB")) for f in files]
+    explained = plugin.explain(torch.stack([plugin.prepare(im) for im in images]))
+    maps = {f.relative_to(test_set).as_posix(): explained.map_of(i, (im.shape[1], im.shape[0]))
+            for i, (f, im) in enumerate(zip(files, images))}
+    peaks = sorted(float(m.max()) for m in maps.values())
+    level = (peaks[len(peaks) // 2 - 1] + peaks[len(peaks) // 2]) / 2  # half the images reach it, half do not
+    monkeypatch.setattr(DfkdePlugin, "region_level", property(lambda self: level))
+    path = tmp_path / "regions.html"
+    run_evaluate(config.load(tool_config(tmp_path, fitted)),
+                 EvaluateOptions(data=test_set, model="default", batch_size=4, report=path))
+    text = path.read_text()
+    assert f"region level {level:g}" in text
+    shown = Figures(text).shown
+    assert shown and set(shown) <= set(maps)
+    boxed = 0
+    for relative, (src, found) in shown.items():
+        size = (maps[relative].shape[1], maps[relative].shape[0])
+        expected = [r.as_json() for r in regions_of(maps[relative], level, size)]
+        assert found == expected, relative
+        assert f"{len(found)} region" in text.split(f'alt="{relative}"', 1)[1].split("</figure>", 1)[0]
+        if found:
+            boxed += 1
+            assert _magenta_pixels(src) > 0, relative
+        else:
+            assert maps[relative].max() < level and _magenta_pixels(src) == 0, relative
+    assert 0 < boxed < len(shown)  # boxes on some images, none on those whose map never reaches the level
+
+
+def test_a_version_without_a_level_says_why_it_shows_no_boxes(report):
+    _, text = report
+    (note,) = re.findall(r'<p class="note" id="regions-note">([^<]*)</p>', text)
+    assert note.startswith("No region boxes") and ("no calibrated region level" in note or "no anomaly maps" in note)
+    assert "data-regions" not in text and all(_magenta_pixels(src) == 0 for src in Page(text).images[4:])
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (Debian: apt-get install chromium)")

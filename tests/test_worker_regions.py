@@ -1,7 +1,7 @@
 """Where the defect is, end to end: a version refitted with its localisation map and region level, a pasted
 defect boxed, good frames boxed no more often than calibrated for, and a worker with `regions = true`
-publishing them in fail results only, each valid against the result schema (on a StubConsumer: the broker
-adds nothing to where a box is)."""
+publishing them in fail results only, one with `regions = "all"` in pass results too, each valid against the
+result schema (on a StubConsumer: the broker adds nothing to where a box is)."""
 
 from __future__ import annotations
 
@@ -113,3 +113,25 @@ def test_a_worker_with_regions_publishes_them_for_failing_frames_only(regions_st
                        for x, y, w, h in (r["box"] for r in result["regions"])), result["regions"]
             areas = [r["area"] for r in result["regions"]]
             assert areas == sorted(areas, reverse=True)
+
+
+def test_a_worker_with_regions_all_publishes_them_for_passing_frames_too(regions_store, plugin, stub_start):
+    store, _ = regions_store
+    worker = stub_start(store, '[models.default]\nregions = "all"\n')
+    goods = samples.make_images(6, seed=78, size=SIZE)
+    pasted = [_pasted(950 + i, 24 + 12 * i, 20 + 10 * i) for i in range(2)]
+    for i, image in enumerate(goods + pasted):
+        worker.consumer.deliver(encoded(image, "PNG"), "line1.cam1", content_type="image/png", message_id=f"f{i}")
+    worker.consumer.join(timeout=60)
+    results = {published.body["frame_id"]: published.body for published in worker.consumer.results}
+    assert len(results) == len(goods) + len(pasted)
+    validator = Draft202012Validator(SCHEMA)
+    passes = [r for r in results.values() if r["verdict"] == "pass"]
+    assert passes, [(r["frame_id"], r["anomaly_probability"]) for r in results.values()]
+    expected = _regions(plugin, goods + pasted)  # the plugin's own maps, at the level, found independently
+    for frame_id, result in results.items():
+        assert list(validator.iter_errors(result)) == []
+        assert result["verdict"] in ("pass", "fail") and "regions" in result, result
+        boxes = [r.as_json()["box"] for r in expected[int(frame_id[1:])]]
+        assert [r["box"] for r in result["regions"]] == boxes, frame_id
+    assert any(r["regions"] for r in results.values())  # the pasted defects are found, whatever their verdict

@@ -3,7 +3,9 @@
 The figures of the evaluation (the same numbers `--json` prints), the ROC curve, the score histograms of
 good and defective parts with the threshold and the calibration's target, the confusion matrix, recall
 per defect kind, and three galleries: the false rejects, the missed defects and the closest calls,
-each image drawn as `inspector explain` draws it (with its anomaly map when the model draws maps).
+each image drawn as `inspector explain` draws it (with its anomaly map when the model draws maps, and the
+map's regions outlined when the version has a calibrated region level: on every image shown, passing or
+failing, so a missed defect's box shows too; each caption counts them).
 
 Every image is embedded as a data: URI and the page has no executable script and no link, so it opens from a
 mail attachment or an air-gapped share as it does here. The ROC points are embedded as JSON data
@@ -25,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from inspector.plugin import can_explain
+from inspector.plugin import can_explain, region_level
+from inspector.regions import Region, regions_of
 from inspector.timestamps import utc_now
 from inspector.tools.maps import answers, full_size
 from inspector.tools.overlay import MAP_FLOOR, Header, overlay
@@ -36,6 +39,14 @@ log = logging.getLogger(__name__)
 
 GALLERY_MAX = 12  # images per gallery
 THUMBNAIL_SIDE = 256
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """One gallery image as drawn: its PNG, and its map's regions (None when its version has no level)."""
+
+    png: bytes
+    regions: list[Region] | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +124,7 @@ def calibration_target(calibration: dict | None, good: np.ndarray) -> tuple[floa
 
 
 def render(summary: dict, images: list[ScoredImage], calibration: dict | None,
-           thumbnails: dict[int, bytes], maps_note: str) -> str:
+           thumbnails: dict[int, Thumbnail], maps_note: str, regions_note: str = "") -> str:
     """The page's HTML from the evaluation's figures (as `evaluate --json` gives them), every image's
     score and the thumbnails drawn for the galleries (by id of the ScoredImage)."""
     from inspector.tools import report_figures as plots  # matplotlib: imported only when a page is made
@@ -181,6 +192,7 @@ def render(summary: dict, images: list[ScoredImage], calibration: dict | None,
           for kind, k in summary["kinds"].items()),
         "</table></div></section>",
         f'<p class="note">{html.escape(maps_note)}</p>',
+        f'<p class="note" id="regions-note">{html.escape(regions_note)}</p>' if regions_note else "",
     ]
     for gallery in galleries(images, threshold):
         parts.append(f'<section id="{gallery.key}" class="gallery"><h2>{html.escape(gallery.title)}</h2>'
@@ -188,22 +200,29 @@ def render(summary: dict, images: list[ScoredImage], calibration: dict | None,
         if not gallery.images:
             parts.append('<p class="none">none</p>')
         for image in gallery.images:
-            png = thumbnails.get(id(image))
+            thumbnail = thumbnails.get(id(image))
             caption = f"{image.relative} ({image.kind}): p = {image.probability:.3f}"
-            picture = (f'<img alt="{html.escape(image.relative)}" src="{_data_uri(png)}">' if png
+            picture = (f'<img alt="{html.escape(image.relative)}" src="{_data_uri(thumbnail.png)}">' if thumbnail
                        else '<div class="missing">not readable now</div>')
-            parts.append(f"<figure>{picture}<figcaption>{html.escape(caption)}</figcaption></figure>")
+            boxes = ""
+            if thumbnail is not None and thumbnail.regions is not None:
+                count = len(thumbnail.regions)
+                caption += f"; {count} region{'' if count == 1 else 's'}"
+                boxes = f' data-regions="{html.escape(json.dumps([r.as_json() for r in thumbnail.regions]))}"'
+            parts.append(f"<figure{boxes}>{picture}<figcaption>{html.escape(caption)}</figcaption></figure>")
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def draw_thumbnails(served: ServedModel, images: list[ScoredImage], read: Callable[[Path], np.ndarray],
-                    read_full: Callable[[Path], np.ndarray], batch_size: int, workers: int) -> dict[int, bytes]:
-    """Each gallery image drawn as `inspector explain` draws it, small, keyed by id of its ScoredImage."""
+                    read_full: Callable[[Path], np.ndarray], batch_size: int, workers: int,
+                    level: float | None = None) -> dict[int, Thumbnail]:
+    """Each gallery image drawn as `inspector explain` draws it, small, keyed by id of its ScoredImage; with a
+    region `level`, each image's map regions (at its own size, as explain finds them) outlined on it."""
     threshold = served.threshold
     shown = [image for gallery in galleries(images, threshold) for image in gallery.images]
-    thumbnails: dict[int, bytes] = {}
+    thumbnails: dict[int, Thumbnail] = {}
     with Progress(len(shown), "report") as progress:
         for answer in answers(served, [image.path for image in shown], read, batch_size, workers, progress):
             image = shown[answer.index]
@@ -212,8 +231,12 @@ def draw_thumbnails(served: ServedModel, images: list[ScoredImage], read: Callab
             header = Header(verdict=answer.verdict(threshold), probability=answer.probability, threshold=threshold,
                             model=f"{served.name}@{served.version}", source=image.relative,
                             error=answer.error[0] if answer.error else None)
-            picture = overlay(full_size(answer, read_full), answer.map, header, max_side=THUMBNAIL_SIDE)
-            thumbnails[id(image)] = _png_of(picture)
+            found = None
+            if level is not None and answer.map is not None and answer.size is not None:
+                found = regions_of(answer.map, level, answer.size)
+            picture = overlay(full_size(answer, read_full), answer.map, header, max_side=THUMBNAIL_SIDE,
+                              regions=found or ())
+            thumbnails[id(image)] = Thumbnail(_png_of(picture), found)
     return thumbnails
 
 
@@ -227,12 +250,25 @@ def write_report(path: Path, summary: dict, images: list[ScoredImage], served: S
     else:
         note = (f"Model {served.name} (plugin {served.plugin_name}, version {served.version}) draws no anomaly maps: "
                 "its plugin has no `explain` for this version, so the galleries show the images without maps.")
-    thumbnails = draw_thumbnails(served, images, read, read_full, batch_size, workers)
-    page = render(summary, images, calibration, thumbnails, note)
+    level = region_level(served.plugin)
+    thumbnails = draw_thumbnails(served, images, read, read_full, batch_size, workers, level)
+    page = render(summary, images, calibration, thumbnails, note, regions_note(served, level))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(page, encoding="utf-8")
     partial.replace(path)
+
+
+def regions_note(served: ServedModel, level: float | None) -> str:
+    """The page's one line on region boxes: what they are, or why there are none."""
+    if level is not None:
+        return (f"Magenta boxes: the regions of each image's map at or over version {served.version}'s region "
+                f"level {level:g} (where the worker with models.{served.name}.regions on says the defect is), drawn "
+                "on every image shown, passing or failing; each caption counts them.")
+    if not can_explain(served.plugin):
+        return "No region boxes: this version draws no anomaly maps, and regions are found on a map."
+    return (f"No region boxes: version {served.version} has no calibrated region level (a version refitted with "
+            "localisation maps and enough good images to calibrate one has).")
 
 
 STYLE = """

@@ -1,9 +1,9 @@
-"""A failing frame's regions for its result: its anomaly map, drawn now, thresholded at its model's level.
+"""A frame's regions for its result: its anomaly map, drawn now, thresholded at its model's level.
 
 The verdict of a failing frame waits for this (one map at a small grid, inspector/regions.py); a passing
-frame's never does. Boxes are in the image's own pixels: a JPEG decoded at reduced scale (the plugin's
-decode_size) is measured from its header. A map that cannot be drawn costs the result its regions, never
-the result.
+frame's only with `models.NAME.regions = "all"`. Boxes are in the image's own pixels: a JPEG decoded at
+reduced scale (the plugin's decode_size) is measured from its header. A map that cannot be drawn costs the
+result its regions, never the result.
 """
 
 from __future__ import annotations

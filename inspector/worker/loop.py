@@ -509,7 +509,7 @@ class Worker:
             kept = self.evidence.ticket(capture, verdict, inspected_at, prepared.delivery.body,
                                         draw if keep_maps else None, prepared.size)
             regions = None
-            if locate and verdict == "fail" and draw is not None and prepared.size is not None:
+            if locate and verdict in model.region_verdicts and draw is not None and prepared.size is not None:
                 regions = frame_regions(draw, model.region_level, prepared.delivery.body, prepared.size,
                                         capture.frame_id)
             routing_key, result = self._result(capture, verdict=verdict, probability=float(p), score=float(r),

@@ -51,6 +51,7 @@ class ServedModel:
     threshold: float
     plugin: Plugin
     region_level: float | None = None  # set when models.NAME.regions is on and the version has a calibrated level
+    region_verdicts: frozenset[str] = frozenset({"fail"})  # the verdicts whose results carry regions ("all": both)
 
     def identity(self) -> dict[str, str]:
         """The `model` object of a result."""
@@ -98,8 +99,9 @@ def load_version(
         log.warning("models.%s.regions is on, but version %s draws no calibrated regions (no localisation map, "
                     "or too few good images to calibrate one); its results carry none until a refit adds them",
                     name, info.version, extra={"model": name, "version": info.version})
+    verdicts = frozenset({"pass", "fail"}) if settings.regions == "all" else frozenset({"fail"})
     return ServedModel(name=name, plugin_name=info.plugin, version=info.version, threshold=settings.threshold,
-                       plugin=plugin, region_level=level)
+                       plugin=plugin, region_level=level, region_verdicts=verdicts)
 
 
 MapOf = Callable[[tuple[int, int]], np.ndarray]  # (width, height) -> one frame's anomaly map
