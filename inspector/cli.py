@@ -269,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "per runtime, then their raw and whole-path rates side by side (default: the configured one)")
     bench.add_argument("--rounds", type=int, default=1, metavar="N",
                        help="with --runtime: the runtimes take turns N times; the medians are compared (default 1)")
+    bench.add_argument("--failing", metavar="SHARES",
+                       help="comma list of reject shares, e.g. 0.01,0.1: per share, that share of the frames are "
+                       "defective parts (the model is then calibrated, so it fails them) and stage 3 runs again with "
+                       "the model's regions off, then on, side by side: frames/s at saturation, and latency "
+                       "p50/p95 at half load of the frames answered fail and pass; the fails seen are counted, and "
+                       "those carrying regions")
     bench.set_defaults(func=_cmd_bench)
 
     opcua = commands.add_parser(
@@ -622,7 +628,7 @@ def _cmd_bench(settings, args) -> int:
     options = BenchOptions(
         resolution=args.resolution, encodings=[e.strip().lower() for e in args.encoding.split(",") if e.strip()],
         frames=args.frames, half_load_s=args.half_load_s, batch_size=args.batch_size, device=args.device,
-        skip_broker=args.skip_broker, plugin=args.plugin,
+        skip_broker=args.skip_broker, plugin=args.plugin, failing=_shares(args.failing),
     )
     if args.runtime:
         from inspector.tools.bench import runtimes
@@ -643,6 +649,18 @@ def _cmd_bench(settings, args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _shares(text: str | None) -> list[float]:
+    """--failing's comma list of shares; a usage error when one is not a number."""
+    shares = []
+    for item in (text or "").split(","):
+        if item.strip():
+            try:
+                shares.append(float(item))
+            except ValueError:
+                raise ConfigError(f"--failing {item.strip()!r}: not a number (a share, e.g. 0.01)") from None
+    return shares
 
 
 def _cmd_opcua(settings, args) -> int:

@@ -19,9 +19,10 @@ from inspector.tools.bench.run import BenchOptions
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench(tmp_path: Path, *args: str, broker_url: str | None = None, timeout: float = 180):
+def bench(tmp_path: Path, *args: str, broker_url: str | None = None, timeout: float = 180, maps: bool = False):
     # no localisation maps: the bench's throwaway fit would pay their own backbone pass, and no stage draws them
-    lines = ['device = "cpu"', "[plugins.dfkde]", "input_size = 64", "localisation_maps = false"]
+    # (but --failing's regions do: `maps`)
+    lines = ['device = "cpu"', "[plugins.dfkde]", "input_size = 64", f"localisation_maps = {str(maps).lower()}"]
     if broker_url:
         lines += ["[broker]", f'url = "{broker_url}"']
     config = tmp_path / "inspector.toml"
@@ -133,6 +134,11 @@ def test_bench_without_a_broker_says_so_in_one_line(tmp_path: Path) -> None:
     ({"frames": 0}, "--frames 0"),
     ({"half_load_s": 0}, "--half-load-s 0"),
     ({"batch_size": 0}, "--batch-size 0"),
+    ({"failing": [0]}, "--failing 0"),
+    ({"failing": [1.5]}, "--failing 1.5"),
+    ({"failing": [0.1, 0.1]}, "named twice"),
+    ({"failing": [0.1], "skip_broker": True}, "--skip-broker"),
+    ({"failing": [0.1], "plugin": "null"}, "null plugin"),
 ])
 def test_bad_options_are_usage_errors(options: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)) as caught:
@@ -177,6 +183,59 @@ def test_the_null_plugin_bench_measures_the_path_per_stage_and_rabbitmq_alone(tm
     # its queues, the RabbitMQ-alone one included, are deleted, in both runs
     assert bench_queues(report["settings"]["queue_prefix"] + ".") == set()
     assert bench_queues(printed_prefix(table.stdout)) == set()
+
+
+def test_failing_frames_measure_regions_off_and_on_side_by_side(tmp_path: Path) -> None:
+    """A quarter of the frames defective (PNG, so the small throwaway model sees every defect): both sides lose no
+    frame, fail about that share, and only the regions-on side's fail results carry regions."""
+    from inspector.tools.bench.options import failing_frame
+
+    result = bench(tmp_path, "--resolution", "128", "--encoding", "png", "--frames", "40", "--half-load-s", "1",
+                   "--failing", "0.25", "--json", maps=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["settings"]["failing"] == [0.25] and report["settings"]["region_level"] > 0
+    assert set(report["broker"]["png"]) >= {"saturation", "half_load", "failing"}  # the all-good run stays
+    runs = report["broker"]["png"]["failing"]["0.25"]
+    assert set(runs) == {"regions_off", "regions_on"}
+    defective_sat = sum(failing_frame(i, 0.25) for i in range(40))
+    assert defective_sat == 10
+    for side, runs_side in runs.items():
+        saturation, half = runs_side["saturation"], runs_side["half_load"]
+        for phase in (saturation, half):
+            assert (phase["missing"], phase["duplicates"], phase["errors"], phase["unexpected"]) == (0, 0, 0, 0)
+            seen = phase["verdicts"]
+            assert seen["defective"] == sum(failing_frame(i, 0.25) for i in range(phase["frames"]))
+            assert abs(seen["fail_share"] - 0.25) <= 0.1, (side, seen)
+            assert seen["fails"] == seen["defective_failed"] + seen["good_failed"]
+            assert seen["fails_with_regions"] == (seen["fails"] if side == "regions_on" else 0)
+        assert saturation["frames"] == 40 and saturation["frames_per_second"] > 0
+        assert saturation["verdicts"]["defective"] == defective_sat
+        fail, good = half["latency_ms_fail"], half["latency_ms_pass"]
+        assert fail["frames"] == half["verdicts"]["fails"] >= 1 and fail["frames"] + good["frames"] == half["frames"]
+        assert 0 < fail["p50"] <= fail["p95"] and 0 < good["p50"] <= good["p95"]
+    # both half loads run at the same rate: half the regions-off saturation rate
+    assert runs["regions_on"]["half_load"]["rate_hz"] == runs["regions_off"]["half_load"]["rate_hz"]
+    assert runs["regions_off"]["half_load"]["rate_hz"] == pytest.approx(
+        runs["regions_off"]["saturation"]["frames_per_second"] / 2, rel=0.01)
+    assert bench_queues(report["settings"]["queue_prefix"] + ".") == set()
+
+
+def test_failing_shares_spread_defective_frames_evenly() -> None:
+    import itertools
+
+    from inspector.tools.bench.options import failing_frame
+
+    for share, frames in ((0.01, 1000), (0.1, 250), (0.25, 40), (1.0, 7)):
+        marked = [i for i in range(frames) if failing_frame(i, share)]
+        assert len(marked) == round(share * frames)
+        gaps = {b - a for a, b in itertools.pairwise(marked)}
+        assert gaps <= {round(1 / share)}, gaps  # evenly: one every 1/share frames
+
+
+def test_a_failing_share_that_is_not_a_number_is_a_usage_error(tmp_path: Path) -> None:
+    result = bench(tmp_path, "--failing", "0.1,lots", timeout=60)
+    assert result.returncode == 2 and "--failing 'lots'" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_an_unknown_plugin_is_a_usage_error_naming_those_installed(tmp_path: Path) -> None:

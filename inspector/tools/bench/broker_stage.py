@@ -9,6 +9,7 @@ RabbitMQ alone, consumed and acked by a plain pika consumer, for what the broker
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import secrets
@@ -54,6 +55,8 @@ class Collector:
         self.duplicates = 0
         self.errors = 0
         self.unexpected = 0
+        self.failed: set[str] = set()  # frames answered `fail`
+        self.with_regions: set[str] = set()  # of those, the ones whose result carries `regions`
         self._expected: set[str] = set()
         self._pending: set[str] = set()
         self._condition = threading.Condition()
@@ -121,6 +124,10 @@ class Collector:
             self.received[frame_id] = now
             if method.routing_key.startswith("error."):
                 self.errors += 1
+            elif method.routing_key.startswith("fail."):
+                self.failed.add(frame_id)
+                if _has_regions(_body):
+                    self.with_regions.add(frame_id)
             self._pending.discard(frame_id)
             if not self._pending:
                 self._condition.notify_all()
@@ -133,6 +140,13 @@ class Collector:
                       "unexpected": self.unexpected}
             self.duplicates = self.errors = self.unexpected = 0
             return times, counts
+
+
+def _has_regions(body: bytes) -> bool:
+    try:
+        return "regions" in json.loads(body)
+    except (ValueError, TypeError):
+        return False
 
 
 class Publisher:
@@ -215,10 +229,35 @@ def broker_stage(settings: Settings, frames: list[Frames], options: BenchOptions
             alone = _rabbitmq_alone(settings, f, count)
             half = _half_load(settings, collector, f, rate, options.half_load_s)
             out[f.encoding] = {"saturation": saturation, "rabbitmq_alone": alone, "half_load": half}
+            if options.failing:
+                out[f.encoding]["failing"] = _failing(settings, collector, f, count, expected, options)
     finally:
         if collector is not None:
             collector.stop()
         _delete_topology(settings)
+    return out
+
+
+def _failing(settings: Settings, collector: Collector, frames: Frames, count: int, expected_rate: float,
+             options: BenchOptions) -> dict[str, dict[str, Any]]:
+    """Per --failing share, saturation and half load with that share of defective frames, the model's regions
+    off, then on. Both half loads run at half the regions-off saturation rate: the same load, so their latencies
+    differ by what regions cost alone."""
+    name = settings.default_model
+    out: dict[str, dict[str, Any]] = {}
+    for share in options.failing:
+        runs: dict[str, Any] = {}
+        half_rate = None
+        for regions in (False, True):
+            model = settings.models[name].model_copy(update={"regions": regions})
+            served = settings.model_copy(update={"models": {**settings.models, name: model}})
+            log.info("failing frames: %g of the %s frames defective, regions %s", share, frames.encoding,
+                     "on" if regions else "off")
+            saturation = _saturation(served, collector, frames, count, expected_rate, share)
+            half_rate = half_rate or saturation["frames_per_second"]
+            half = _half_load(served, collector, frames, half_rate, options.half_load_s, share)
+            runs["regions_on" if regions else "regions_off"] = {"saturation": saturation, "half_load": half}
+        out[f"{share:g}"] = runs
     return out
 
 
@@ -258,15 +297,20 @@ def _batching(worker: Worker) -> dict[str, Any]:
 
 
 def _saturation(settings: Settings, collector: Collector, frames: Frames, count: int,
-                expected_rate: float) -> dict[str, Any]:
-    """(3a): `count` frames queued before the worker starts; frames/s from its start to the last result."""
+                expected_rate: float, share: float = 0.0) -> dict[str, Any]:
+    """(3a): `count` frames queued before the worker starts; frames/s from its start to the last result.
+    `share`: that share of the frames are defective parts, and the verdicts seen are counted (`verdicts`)."""
     phase = secrets.token_hex(3)
     ids = [f"{frames.encoding}-sat-{phase}-{i:06d}" for i in range(count)]
     collector.expect(set(ids))
     log.info("stage 3a: %d %s frames published as a backlog, then a worker drains it", count, frames.encoding)
+    defective = set()
     with Publisher(settings) as publisher:
         for i, frame_id in enumerate(ids):
-            publisher.publish(frame_id, frames.body(i), frames.content_type, frames.headers)
+            body, bad = frames.mixed(i, share)
+            if bad:
+                defective.add(frame_id)
+            publisher.publish(frame_id, body, frames.content_type, frames.headers)
     profile = CpuStages()
 
     def drain(worker: Worker) -> tuple[float, dict[str, Any], dict[str, Any]]:
@@ -278,8 +322,19 @@ def _saturation(settings: Settings, collector: Collector, frames: Frames, count:
     times, counts = collector.tally()
     seconds = max(times.values()) - started if times else None
     rate = len(times) / seconds if seconds else None
-    return {"frames": count, "seconds": round(seconds, 3) if seconds else None,
-            "frames_per_second": round(rate, 3) if rate else None, **batching, **counts, "cpu": cpu}
+    out = {"frames": count, "seconds": round(seconds, 3) if seconds else None,
+           "frames_per_second": round(rate, 3) if rate else None, **batching, **counts, "cpu": cpu}
+    if share:
+        out["verdicts"] = verdicts(collector, ids, defective)
+    return out
+
+
+def verdicts(collector: Collector, ids: list[str], defective: set[str]) -> dict[str, Any]:
+    """What came back for a phase with defective frames: how many failed, of which kind, with regions or not."""
+    failed = collector.failed.intersection(ids)
+    return {"defective": len(defective), "fails": len(failed), "fail_share": round(len(failed) / len(ids), 4),
+            "defective_failed": len(failed & defective), "good_failed": len(failed - defective),
+            "fails_with_regions": len(failed & collector.with_regions)}
 
 
 class PlainConsumer:
@@ -364,8 +419,10 @@ def _rabbitmq_alone(settings: Settings, frames: Frames, count: int) -> dict[str,
 
 
 def _half_load(settings: Settings, collector: Collector, frames: Frames, saturation_rate: float | None,
-               duration_s: float) -> dict[str, Any]:
-    """(3b): frames evenly paced at half the saturation rate for `duration_s`; latency publish -> result."""
+               duration_s: float, share: float = 0.0) -> dict[str, Any]:
+    """(3b): frames evenly paced at half the saturation rate for `duration_s`; latency publish -> result.
+    `share`: that share of the frames are defective parts; latency is then given apart for the frames answered
+    `fail` and `pass` too (`latency_ms_fail`, `latency_ms_pass`), and the verdicts seen (`verdicts`)."""
     rate = (saturation_rate or 0.0) / 2
     count = max(1, int(rate * duration_s))
     phase = secrets.token_hex(3)
@@ -374,32 +431,45 @@ def _half_load(settings: Settings, collector: Collector, frames: Frames, saturat
     log.info("stage 3b: %d %s frames at %.2f Hz for %g s (half the saturation rate)", count, frames.encoding,
              rate, duration_s)
 
+    defective = {frame_id for i, frame_id in enumerate(ids) if share and frames.mixed(i, share)[1]}
+
     def paced(worker: Worker) -> tuple[Publisher, float, float, dict[str, Any]]:
         with Publisher(settings) as publisher:
             started = time.perf_counter()
             for i, frame_id in enumerate(ids):
                 publisher.sleep(started + i / rate - time.perf_counter() if rate > 0 else 0.0)
-                publisher.publish(frame_id, frames.body(i), frames.content_type, frames.headers)
+                publisher.publish(frame_id, frames.mixed(i, share)[0], frames.content_type, frames.headers)
             published = time.perf_counter() - started
         collector.wait(RESULT_TIMEOUT_S + 4 * settings.worker.batch_size / max(rate, 0.1))
         return publisher, started, published, _batching(worker)
 
     publisher, started, published_s, batching = _with_worker(settings, paced)
     times, counts = collector.tally()
-    latencies = np.array([(times[i] - publisher.published[i]) * 1000 for i in ids if i in times])
-    if latencies.size:
-        p50, p95, p99 = (float(np.percentile(latencies, q)) for q in (50, 95, 99))
-        latency = {"p50": round(p50, 2), "p95": round(p95, 2), "p99": round(p99, 2),
-                   "max": round(float(latencies.max()), 2), "mean": round(float(latencies.mean()), 2)}
-        spread = round(p99 / p50, 3) if p50 > 0 else None
-    else:
-        latency = {"p50": None, "p95": None, "p99": None, "max": None, "mean": None}
-        spread = None
+    latency = _percentiles([(times[i] - publisher.published[i]) * 1000 for i in ids if i in times])
+    del latency["frames"]  # every frame's: `frames` says how many
+    spread = round(latency["p99"] / latency["p50"], 3) if latency["p50"] else None
     seconds = (max(times.values()) - started) if times else None
-    return {"rate_hz": round(rate, 3), "seconds": round(published_s, 3), "frames": count,
-            "published_hz": round((count - 1) / published_s, 3) if count > 1 and published_s > 0 else None,
-            "frames_per_second": round(len(times) / seconds, 3) if seconds else None,
-            "latency_ms": latency, "p99_over_p50": spread, **batching, **counts}
+    out = {"rate_hz": round(rate, 3), "seconds": round(published_s, 3), "frames": count,
+           "published_hz": round((count - 1) / published_s, 3) if count > 1 and published_s > 0 else None,
+           "frames_per_second": round(len(times) / seconds, 3) if seconds else None,
+           "latency_ms": latency, "p99_over_p50": spread, **batching, **counts}
+    if share:
+        failed = collector.failed
+        for verdict, chosen in (("fail", lambda i: i in failed), ("pass", lambda i: i not in failed)):
+            out[f"latency_ms_{verdict}"] = _percentiles(
+                [(times[i] - publisher.published[i]) * 1000 for i in ids if i in times and chosen(i)])
+        out["verdicts"] = verdicts(collector, ids, defective)
+    return out
+
+
+def _percentiles(latencies_ms: list[float]) -> dict[str, Any]:
+    """p50, p95, p99, max and mean of some latencies (None when there are none), and how many there were."""
+    values = np.array(latencies_ms)
+    if not values.size:
+        return {"p50": None, "p95": None, "p99": None, "max": None, "mean": None, "frames": 0}
+    p50, p95, p99 = (float(np.percentile(values, q)) for q in (50, 95, 99))
+    return {"p50": round(p50, 2), "p95": round(p95, 2), "p99": round(p99, 2), "max": round(float(values.max()), 2),
+            "mean": round(float(values.mean()), 2), "frames": int(values.size)}
 
 
 def _delete_topology(settings: Settings) -> None:

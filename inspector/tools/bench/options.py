@@ -39,6 +39,8 @@ class BenchOptions:
     device: str | None = None  # None: the configured device
     skip_broker: bool = False
     plugin: str | None = None  # None: the default model's plugin; `null` measures the frame path alone
+    # shares of defective frames (e.g. 0.01, 0.1): each measured with the model's regions off, then on
+    failing: Sequence[float] = ()
 
     def check(self) -> None:
         if self.resolution < samples._MIN_SIZE:
@@ -63,3 +65,18 @@ class BenchOptions:
             raise ConfigError(f"--half-load-s {self.half_load_s}: must be more than 0 and at most 3600")
         if self.batch_size is not None and not 1 <= self.batch_size <= 4096:
             raise ConfigError(f"--batch-size {self.batch_size}: must be between 1 and 4096")
+        for share in self.failing:
+            if not 0 < share <= 1:
+                raise ConfigError(f"--failing {share:g}: each share must be more than 0 and at most 1")
+        if len(set(self.failing)) != len(self.failing):
+            raise ConfigError("--failing: a share is named twice")
+        if self.failing and self.skip_broker:
+            raise ConfigError("--failing measures the whole path through the broker; it cannot go with --skip-broker")
+        if self.failing and self.plugin == "null":
+            raise ConfigError("--failing needs a model that fails defective frames; the null plugin fails none")
+
+
+def failing_frame(index: int, share: float) -> bool:
+    """Whether frame `index` of a run is a defective part: spread evenly, `share` of every run's frames
+    (frame i is one when floor((i + 1) x share) steps up), so a short run holds its share too."""
+    return int((index + 1) * share + 1e-9) > int(index * share + 1e-9)

@@ -50,7 +50,10 @@ class BenchReport:
         """Frames missing, duplicated or answered with an error, over every broker run."""
         total = 0
         for run in (self.broker or {}).values():
-            for phase in (run["saturation"], run["half_load"]):
+            phases = [run["saturation"], run["half_load"]]
+            for runs in run.get("failing", {}).values():
+                phases += [side[phase] for side in runs.values() for phase in ("saturation", "half_load")]
+            for phase in phases:
                 total += phase["missing"] + phase["duplicates"] + phase["errors"] + phase["unexpected"]
         return total
 
@@ -128,6 +131,9 @@ class BenchReport:
             lines += ["", "CPU per frame in 3a, microseconds (thread CPU time: the worker's threads; 3r: the plain "
                       "consumer's)", "  " + "  ".join(f"{h:>{w}}" for h, w in _CPU_COLUMNS), *cpu_lines,
                       *_cpu_legend(self.broker)]
+        for encoding, run in (self.broker or {}).items():
+            if run.get("failing"):
+                lines += ["", *_failing_table(encoding, run["failing"])]
         if self.targets:
             lines += ["", "targets"]
             for t in self.targets:
@@ -135,6 +141,40 @@ class BenchReport:
                          f"{t['value']:.1%}" if t["target"] == "throughput" else f"{t['value']:.2f}x")
                 lines.append(f"  {t['encoding']:<6}{t['rule']:<56}{value:>8}  {'pass' if t['pass'] else 'FAIL'}")
         return "\n".join(lines)
+
+
+def _failing_table(encoding: str, failing: dict[str, dict[str, Any]]) -> list[str]:
+    """Regions off and on side by side, per share of defective frames: what regions cost a line."""
+    heading = (f"  {'share':<7}{'regions':<9}{'3a frames/s':>12}{'fails seen':>12}{'w/ regions':>11}"
+               f"{'fail p50':>10}{'fail p95':>10}{'pass p50':>10}{'pass p95':>10}{'lost':>6}")
+    lines = [f"failing frames, {encoding}: a share of the frames are defective parts; the model's regions off, then on",
+             heading]
+    for share, runs in failing.items():
+        for side, label in (("regions_off", "off"), ("regions_on", "on")):
+            sat, half = runs[side]["saturation"], runs[side]["half_load"]
+            seen = {k: sat["verdicts"][k] + half["verdicts"][k] for k in ("fails", "fails_with_regions")}
+            frames = sat["frames"] + half["frames"]
+            fail, good = half["latency_ms_fail"], half["latency_ms_pass"]
+            cells = "".join("       n/a" if v is None else f"{v:>10.0f}"
+                            for v in (fail["p50"], fail["p95"], good["p50"], good["p95"]))
+            rate = "n/a" if sat["frames_per_second"] is None else f"{sat['frames_per_second']:.2f}"
+            lines.append(f"  {share:<7}{label:<9}{rate:>12}{seen['fails'] / frames:>12.1%}"
+                         f"{seen['fails_with_regions']:>11}{cells}{_lost(sat) + _lost(half):>6}")
+    lines.append("  3a: a backlog drained; latency in ms at half load, of the frames answered fail and pass, both "
+                 "sides at half the regions-off 3a rate; fails seen: of every frame of both phases; w/ regions: "
+                 "fail results carrying `regions`")
+    for share, runs in failing.items():
+        half = runs["regions_on"]["half_load"]
+        lines.append(f"  {share}: half load at {half['rate_hz']:.2f} Hz, {half['latency_ms_fail']['frames']} fails "
+                     f"timed (of {half['frames']} frames); defective frames failed "
+                     + ", ".join(f"{s.split('_')[1]} {_fails(runs[s])}" for s in ("regions_off", "regions_on")))
+    return lines
+
+
+def _fails(side: dict[str, Any]) -> str:
+    v = [side[phase]["verdicts"] for phase in ("saturation", "half_load")]
+    return (f"{sum(x['defective_failed'] for x in v)}/{sum(x['defective'] for x in v)}, good frames failed "
+            f"{sum(x['good_failed'] for x in v)}")
 
 
 def _row(stage: str, encoding: str, rate: float | None, unit: str,

@@ -35,13 +35,13 @@ from inspector.broker import blocking_connection
 from inspector.config import ExchangeSettings, Settings, StoreSettings
 from inspector.devices import resolve_device
 from inspector.errors import BrokerError, ConfigError, PluginError
-from inspector.plugin import decode_size, get_plugin
+from inspector.plugin import decode_size, get_plugin, region_level
 from inspector.stores import ModelStore
 from inspector.tools import samples
 from inspector.tools.bench.broker_stage import broker_stage
-from inspector.tools.bench.frames import DISTINCT_FRAMES, make_frames
+from inspector.tools.bench.frames import DISTINCT_FRAMES, make_frames, write_encoded
 from inspector.tools.bench.model_stages import DECODE_WINDOW_S, RAW_WINDOW_S, RawMeter, measure_decode
-from inspector.tools.bench.options import BenchOptions, split_kind
+from inspector.tools.bench.options import ENCODINGS, BenchOptions, split_kind
 from inspector.tools.bench.report import BenchReport, machine
 from inspector.tools.refit import RefitOptions, run_refit
 from inspector.worker.decode import DecodeLimits, decode_capture
@@ -52,6 +52,11 @@ __all__ = ["BenchOptions", "BenchReport", "run_bench"]
 log = logging.getLogger(__name__)
 
 FIT_IMAGES = 40  # generated good frames the throwaway model is fitted on (at least the plugin's minimum)
+# With --failing the model must fail defective frames as a line's would, and draw regions: it is calibrated
+# (a boundary at FAILING_FALSE_REJECT of good parts, cross-fitted) on enough frames for its maps' region level
+# (every 5th frame held out of the map's fit, 19 of them needed for a level at a 5% rate).
+FAILING_FIT_IMAGES = 100
+FAILING_FALSE_REJECT = 0.01
 
 
 def run_bench(settings: Settings, options: BenchOptions) -> BenchReport:
@@ -92,7 +97,10 @@ def run_bench(settings: Settings, options: BenchOptions) -> BenchReport:
             "broker": settings.broker.model_copy(update={"exchanges": ExchangeSettings(
                 **{e: f"{prefix}.{e}" for e in ("captures", "results", "control", "dead")})}),
         })
-        fit_images = _fit(bench_settings, root)
+        # with --failing, good frames must pass: the model is fitted on good parts as the run's first kind of frame
+        # sends them, at its size and in its encoding (a line's model is fitted on its own camera's frames)
+        fit_kind = split_kind(options.encodings[0], options.resolution) if options.failing else None
+        fit_images = _fit(bench_settings, root, calibrated=bool(options.failing), kind=fit_kind)
         frames = make_frames(options, worker.max_image_bytes)
         plugin_table = bench_settings.plugin_settings(model_settings.plugin)
         served = load_version(ModelStore(root / "models"), name, model_settings, device,
@@ -107,6 +115,10 @@ def run_bench(settings: Settings, options: BenchOptions) -> BenchReport:
         first = frames[0]
         decoded = [decode_capture(b, first.content_type, first.headers, limits, decode_size(served.plugin))
                    for b in first.bodies]
+        level = region_level(served.plugin)
+        if options.failing and level is None:
+            raise ConfigError(f"--failing: the throwaway {model_settings.plugin} model has no region level, so no "
+                              "result could carry regions (it needs the plugin's localisation maps on)")
         raw = RawMeter(served.plugin, decoded, worker.batch_size, device)
         log.info("stage 1: the raw plugin on prepared tensors, batches of %d on %s, %g s",
                  worker.batch_size, device, RAW_WINDOW_S)
@@ -125,6 +137,8 @@ def run_bench(settings: Settings, options: BenchOptions) -> BenchReport:
                 "fit_images": fit_images, "batch_size": worker.batch_size,
                 "max_batch_wait_ms": worker.max_batch_wait_ms, "decode_threads": threads,
                 "prefetch": worker.prefetch, "queue_prefix": prefix,
+                **({"failing": list(options.failing), "target_false_reject": FAILING_FALSE_REJECT,
+                    "region_level": level} if options.failing else {}),
             },
             frames={"resolution": options.resolution, "encodings": list(options.encodings),
                     "distinct": DISTINCT_FRAMES, "bytes": {f.encoding: f.mean_bytes for f in frames},
@@ -144,18 +158,29 @@ def _check_broker(settings: Settings) -> None:
                           "only") from None
 
 
-def _fit(settings: Settings, root: Path) -> int:
-    """Fit the default model's plugin on generated good frames into the temporary store; images used."""
+def _fit(settings: Settings, root: Path, calibrated: bool = False, kind: tuple[str, int] | None = None) -> int:
+    """Fit the default model's plugin on generated good frames into the temporary store; images used.
+    `calibrated`: more frames, and a calibrated boundary (FAILING_FIT_IMAGES, FAILING_FALSE_REJECT); `kind`:
+    the frames' (encoding, side), encoded as the run's (default: PNG at the plugin's input size)."""
     model = settings.models[settings.default_model]
     plugin_settings = settings.plugin_settings(model.plugin)
     minimum = get_plugin(model.plugin).create(plugin_settings, torch.device("cpu")).min_images
-    count = max(FIT_IMAGES, minimum + 2)
-    size = max(samples._MIN_SIZE, int(getattr(plugin_settings, "input_size", 256)))
+    count = max(FAILING_FIT_IMAGES if calibrated else FIT_IMAGES, minimum + 2)
+    size = kind[1] if kind else max(samples._MIN_SIZE, int(getattr(plugin_settings, "input_size", 256)))
     log.info("fitting a throwaway %s model on %d generated %dx%d frames into a temporary store (the configured "
              "store is not touched)", model.plugin, count, size, size)
-    samples.write_folder(root / "fit", count, size=size)
-    result = run_refit(settings, RefitOptions(data=root / "fit" / "good", model=settings.default_model,
-                                              calibrate=False, held_out_share=0.0, announce=False))
+    fmt = ENCODINGS[kind[0]] if kind else None
+    if fmt is not None and not fmt.raw:
+        write_encoded(root / "fit" / "good", samples.make_images(count, size=size), fmt)
+    else:
+        samples.write_folder(root / "fit", count, size=size)
+    if calibrated:
+        options = RefitOptions(data=root / "fit" / "good", model=settings.default_model, calibrate=True,
+                               target_false_reject=FAILING_FALSE_REJECT, announce=False)
+    else:
+        options = RefitOptions(data=root / "fit" / "good", model=settings.default_model, calibrate=False,
+                               held_out_share=0.0, announce=False)
+    result = run_refit(settings, options)
     return result.used
 
 
