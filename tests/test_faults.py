@@ -180,9 +180,9 @@ def test_over_the_byte_budget_no_more_captures_are_taken_until_answers_come(fitt
         pauses.append(ledger.bytes)
         real_pause()
 
-    def slow_score(batch):
+    def slow_score(*args):
         time.sleep(0.15)
-        return real_score(batch)
+        return real_score(*args)
 
     ledger.take, running.consumer._pause, running._score = take, pause, slow_score
     line.publish([("line1.cam1", body, {"content_type": "image/bmp", "message_id": f"b-{i}"}) for i in range(30)])
@@ -247,9 +247,9 @@ def test_a_stuck_scoring_thread_is_found_within_the_watchdog_limit(watched, line
     release = threading.Event()
     real = running._score
 
-    def hangs(batch):
+    def hangs(*args):
         release.wait(60)
-        return real(batch)
+        return real(*args)
 
     running._score = hangs
     try:

@@ -135,3 +135,29 @@ def test_a_worker_with_regions_all_publishes_them_for_passing_frames_too(regions
         boxes = [r.as_json()["box"] for r in expected[int(frame_id[1:])]]
         assert [r["box"] for r in result["regions"]] == boxes, frame_id
     assert any(r["regions"] for r in results.values())  # the pasted defects are found, whatever their verdict
+
+
+def test_a_passing_frame_is_answered_before_its_batch_mates_maps_are_drawn(regions_store, stub_start, monkeypatch):
+    """With `regions = true`, one batch of good and pasted frames: the passing frames' results are handed over
+    in a submission of their own, before the failing frames' regions are drawn, and never with them."""
+    from inspector.worker.stubconsumer import StubConsumer
+
+    submissions: list[list[dict]] = []
+    submit = StubConsumer.submit
+
+    def recorded(self, outcomes):
+        submissions.append([json.loads(outcome.result) for outcome in outcomes if outcome.result])
+        return submit(self, outcomes)
+
+    monkeypatch.setattr(StubConsumer, "submit", recorded)
+    store, _ = regions_store
+    worker = stub_start(store, "[models.default]\nregions = true\n", batch_size=10, max_batch_wait_ms=2000)
+    images = samples.make_images(6, seed=79, size=SIZE) + [_pasted(970 + i, 22 + 9 * i, 26 + 7 * i) for i in range(4)]
+    for i, image in enumerate(images):
+        worker.consumer.deliver(encoded(image, "PNG"), "line1.cam1", content_type="image/png", message_id=f"m{i}")
+    worker.consumer.join(timeout=60)
+    assert sum(len(batch) for batch in submissions) == len(images)
+    assert len(submissions) == 2, [[r["verdict"] for r in batch] for batch in submissions]  # one batch, two hand-overs
+    first, second = submissions
+    assert {r["verdict"] for r in first} == {"pass"} and all("regions" not in r for r in first)
+    assert {r["verdict"] for r in second} == {"fail"} and all("regions" in r for r in second)

@@ -469,23 +469,28 @@ class Worker:
         """The scoring thread must outlive any bug: a batch that fails outside the plugin is answered
         with errors (and dead letters, to replay), never left unanswered."""
         self._scoring = True
+        answered: set[int] = set()  # the batch's deliveries already handed over (by id), never answered twice
         try:
-            self._score(batch)
+            self._score(batch, answered)
         except Exception as exc:  # noqa: BLE001
             log.exception("scoring a batch of %d failed outside the plugin", len(batch))
             for prepared in batch:
+                if id(prepared.delivery) in answered:
+                    continue
                 self._answer_error(prepared.delivery, prepared.capture, "internal_error",
                                    f"unexpected failure: {exc!r}", prepared.model)
         finally:
             self._scoring = False
             self.watchdog.beat("scoring")
 
-    def _score(self, batch: list[_Prepared]) -> None:
-        """Score one batch and hand its results to the broker thread; never raises."""
+    def _score(self, batch: list[_Prepared], answered: set[int]) -> None:
+        """Score one batch and hand its results to the broker thread, noting in `answered` each delivery handed
+        over (the results of frames that want no regions go first, so they never wait for a batch-mate's map)."""
         generation = self.consumer.generation
         stale = [p for p in batch if p.delivery.generation != generation]
         if stale:  # from a lost connection: the broker redelivers them, so scoring them now is wasted
             self.consumer.submit([Outcome(p.delivery, "", b"", p.capture.frame_id) for p in stale])
+            answered.update(id(p.delivery) for p in stale)
             batch = [p for p in batch if p.delivery.generation == generation]
             if not batch:
                 return
@@ -499,31 +504,47 @@ class Worker:
         self.metrics.stage("infer", time.perf_counter() - started)
         self.metrics.batch(model.name, len(batch))
         inspected_at = utc_now()
-        outcomes = []
+        outcomes, located = [], []
         for prepared, p, r, failure, wait, draw in zip(batch, probability, raw, failures, waits, maps):
-            capture = prepared.capture
             if failure is not None:
-                self._answer_error(prepared.delivery, capture, "scoring_failed", failure, model)
+                self._answer_error(prepared.delivery, prepared.capture, "scoring_failed", failure, model)
+                answered.add(id(prepared.delivery))
                 continue
             verdict = "fail" if p >= model.threshold else "pass"
-            kept = self.evidence.ticket(capture, verdict, inspected_at, prepared.delivery.body,
-                                        draw if keep_maps else None, prepared.size)
-            regions = None
+            scored = (prepared, verdict, float(p), float(r), wait, draw)
             if locate and verdict in model.region_verdicts and draw is not None and prepared.size is not None:
-                regions = frame_regions(draw, model.region_level, prepared.delivery.body, prepared.size,
-                                        capture.frame_id)
-            routing_key, result = self._result(capture, verdict=verdict, probability=float(p), score=float(r),
-                                               threshold=model.threshold, model=model.identity(),
-                                               inspected_at=inspected_at, evidence=kept and kept.where, regions=regions)
-            outcomes.append(Outcome(
-                delivery=prepared.delivery, routing_key=routing_key, result=result, frame_id=capture.frame_id,
-                record=self._record(prepared.delivery, capture, model.name, verdict, float(p), None, wait),
-            ))
-            if kept is not None:
-                kept.send(outcomes[-1].result)
-        self.scored += len(outcomes)
-        if outcomes:
+                located.append(scored)
+            else:
+                outcomes.append(self._outcome(model, inspected_at, keep_maps, *scored, regions=None))
+        self.scored += len(outcomes) + len(located)
+        if outcomes:  # before any region is drawn: a frame that wants none never waits for a batch-mate's map
             self.consumer.submit(outcomes)
+            answered.update(id(outcome.delivery) for outcome in outcomes)
+        drawn = []
+        for prepared, verdict, probability, raw, wait, draw in located:
+            regions = frame_regions(draw, model.region_level, prepared.delivery.body, prepared.size,
+                                    prepared.capture.frame_id)
+            drawn.append(self._outcome(model, inspected_at, keep_maps, prepared, verdict, probability, raw, wait, draw,
+                                       regions=regions))
+        if drawn:
+            self.consumer.submit(drawn)
+
+    def _outcome(self, model: ServedModel, inspected_at: str, keep_maps: bool, prepared: _Prepared, verdict: str,
+                 probability: float, raw: float, wait: float | None, draw: Callable | None,
+                 regions: list[dict] | None) -> Outcome:
+        """One scored frame's outcome: its result (with its regions, when drawn) and its evidence ticket."""
+        capture = prepared.capture
+        kept = self.evidence.ticket(capture, verdict, inspected_at, prepared.delivery.body,
+                                    draw if keep_maps else None, prepared.size)
+        routing_key, result = self._result(capture, verdict=verdict, probability=probability, score=raw,
+                                           threshold=model.threshold, model=model.identity(),
+                                           inspected_at=inspected_at, evidence=kept and kept.where, regions=regions)
+        outcome = Outcome(delivery=prepared.delivery, routing_key=routing_key, result=result,
+                          frame_id=capture.frame_id,
+                          record=self._record(prepared.delivery, capture, model.name, verdict, probability, None, wait))
+        if kept is not None:
+            kept.send(outcome.result)
+        return outcome
 
     @staticmethod
     def _queue_wait(prepared: _Prepared) -> float | None:
