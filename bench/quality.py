@@ -80,7 +80,6 @@ GRID: dict[str, dict[str, Any]] = {
     "2+4 @128 n24": {"layers": ["blocks.2", "blocks.4"], "input_size": 128, "n_comps": 24},
     "4 @128 n30": {"layers": ["blocks.4"], "input_size": 128, "n_comps": 30},
     "4+6 @128 n30": {"layers": ["blocks.4", "blocks.6"], "input_size": 128, "n_comps": 30},
-    "4+6 @128 n48": {"layers": ["blocks.4", "blocks.6"], "input_size": 128, "n_comps": 48},
     "shipped": None,
 }
 COST_FRAMES = 32

@@ -268,7 +268,7 @@ def test_too_few_images_gives_the_real_minimum_counting_only_readable_files(tmp_
     assert "25 image files under mixed, 10 readable" in message
     assert "--no-calibrate" in message and "the fit alone needs 8" in message  # 10 readable: --no-calibrate works
     assert "--calibration cross-fit" not in message  # cross-fitting needs 20: it would fail again
-    assert "plugins.dfkde.n_comps is 48" in message
+    assert "plugins.dfkde.n_comps is 24" in message
     assert ModelStore(tmp_path / "models").names() == []
 
 

