@@ -48,7 +48,8 @@ bench: setup
 	$(BIN)/python bench/refit_throughput.py --images 256
 
 # On a CUDA machine, under 10 minutes: the cuda tests, bench at batches 16-128 in fp32 and fp16, fp16's tolerance
-# and AUROC, CPU against GPU JPEG decode, the null-plugin ceiling; writes gpu-check.json and prints a table.
+# and AUROC, CPU against GPU JPEG decode, ONNX Runtime's TensorRT/CUDA providers beside torch, the null-plugin
+# ceiling; writes gpu-check.json and prints a table.
 # Fails (never skips) without CUDA; `scripts/gpu-check --device cpu` is a dry run of the plumbing.
 gpu-check: setup
 	@scripts/local-rabbitmq || echo "gpu-check: no RabbitMQ here; the whole-path steps will say not available"

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu-check"
 LIMITS = DecodeLimits(max_image_bytes=8 * 2**20, max_image_pixels=4096 * 4096)
 EVERY_STEP = ("cuda tests", "bench batch 2 fp32", "bench batch 2 fp16", "precision fp32 vs fp16",
-              "jpeg decode cpu vs gpu", "null-plugin ceiling", "whole path (jpeg)")
+              "jpeg decode cpu vs gpu", "onnx providers", "null-plugin ceiling", "whole path (jpeg)")
 
 
 def gpu_check(*args: str, timeout: float = 500) -> subprocess.CompletedProcess:
@@ -98,9 +98,24 @@ def test_dry_run_on_the_cpu_writes_every_step_and_labels_itself(dry_run) -> None
     decode = steps["jpeg decode cpu vs gpu"]["result"]
     assert {r["way"] for r in decode["rows"]} == {"pillow reduced", "pillow full", "torchvision"}
     assert decode["max_level_difference"]["decode_on_device_vs_pillow_full"] == 0
+    assert [r["way"] for r in steps["onnx providers"]["result"]["rows"]] == ["torch fp32", "onnxruntime CPU fp32"]
     for name in ("null-plugin ceiling", "whole path (jpeg)"):
         assert steps[name]["result"]["saturation_frames_per_second"] > 0
     assert steps["null-plugin ceiling"]["result"]["plugin"] == "null"
+
+
+def test_the_providers_step_runs_the_exported_backbone_beside_torch_and_never_falls_back() -> None:
+    """On the CPU the CPU provider stands in for the GPU ones: the plumbing, the parity and the labels."""
+    done = gpu_check("--providers-step", "--device", "cpu", "--batch", "2", "--rounds", "1", "--input-size", "64",
+                     timeout=180)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["dry_run"] is True and found["backbone"].endswith("blocks.4+blocks.6")
+    rows = {r["way"]: r for r in found["rows"]}
+    assert set(rows) == {"torch fp32", "onnxruntime CPU fp32"}
+    assert rows["torch fp32"]["max_feature_difference_share"] == 0
+    assert 0 < rows["onnxruntime CPU fp32"]["max_feature_difference_share"] <= 1e-4  # float32 noise, not equality
+    assert all(r["within_tolerance"] and r["images_per_second"] > 0 for r in rows.values())
 
 
 @pytest.mark.slow  # the whole script, small, on the CPU: about 3 minutes here
