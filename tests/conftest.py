@@ -58,49 +58,47 @@ def line(prefix):
     made.delete()
 
 
-@pytest.fixture
-def start(tmp_path, prefix):
-    """start(store, text="", hooks=None, **worker settings) -> a running in-process Worker (`hooks`: its stage
-    hooks), stopped at teardown."""
+def _worker_starter(tmp_path, prefix, consumer_factory, grace_s):
+    """The one way the fixtures below build, start and (at teardown) stop in-process Workers."""
     from inspector import config
     from inspector.worker.loop import Worker
-    from tests.workerkit import worker_config
-
-    started = []
-
-    def _start(store, text="", hooks=None, **worker):
-        settings = config.load(worker_config(tmp_path, store, prefix, text, **worker))
-        running = Worker(settings, hooks=hooks)
-        running.start()
-        started.append(running)
-        return running
-
-    yield _start
-    for running in started:
-        running.stop(grace_s=5)
-
-
-@pytest.fixture
-def stub_start(tmp_path, prefix):
-    """stub_start(store, text="", hooks=None, parts=None, **worker settings) -> a started Worker on a
-    StubConsumer (no broker: `worker.consumer.deliver(...)`, then `.join()`), stopped at teardown."""
-    from inspector import config
-    from inspector.worker.loop import Worker
-    from inspector.worker.stubconsumer import StubConsumer
     from tests.workerkit import worker_config
 
     started = []
 
     def _start(store, text="", hooks=None, parts=None, **worker):
         settings = config.load(worker_config(tmp_path, store, prefix, text, **worker))
-        running = Worker(settings, consumer_factory=StubConsumer, hooks=hooks, **(parts or {}))
+        factory = {"consumer_factory": consumer_factory} if consumer_factory else {}
+        running = Worker(settings, hooks=hooks, **factory, **(parts or {}))
         running.start()
         started.append(running)
         return running
 
+    def stop_all():
+        for running in started:
+            running.stop(grace_s=grace_s)
+
+    return _start, stop_all
+
+
+@pytest.fixture
+def start(tmp_path, prefix):
+    """start(store, text="", hooks=None, parts=None, **worker settings) -> a running in-process Worker on the
+    real broker (`hooks`: its stage hooks; `parts`: Worker keyword parts), stopped at teardown."""
+    _start, stop_all = _worker_starter(tmp_path, prefix, None, 5)
     yield _start
-    for running in started:
-        running.stop(grace_s=2)
+    stop_all()
+
+
+@pytest.fixture
+def stub_start(tmp_path, prefix):
+    """stub_start(store, text="", hooks=None, parts=None, **worker settings) -> a started Worker on a
+    StubConsumer (no broker: `worker.consumer.deliver(...)`, then `.join()`), stopped at teardown."""
+    from inspector.worker.stubconsumer import StubConsumer
+
+    _start, stop_all = _worker_starter(tmp_path, prefix, StubConsumer, 2)
+    yield _start
+    stop_all()
 
 
 @pytest.fixture(scope="session")

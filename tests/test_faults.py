@@ -20,6 +20,7 @@ import pytest
 
 from inspector import config
 from inspector.tools import samples
+from inspector.worker.hooks import StageHooks
 from inspector.worker.loop import Worker, WorkerUnhealthy
 from inspector.worker.metrics import Metrics
 from tests.portkit import free_port
@@ -163,13 +164,35 @@ def test_a_result_no_queue_takes_is_kept_on_the_dead_letter_exchange(fitted, lin
     assert [body["frame_id"] for _, _, body in line.collect(1)] == ["heard"]
 
 
+class SlowScoring(StageHooks):
+    """Every batch's scoring takes `seconds` longer: answers come slower than captures."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def begin(self, stage: str) -> None:
+        if stage == "score":
+            time.sleep(self.seconds)
+
+
+class HeldScoring(StageHooks):
+    """Scoring waits for `release` once `hold` is set: a scoring thread stuck in the plugin."""
+
+    def __init__(self) -> None:
+        self.hold, self.release = threading.Event(), threading.Event()
+
+    def begin(self, stage: str) -> None:
+        if stage == "score" and self.hold.is_set():
+            self.release.wait(60)
+
+
 def test_over_the_byte_budget_no_more_captures_are_taken_until_answers_come(fitted, line, start):
     body = encoded(samples.make_images(1, seed=4, size=SIZE)[0], "BMP")  # 48 KiB, uncompressed
     budget = 2 * len(body)
-    running = start(fitted, prefetch=4, batch_size=1, max_inflight_bytes=budget)
+    running = start(fitted, hooks=SlowScoring(0.15), prefetch=4, batch_size=1, max_inflight_bytes=budget)
     ledger = running.consumer.ledger
     peak, pauses = [0], []
-    real_take, real_pause, real_score = ledger.take, running.consumer._pause, running._score
+    real_take, real_pause = ledger.take, running.consumer._pause
 
     def take(tag, size):
         taken = real_take(tag, size)
@@ -180,11 +203,7 @@ def test_over_the_byte_budget_no_more_captures_are_taken_until_answers_come(fitt
         pauses.append(ledger.bytes)
         real_pause()
 
-    def slow_score(*args):
-        time.sleep(0.15)
-        return real_score(*args)
-
-    ledger.take, running.consumer._pause, running._score = take, pause, slow_score
+    ledger.take, running.consumer._pause = take, pause
     line.publish([("line1.cam1", body, {"content_type": "image/bmp", "message_id": f"b-{i}"}) for i in range(30)])
     results = line.collect(30, timeout=120)
     assert sorted(b["frame_id"] for _, _, b in results) == sorted(f"b-{i}" for i in range(30))
@@ -211,11 +230,11 @@ def test_stale_captures_are_answered_without_scoring(fitted, line, start):
 
 @pytest.fixture
 def watched(fitted, prefix, tmp_path):
-    """A running Worker with a 5 s watchdog and its HTTP endpoints served: (worker, port)."""
+    """A running Worker with a 5 s watchdog, its HTTP endpoints served and HeldScoring hooks: (worker, port)."""
     settings = config.load(worker_config(tmp_path, fitted, prefix, watchdog_s=5.0))
     metrics = Metrics(settings.metrics)
     port = metrics.serve()
-    running = Worker(settings, metrics)
+    running = Worker(settings, metrics, hooks=HeldScoring())
     running.start()
     yield running, port
     running.stop(grace_s=3)
@@ -244,14 +263,8 @@ def test_a_dead_scoring_thread_fails_healthz_and_readyz(watched, line):
 
 def test_a_stuck_scoring_thread_is_found_within_the_watchdog_limit(watched, line):
     running, port = watched
-    release = threading.Event()
-    real = running._score
-
-    def hangs(*args):
-        release.wait(60)
-        return real(*args)
-
-    running._score = hangs
+    held = running.hooks
+    held.hold.set()
     try:
         line.publish([good("stuck")])
         started = time.monotonic()
@@ -266,7 +279,7 @@ def test_a_stuck_scoring_thread_is_found_within_the_watchdog_limit(watched, line
         assert stalls[("inspector_thread_stall_seconds", (("thread", "scoring"),))] >= 5.0
         assert stalls[("inspector_thread_stall_seconds", (("thread", "broker"),))] < 5.0
     finally:
-        release.set()
+        held.release.set()
 
 
 def test_an_unhealthy_worker_process_exits_1_and_says_why(fitted, line, prefix, tmp_path):

@@ -44,12 +44,11 @@ from inspector.broker import connection_parameters
 from inspector.config import Settings, redact_url
 from inspector.errors import BrokerError, ConfigError, InspectorError
 from inspector.worker.hooks import StageHooks, staged, watch
-from inspector.worker import pikaconnection, topology
+from inspector.worker import topology
 from inspector.worker.envelopes import (
     Delivery,
     Outcome,
     dead_letter_properties,
-    encoded_size,
     properties_budget,
     publish_message_id,
     publish_sequence,
@@ -63,12 +62,6 @@ from inspector.worker.topology import CONTROL_BINDING
 
 __all__ = ["CONTROL_BINDING", "MAX_RESULT_REFUSALS", "Consumer", "Delivery", "Outcome", "UndecodableProperties",
            "prefetch_for"]
-
-# The names these had here before they moved to modules of their own, for code that imports them from here.
-_TolerantConnection = TolerantConnection
-_dead_letter_properties = dead_letter_properties
-_encoded_size = encoded_size
-_salvage_header = pikaconnection._salvage_header
 
 log = logging.getLogger(__name__)
 
