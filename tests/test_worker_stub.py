@@ -460,6 +460,7 @@ def test_the_stub_is_built_and_used_as_the_consumer_is(null_store, tmp_path):
         return [(p.name, p.kind, p.default) for p in inspect.signature(cls.__init__).parameters.values()]
 
     assert parameters(StubConsumer) == parameters(Consumer)
+    assert "__init__" not in vars(StubConsumer) and "__init__" not in vars(Consumer)  # one constructor, shared
     public = {name for name in vars(Consumer) if not name.startswith("_")}
     assert public <= {name for name in vars(StubConsumer) if not name.startswith("_")}, public
     settings = config.load(worker_config(tmp_path, null_store, "unused", NULL))

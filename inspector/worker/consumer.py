@@ -92,8 +92,10 @@ def _survive(method: Callable) -> Callable:
     return guarded
 
 
-class Consumer:
-    """Owns the connection; see the module docstring. Callbacks run on the broker thread and must be quick."""
+class ConsumerCallbacks:
+    """The consumer's constructor and the state the worker reads, shared by Consumer and StubConsumer: one
+    interface, so a worker built on the stub is built exactly as on the real broker. A subclass sets up the
+    rest of its state in `_init_state`, called last."""
 
     def __init__(
         self,
@@ -123,6 +125,16 @@ class Consumer:
         self.on_unroutable: Callable[[], None] = on_unroutable or (lambda: None)
         self.on_budget: Callable[[Ledger], None] = on_budget or (lambda ledger: None)  # after every change of the books
         self.on_refused: Callable[[str], None] = on_refused or (lambda outcome: None)  # "requeued" or "given_up"
+        self._init_state(settings)
+
+    def _init_state(self, settings: Settings) -> None:
+        raise NotImplementedError
+
+
+class Consumer(ConsumerCallbacks):
+    """Owns the connection; see the module docstring. Callbacks run on the broker thread and must be quick."""
+
+    def _init_state(self, settings: Settings) -> None:
         self.ledger = Ledger(settings.worker.max_inflight_bytes, RESUME_SHARE)
         self.connected = threading.Event()
         self.stopped = threading.Event()

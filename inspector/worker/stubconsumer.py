@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import pika
 
 from inspector.config import Settings
-from inspector.worker.consumer import RESUME_SHARE, TICK_S, Delivery, Outcome
-from inspector.worker.hooks import StageHooks, staged, watch
+from inspector.worker.consumer import RESUME_SHARE, TICK_S, ConsumerCallbacks, Delivery, Outcome
+from inspector.worker.hooks import staged
 from inspector.worker.ledger import HELD, Entry, Ledger
 
 log = logging.getLogger(__name__)
@@ -52,38 +52,12 @@ class _Pushed:
     redelivered: bool
 
 
-class StubConsumer:
+class StubConsumer(ConsumerCallbacks):
     """Called as Consumer is; see the module docstring. Thread safe where Consumer is: `deliver`, `control`,
     `reconnect`, `submit`, `stop_consuming` and `close_now` may be called from any thread."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        on_delivery: Callable[[Delivery], None],
-        on_settled: Callable[[Outcome, bool], None],
-        on_control: Callable[[str, bytes], None],
-        on_connection: Callable[[bool], None],
-        *,
-        on_unroutable: Callable[[], None] | None = None,
-        on_budget: Callable[[Ledger], None] | None = None,
-        on_refused: Callable[[str], None] | None = None,
-        hooks: StageHooks | None = None,
-    ) -> None:
-        self.settings = settings
-        self.on_delivery = on_delivery
-        self.on_settled = on_settled
-        self.on_control = on_control
-        self.on_connection = on_connection
-        self.on_unroutable: Callable[[], None] = on_unroutable or (lambda: None)  # never called: no results exchange
-        self.on_budget: Callable[[Ledger], None] = on_budget or (lambda ledger: None)
-        self.on_refused: Callable[[str], None] = on_refused or (lambda outcome: None)  # never called: no refusals
-        self.hooks = hooks
-        watch(self, hooks)
-        self.generation = 0
-        self.failure = None
-        self.faults = 0  # bugs survived on the stub's broker thread (the worker's callbacks included)
-        self.unroutable = 0
-        self.last_tick = time.monotonic()
+    def _init_state(self, settings: Settings) -> None:
+        # on_unroutable and on_refused are never called here: no results exchange refuses or drops a result
         self.ledger = Ledger(settings.worker.max_inflight_bytes, RESUME_SHARE)
         self.connected = threading.Event()
         self.stopped = threading.Event()
