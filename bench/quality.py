@@ -51,12 +51,13 @@ from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings
 ROOT = Path(__file__).resolve().parents[1]
 MAGNETIC_TILE = public_data.magnetic_tile()
 DATASETS = ("magnetic-tile", "sample-line")
-GRID_KEYS = ("layers", "input_size", "n_comps", "pre_processing", "filter_count")
+GRID_KEYS = ("layers", "input_size", "n_comps", "pre_processing", "filter_count", "runtime", "precision")
 
 # The [plugins.dfkde] defaults before this benchmark chose new ones: the row every other is compared with.
-BEFORE = {"layers": ["blocks.6"], "input_size": 256, "n_comps": 16, "pre_processing": "scale", "filter_count": 40000}
+BEFORE = {"layers": ["blocks.6"], "input_size": 256, "n_comps": 16, "pre_processing": "scale", "filter_count": 40000,
+          "runtime": "auto", "precision": "auto"}
 # One factor at a time around BEFORE, then the combinations those point to. "shipped" is whatever
-# DfkdeSettings holds now.
+# DfkdeSettings holds now; the rows in ON_SHIPPED change only where the shipped settings' backbone runs.
 GRID: dict[str, dict[str, Any]] = {
     "before": {},
     "n_comps 8": {"n_comps": 8},
@@ -81,7 +82,10 @@ GRID: dict[str, dict[str, Any]] = {
     "4 @128 n30": {"layers": ["blocks.4"], "input_size": 128, "n_comps": 30},
     "4+6 @128 n30": {"layers": ["blocks.4", "blocks.6"], "input_size": 128, "n_comps": 30},
     "shipped": None,
+    "shipped torch": {"runtime": "torch", "precision": "fp32"},
+    "shipped ov bf16": {"runtime": "openvino", "precision": "bf16"},
 }
+ON_SHIPPED = ("shipped torch", "shipped ov bf16")
 COST_FRAMES = 32
 COST_BATCH = 4  # worker.batch_size
 CONFIDENCE = 0.95
@@ -96,9 +100,9 @@ class Dataset:
 
 
 def row_settings(name: str) -> dict[str, Any]:
-    if GRID[name] is None:
+    if GRID[name] is None or name in ON_SHIPPED:
         shipped = DfkdeSettings().model_dump()
-        return {key: shipped[key] for key in GRID_KEYS}
+        return {key: shipped[key] for key in GRID_KEYS} | (GRID[name] or {})
     return BEFORE | GRID[name]
 
 
@@ -119,7 +123,8 @@ def fit_and_evaluate(dataset: Dataset, dfkde: dict[str, Any], device: str, **ref
         fitted = run_refit(settings, RefitOptions(data=dataset.train, model="default", announce=False, **refit))
         evaluation = run_evaluate(settings, EvaluateOptions(data=dataset.test, model="default",
                                                             batch_size=settings.worker.batch_size))
-        plugin = DfkdePlugin.load(ModelStore(settings.store.path).load_path("default").path, torch.device(device))
+        plugin = DfkdePlugin.load(ModelStore(settings.store.path).load_path("default").path, torch.device(device),
+                                  DfkdeSettings.model_validate(dfkde))
     return fitted, evaluation, plugin
 
 
@@ -289,8 +294,8 @@ def main() -> int:
 
 
 def _tables(report: dict[str, Any], sets: list[Dataset]) -> str:
-    header = (f"  {'setting':<15}{'layers':<18}{'size':>5}{'comps':>6} {'pre':<6}{'filter':>7}  {'data':<14}"
-              f"{'AUROC':>6}{'AP':>7}{'recall':>8}{'FRR':>7}{'':>9}{'fit s':>7}{'eval/s':>8}{'ms/frame':>10}{'x':>6}")
+    header = (f"  {'setting':<17}{'layers':<18}{'size':>5}{'comps':>6} {'pre':<6}{'filter':>7}  {'data':<14}"
+              f"{'runtime':<14}{'AUROC':>6}{'AP':>7}{'recall':>8}{'FRR':>7}{'':>9}{'fit s':>7}{'eval/s':>8}{'ms/frame':>10}{'x':>6}")
     lines = [
         (f"bench/quality.py: {len(report['rows'])} settings x {len(sets)} data sets; {report['seconds']:.0f} s; "
          f"device {report['device']}, torch threads {report['torch_threads']}"),
@@ -303,19 +308,20 @@ def _tables(report: dict[str, Any], sets: list[Dataset]) -> str:
     ]
     for row, result in report["rows"].items():
         if "same_as" in result:
-            lines.append(f"  {row:<15}= {result['same_as']}")
+            lines.append(f"  {row:<17}= {result['same_as']}")
             continue
         s = result["settings"]
         cost = result.get("cost", {})
         for i, (name, q) in enumerate(result["datasets"].items()):
-            head = (f"  {row:<15}{'+'.join(s['layers']):<18}{s['input_size']:>5}{s['n_comps']:>6} "
+            head = (f"  {row:<17}{'+'.join(s['layers']):<18}{s['input_size']:>5}{s['n_comps']:>6} "
                     f"{s['pre_processing']:<6}{s['filter_count']:>7}")
             head = head if i == 0 else " " * len(head)
             tail = ""
             if i == 0 and cost:
                 rel = cost["relative_to_before"]
                 tail = f"{cost['ms_per_frame']:>10.1f}{(f'{rel:.2f}' if rel else ''):>6}"
-            lines.append(f"{head}  {name:<14}{q['auroc']:>6.3f}{q['average_precision']:>7.3f}"
+            backbone = f"{s['runtime']} {s['precision']}" if i == 0 else ""
+            lines.append(f"{head}  {name:<14}{backbone:<14}{q['auroc']:>6.3f}{q['average_precision']:>7.3f}"
                          f"{_percent(q['recall']):>8}{_percent(q['false_reject_rate']):>7}"
                          f"{'(' + str(q['good_failed']) + '/' + str(q['good']) + ')':>9}"
                          f"{q['fit_seconds']:>7.1f}{q['eval_images_per_second']:>8.1f}{tail}")
