@@ -149,7 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(rollback)
     rollback.add_argument("name", help="the model")
     rollback.add_argument("version", help="the stored version to make current (see `inspector models list`)")
-    rollback.add_argument("--no-announce", action="store_true", help="switch without telling the workers")
+    telling = rollback.add_mutually_exclusive_group()
+    telling.add_argument("--announce", action="store_true",
+                         help="announce the switch on the broker even when no broker.url is configured (the default "
+                         "URL, a local RabbitMQ)")
+    telling.add_argument("--no-announce", action="store_true",
+                         help="switch without telling the workers (default where no broker.url is configured: "
+                         "nothing is sent)")
     rollback.set_defaults(func=_cmd_models_rollback)
 
     evaluate = commands.add_parser(
@@ -532,12 +538,17 @@ def _cmd_models_show(settings, args) -> int:
 def _cmd_models_rollback(settings, args) -> int:
     from inspector.broker import announce, announcement
     from inspector.errors import BrokerError
+    from inspector.tools.refit_options import broker_configured
 
     store = _store(settings)
     store.set_current(args.name, args.version)
     info = store.info(args.name, args.version)
     print(f"model {args.name!r}: version {args.version} is current")
     if args.no_announce:
+        return 0
+    if not args.announce and not broker_configured(settings):  # as refit: never to whatever answers by default
+        print("  not announced: no broker.url is configured; workers pick the version up when they next start "
+              "(--announce sends it to the default broker)")
         return 0
     try:
         announce(settings.broker, announcement(args.name, args.version, info.plugin, "rollback"))

@@ -581,7 +581,7 @@ def test_a_real_rollback_announces_what_the_schema_describes(fitted, tmp_path, c
         channel = connection.channel()
         queue = channel.queue_declare("", exclusive=True).method.queue
         channel.queue_bind(queue, f"{prefix}.control", routing_key="model.#")
-        assert cli.main(["models", "rollback", "default", version, "--config", str(path)]) == 0
+        assert cli.main(["models", "rollback", "default", version, "--announce", "--config", str(path)]) == 0
         deadline = time.monotonic() + 10
         method = None
         while method is None and time.monotonic() < deadline:

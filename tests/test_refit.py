@@ -212,7 +212,10 @@ def test_rollback_switches_current_and_announces_on_the_broker(refitted):
     queue = channel.queue_declare("", exclusive=True).method.queue
     channel.queue_bind(queue, "inspection.control", routing_key="model.default")
     try:
-        result = inspector("models", "rollback", "default", first, cwd=work)
+        quiet = inspector("models", "rollback", "default", newest, cwd=work)  # no broker.url: nothing is sent
+        assert quiet.returncode == 0 and "not announced: no broker.url is configured" in quiet.stdout, quiet.stderr
+        assert store.current("default") == newest and channel.basic_get(queue, auto_ack=True)[0] is None
+        result = inspector("models", "rollback", "default", first, "--announce", cwd=work)
         assert result.returncode == 0, result.stderr
         assert store.current("default") == first
         body = None
