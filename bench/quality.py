@@ -295,7 +295,8 @@ def main() -> int:
 
 def _tables(report: dict[str, Any], sets: list[Dataset]) -> str:
     header = (f"  {'setting':<17}{'layers':<18}{'size':>5}{'comps':>6} {'pre':<6}{'filter':>7}  {'data':<14}"
-              f"{'runtime':<14}{'AUROC':>6}{'AP':>7}{'recall':>8}{'FRR':>7}{'':>9}{'fit s':>7}{'eval/s':>8}{'ms/frame':>10}{'x':>6}")
+              f"{'runtime':<14}{'AUROC':>6}{'AP':>7}{'recall':>8}{'FRR':>7}{'':>9}{'fit s':>7}{'eval/s':>8}"
+              f"{'ms/frame':>10}{'x':>6}")
     lines = [
         (f"bench/quality.py: {len(report['rows'])} settings x {len(sets)} data sets; {report['seconds']:.0f} s; "
          f"device {report['device']}, torch threads {report['torch_threads']}"),

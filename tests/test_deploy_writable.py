@@ -156,3 +156,53 @@ def test_kubernetes_the_workers_write_their_evidence_archive_on_a_volume_larger_
     store = PurePosixPath(settings.store.path)
     assert not under(store, list(writable)), "only the refit Job writes the store"
     assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"], "the user owns the emptyDir"
+
+
+# -- the exported backbone's cache (plugins/dfkde/graphcache.py) -------------------------------------------
+
+
+def _dockerfile_home() -> str:
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    return re.search(r"--home-dir (\S+)", text).group(1)
+
+
+def test_every_deployment_keeps_the_exported_graph_where_it_may_write():
+    """A graph cache on a read-only path would only cost the export at every start (it is said once and
+    skipped), but then the shipped setting would be a lie: each deployment's lands on a writable folder."""
+    from inspector_dfkde.graphcache import folder_for
+
+    for name in ("inspector.service", "inspector-refit@.service"):
+        unit = unit_settings(name)
+        environ = dict(word.split("=", 1) for value in unit.get("Environment", []) for word in value.split())
+        settings = shipped((DEPLOY / "systemd" / "inspector.toml").read_text())
+        folder = folder_for(settings.plugins.get("dfkde", {}).get("graph_cache", "auto"), environ, "/nonexistent")
+        assert under(PurePosixPath(folder), systemd_writable(unit)), (name, folder)
+
+    compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
+    settings = shipped((DEPLOY / "compose" / "inspector.toml").read_text())
+    for service in ("worker", "refit"):
+        spec = compose["services"][service]
+        writable = [PurePosixPath(p) for p in spec.get("tmpfs", [])]
+        writable += [PurePosixPath(v.split(":")[1]) for v in spec["volumes"] if not v.endswith(":ro")]
+        folder = folder_for(settings.plugins["dfkde"]["graph_cache"], spec["environment"], _dockerfile_home())
+        assert under(PurePosixPath(folder), writable), (service, folder, writable)
+        assert not str(folder).startswith("/tmp"), "kept on a volume: a re-created container skips the export too"
+
+    (generator,) = yaml.safe_load((DEPLOY / "kubernetes" / "base" / "kustomization.yaml").read_text())[
+        "configMapGenerator"]
+    settings = shipped((DEPLOY / "kubernetes" / "base" / generator["files"][0]).read_text())
+    checked = 0
+    for manifest in ("deployment.yaml", "refit.yaml"):
+        for document in yaml.safe_load_all((DEPLOY / "kubernetes" / "base" / manifest).read_text()):
+            pods = [document["spec"]["template"]["spec"]] if document and document["kind"] == "Deployment" else []
+            if document and document["kind"] == "CronJob":
+                pods = [document["spec"]["jobTemplate"]["spec"]["template"]["spec"]]
+            for pod in pods:
+                (container,) = pod["containers"]
+                environ = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+                folder = folder_for(settings.plugins.get("dfkde", {}).get("graph_cache", "auto"), environ,
+                                    _dockerfile_home())
+                writable = [PurePosixPath(m["mountPath"]) for m in container["volumeMounts"] if not m.get("readOnly")]
+                assert under(PurePosixPath(folder), writable), (manifest, folder, writable)
+                checked += 1
+    assert checked == 2, "the worker's Deployment and the refit's CronJob"

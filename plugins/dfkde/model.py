@@ -145,8 +145,12 @@ class DfkdeModel(nn.Module):
 
     def _runner(self):
         """The backbone exported to this model's runtime, shared by every model of the same backbone."""
-        key = (self.backbone.name, self.backbone.digest or id(self.feature_extractor), self.backbone.layers)
-        return runner_for(self.feature_extractor, key, self.runtime, self.precision, self.input_size)
+        return runner_for(self.feature_extractor, self.runner_key, self.runtime, self.precision, self.input_size)
+
+    @property
+    def runner_key(self) -> tuple:
+        """What identifies the backbone module across models and processes: architecture, weights, layers."""
+        return (self.backbone.name, self.backbone.digest or id(self.feature_extractor), tuple(self.backbone.layers))
 
     @staticmethod
     def pool(maps: Sequence[Tensor]) -> Tensor:

@@ -15,6 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from inspector.errors import ConfigError, FitError, PluginError
 from inspector.plugin import Calibration, Components, Explained, FitReport, Scores
+from inspector_dfkde import graphcache
 from inspector_dfkde.conformal import MAX_SCORES, RULE, ConformalScale, boundary_rank, images_needed
 from inspector_dfkde.maps import LocalStats, draw
 from inspector_dfkde.maps import LocalSums as _Sums
@@ -48,6 +49,11 @@ class DfkdeSettings(BaseModel):
     runtime: Literal["auto", "torch", "onnxruntime", "openvino"] = Field(
         "auto", description="where the backbone runs; 'auto': CPU_RUNTIME on the CPU, torch on CUDA. A serving "
         "choice, not stored with a version: any version loads with any runtime"
+    )
+    graph_cache: str = Field(
+        "auto", min_length=1, description="where the backbone's exported graph is kept between processes (checked "
+        "against the torch module before use): 'auto' ($XDG_CACHE_HOME or ~/.cache, then inspector/graphs), "
+        "'off', or a folder"
     )
     seed: int = 0
     jpeg_reduced_decode: bool = Field(
@@ -126,6 +132,7 @@ class DfkdePlugin:
     @classmethod
     def create(cls, settings: BaseModel, device: torch.device) -> "DfkdePlugin":
         s = DfkdeSettings.model_validate(settings.model_dump() if isinstance(settings, BaseModel) else settings)
+        graphcache.use(s.graph_cache)
         precision = resolve_precision(s.precision, device)
         runtime = resolve_runtime(s.runtime, precision, device)
         model = DfkdeModel(
@@ -152,6 +159,7 @@ class DfkdePlugin:
         # are checked with DfkdeSettings and its bounds before anything is built (see state.load_state).
         reduced = bool(read_settings(folder).get("plugin", {}).get("jpeg_reduced_decode", False))
         s = DfkdeSettings.model_validate(settings.model_dump() if isinstance(settings, BaseModel) else settings or {})
+        graphcache.use(s.graph_cache)
         model = load_state(folder, device, schema=DfkdeSettings)
         model.runtime = resolve_runtime(s.runtime, model.precision, device)
         plugin = cls(model, device, reduced)

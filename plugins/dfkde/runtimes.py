@@ -8,6 +8,7 @@ weights again to every version (12 MB for the shipped backbone) and hand the run
 from the store, with nothing tying it to the digest-checked weights. The graph depends only on the backbone, its
 weights, layers and input size, never on the fitted PCA or KDE, so the runners are kept per process by those:
 a line's versions share one, and a reload or a refit of the same backbone pays the export (seconds) once.
+Between processes, graphcache.py keeps the export on disk, checked against the torch module before use.
 
 Threads are the process's: each runtime gets `torch.get_num_threads()` intra-op threads and no inter-op pool,
 so torch, the runtime and the decode pool share the cores the process was given (docs/performance.md).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import logging
 import threading
 import warnings
 from collections import OrderedDict
@@ -26,6 +28,9 @@ import numpy as np
 import torch
 
 from inspector.errors import ConfigError
+from inspector_dfkde import graphcache
+
+log = logging.getLogger(__name__)
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 # What each runtime needs installed (the module, and the package to name in the error) beyond torch; the graph
@@ -87,15 +92,49 @@ def runner_for(extractor: torch.nn.Module, key: tuple, runtime: str, precision: 
             _runners.move_to_end(full_key)
             return _runners[full_key]
         graph_key = (*key, input_size)
-        graph = _graphs.get(graph_key) or export_onnx(extractor, input_size)
+        build = _onnxruntime if runtime == "onnxruntime" else _openvino
+        runner = None
+        graph = _graphs.get(graph_key)
+        if graph is None and _stable(key):
+            name = graphcache.entry_name(key, input_size, _OPSET)
+            kept = graphcache.read(name)
+            if kept is not None:
+                runner = _checked(build, kept, precision, extractor, input_size)
+                graph = kept if runner is not None else None
+                if runner is None:
+                    log.warning("the kept graph %s does not give this backbone's features: exported again", name)
+            if graph is None:
+                graph = export_onnx(extractor, input_size)
+                graphcache.write(name, graph)
+        graph = graph or export_onnx(extractor, input_size)
         _graphs.clear()  # the last export only, for the other runtime of the same backbone (a comparison)
         _graphs[graph_key] = graph
-        build = _onnxruntime if runtime == "onnxruntime" else _openvino
-        runner = build(graph, precision, torch.get_num_threads())
+        runner = runner or build(graph, precision, torch.get_num_threads())
         _runners[full_key] = runner
         while len(_runners) > _KEPT:
             _runners.popitem(last=False)
         return runner
+
+
+def _stable(key: tuple) -> bool:
+    """Whether `key` names the module across processes: a weights digest, not an object's id."""
+    return len(key) > 1 and isinstance(key[1], str)
+
+
+def _checked(build: Callable[..., Runner], graph: bytes, precision: str, extractor: torch.nn.Module,
+             input_size: int) -> Runner | None:
+    """A runner of a graph read back from the cache, or None unless it reproduces the torch module's features
+    on the probe batch (a file that is damaged, or not what its name says, is never served)."""
+    probe = graphcache.probe_batch(input_size)
+    try:
+        runner = build(graph, precision, torch.get_num_threads())
+        got = runner(probe)
+    except Exception as exc:  # noqa: BLE001 - any runtime's parse or run error means: not this graph
+        log.warning("a kept graph did not load (%s: %s)", type(exc).__name__, exc)
+        return None
+    with torch.inference_mode(False), torch.no_grad():
+        expected = [m.float() for m in extractor.eval()(probe)]
+    return runner if graphcache.reproduces(got, expected, precision) else None
 
 
 def export_onnx(extractor: torch.nn.Module, input_size: int) -> bytes:
