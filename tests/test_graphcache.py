@@ -101,6 +101,17 @@ def test_a_folder_other_users_can_write_is_never_used(backbone, cache, caplog):
     assert exports == [SIZE, SIZE]
 
 
+def test_only_the_most_recently_used_graphs_are_kept(cache, monkeypatch):
+    folder, _ = cache
+    monkeypatch.setattr(graphcache, "MAX_KEPT", 3)
+    for i in range(5):
+        graphcache.write(f"{i}.onnx", b"graph %d" % i)
+        os.utime(folder / f"{i}.onnx", (1000 + i, 1000 + i))
+    assert graphcache.read("2.onnx") == b"graph 2"  # used again: now the newest
+    graphcache.write("5.onnx", b"graph 5")
+    assert sorted(p.name for p in folder.iterdir()) == ["2.onnx", "4.onnx", "5.onnx"]
+
+
 def test_off_keeps_nothing(backbone, cache, tmp_path):
     folder, exports = cache
     graphcache.use(graphcache.OFF)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 OFF = "off"
 AUTO = "auto"
 MAX_GRAPH_BYTES = 512 * 2**20  # far above any backbone we export (the shipped one: 12 MB)
+MAX_KEPT = 8  # graphs kept, the least recently used go first: a few backbones and sizes, not every upgrade's
 # A cached graph's runner must give the torch module's features to within this share of the largest feature on
 # the probe: float32 noise is 1e-6 (tests/test_runtimes.py), bf16 on a CPU without AMX measured up to 12%.
 PROBE_TOLERANCE = {"fp32": 1e-4, "bf16": 0.2}
@@ -104,7 +105,9 @@ def read(name: str) -> bytes | None:
         if path.stat().st_size > MAX_GRAPH_BYTES:
             _warn_once("graph cache: %s is over %d bytes: not read", path, MAX_GRAPH_BYTES)
             return None
-        return path.read_bytes()
+        graph = path.read_bytes()
+        os.utime(path)  # recently used: the last to go
+        return graph
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -126,6 +129,9 @@ def write(name: str, graph: bytes) -> None:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+        kept = sorted(folder.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[MAX_KEPT:]:
+            old.unlink(missing_ok=True)
     except OSError as exc:
         _warn_once("graph cache: cannot write to %s (%s): each process exports the backbone itself", folder, exc)
 
