@@ -301,3 +301,19 @@ def test_a_stored_calibration_of_the_wrong_kind_is_refused(fitted, tmp_path):
     save_file(tensors | {"calibration.scores": tensors["calibration.scores"].flip(0)}, str(path))
     with pytest.raises(StateError, match="sorted"):
         DfkdePlugin.load(tmp_path / "b", CPU)
+
+
+@pytest.mark.parametrize("n_comps", [3, 16, 24, 48])
+def test_components_follow_the_images_of_a_fit_up_to_n_comps(n_comps):
+    """One component per 2 images of a fit, at most n_comps; a fit of fewer than 4 components' worth is refused
+    (or n_comps' worth, when that is fewer), naming the setting."""
+    plugin = _plugin(n_comps=n_comps)
+    for images in (8, 9, 38, 47, 48, 49, 95, 96, 97, 400):
+        assert plugin.components_for(images) == min(n_comps, images // 2), images
+    assert plugin.min_images == 2 * min(4, n_comps)
+    fixed = plugin.fix_components(38)
+    assert (fixed.used, fixed.configured, fixed.images_per_fit, fixed.images_per_component) == (
+        min(n_comps, 19), n_comps, 38, 2)
+    if n_comps >= 4:
+        with pytest.raises(FitError, match=TOO_FEW_FOR_FOUR_COMPONENTS):
+            plugin.fix_components(5)

@@ -106,6 +106,8 @@ def resolve_runtime(runtime: str, precision: str, device: torch.device) -> str:
 # sample line (56 images, shipped backbone): 24 components (2.3 images each) AUROC 0.993, 16: 0.977,
 # 11 (5 each): 0.957, 8: 0.919, so a floor of 5 lost detection there; 2 keeps that fit's 24 and cuts the
 # docs/quality.md's 40-image row (24 components on 32 images per fold) to what its folds can carry.
+# With n_comps 48 no floor of 2 to 6 kept the calibrated false-reject rate on the photographs at 100 and
+# 200 images (bench/components_calibration.py, docs/quality.md); 24 kept it at every size, so 24 ships.
 IMAGES_PER_COMPONENT = 2
 # Below this many components the density separates too little to be worth serving: the fit is refused.
 MIN_COMPONENTS = 4
