@@ -435,7 +435,7 @@ def test_a_failing_hook_is_logged_once_per_stage_and_every_frame_is_still_answer
 def test_without_hooks_the_worker_runs_the_plain_code(null_store, stub_start):
     """No hooks, no cost: nothing is wrapped, so each stage is the very function it would be without them."""
     from inspector.messages import parse_capture
-    from inspector.worker.decode import decode_capture
+    from inspector.worker.decode import decode_capture_kind
     from inspector.worker.loop import Worker
 
     worker = stub_start(null_store, NULL)
@@ -444,7 +444,7 @@ def test_without_hooks_the_worker_runs_the_plain_code(null_store, stub_start):
         shadowed = [name for name in vars(owner) if hasattr(getattr(type(owner), name, None), "__stage__")]
         assert shadowed == [], shadowed
     assert worker.consumer.on_delivery.__func__ is Worker._on_delivery
-    assert worker._parse_capture is parse_capture and worker._decode_capture is decode_capture
+    assert worker._parse_capture is parse_capture and worker._decode_capture is decode_capture_kind
     watched = stub_start(null_store, NULL, hooks=StageHooks())
     assert getattr(watched.consumer.on_delivery, "__func__", None) is not Worker._on_delivery  # it can fail
 
@@ -468,3 +468,40 @@ def test_the_stub_is_built_and_used_as_the_consumer_is(null_store, tmp_path):
     real, stub = Consumer(settings, *callbacks), StubConsumer(settings, *callbacks)
     attributes = {name for name in vars(real) if not name.startswith("_")}
     assert attributes <= set(vars(stub)), attributes - set(vars(stub))
+
+
+def test_frames_decoded_unlike_every_image_of_the_fit_are_counted_and_said_once(tmp_path, stub_start, png, caplog):
+    """A version fitted on PNG files: JPEG frames decode another way (reduced scale, JPEG's losses), so their
+    scores are not what it was calibrated on. They are still scored, counted per kind, and logged once."""
+    from inspector import config
+    from inspector.tools.refit import RefitOptions, run_refit
+    from tests.workerkit import worker_config
+
+    samples.write_folder(tmp_path / "archive", 4, size=32)
+    store = tmp_path / "models"
+    settings = config.load(worker_config(tmp_path, store, "unused", NULL))
+    fitted = run_refit(settings, RefitOptions(data=tmp_path / "archive" / "good", model="default", calibrate=False,
+                                              held_out_share=0.0, announce=False))
+    assert ModelStore(store).info("default", fitted.version).manifest["images"]["decoded"] == {"jpeg": 0, "full": 4}
+    jpeg = encoded(samples.make_images(1, seed=4, size=64)[0], "JPEG", quality=90)
+    worker = stub_start(store, NULL)
+    with caplog.at_level(logging.WARNING, logger="inspector.worker.loop"):
+        for i in range(3):
+            worker.consumer.deliver(png, "line1.cam1", content_type="image/png", message_id=f"png{i}")
+            worker.consumer.deliver(jpeg, "line1.cam1", content_type="image/jpeg", message_id=f"jpeg{i}")
+        worker.consumer.join()
+    assert sorted(worker.consumer.answers()) == sorted([f"png{i}" for i in range(3)] + [f"jpeg{i}" for i in range(3)])
+    assert all(p.body["verdict"] == "pass" for p in worker.consumer.results)  # scored: the line keeps moving
+    assert metric(worker, "inspector_frames_unlike_fit_total", model="default", decode="jpeg") == 3
+    assert metric(worker, "inspector_frames_unlike_fit_total", model="default", decode="full") == 0
+    said = [r.getMessage() for r in caplog.records if "fitted on full-decoded images only" in r.getMessage()]
+    assert len(said) == 1 and fitted.version in said[0] and "refit from frames as the cameras send them" in said[0]
+
+
+def test_a_version_without_a_record_of_its_decoding_is_not_judged(null_store, stub_start, png):
+    worker = stub_start(null_store, NULL)
+    jpeg = encoded(samples.make_images(1, seed=4, size=64)[0], "JPEG")
+    worker.consumer.deliver(jpeg, "line1.cam1", content_type="image/jpeg", message_id="old")
+    worker.consumer.join()
+    assert list(worker.consumer.answers()) == ["old"]
+    assert metric(worker, "inspector_frames_unlike_fit_total", model="default", decode="jpeg") == 0

@@ -27,7 +27,6 @@ calibration succeeded.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -58,7 +57,7 @@ from inspector.tools.progress import Progress
 from inspector.tools.refit_options import (  # noqa: F401  (RefitOptions and CALIBRATIONS: imported from here)
     AUTO, CALIBRATIONS, CROSS_FIT, HELD_OUT, RefitOptions, check_options, will_announce,
 )
-from inspector.worker.decode import DecodeLimits, read_file
+from inspector.worker.decode import DECODE_KINDS, DecodeLimits, read_file_kind
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +325,12 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
 
     limits = DecodeLimits(settings.worker.max_image_bytes, refit.max_image_pixels,
                           max_jpeg_scans=settings.worker.max_jpeg_scans, pixels_setting="refit.max_image_pixels")
-    read = functools.partial(read_file, limits=limits, min_size=decode_size(plugin))
+    decoded: dict[Path, str] = {}  # each image used, and how it decoded: the manifest's images.decoded
+
+    def read(path: Path) -> np.ndarray:
+        pixels, kind = read_file_kind(path, limits, decode_size(plugin))
+        decoded[path] = kind
+        return pixels
     _check_enough(paths, read, options, plugin, model_settings.plugin, share)
 
     def stream(progress: Progress) -> Callable[[], ImageStream]:
@@ -406,7 +410,9 @@ def run_refit(settings: Settings, options: RefitOptions) -> RefitResult:
         "threshold": model_settings.threshold,
         "images": {"found": len(paths), "used": report.images, "embeddings": report.embeddings,
                    "held_out": held_out, "skipped": len(skipped), "skipped_reasons": reasons,
-                   "groups": found_groups.summary()} | ({"components": asdict(components)} if components else {}),
+                   "groups": found_groups.summary(),
+                   "decoded": {kind: sum(k == kind for k in decoded.values()) for kind in DECODE_KINDS}}
+                  | ({"components": asdict(components)} if components else {}),
         "source": str(options.data.resolve()),
         "calibration": calibration,
         "device": str(device),

@@ -74,6 +74,13 @@ class DecodeLimits:
         return cls(worker.max_image_bytes, worker.max_image_pixels, roots, worker.max_jpeg_scans)
 
 
+# How a frame's pixels were decoded: a JPEG (at reduced scale where the model allows), or in full (every other
+# format, raw pixels). The two give different pixels for the same scene (DCT scaling and JPEG's losses against
+# a full decode and resize), so a model fitted on one kind scores the other differently (docs/refit.md).
+JPEG_DECODE, FULL_DECODE = "jpeg", "full"
+DECODE_KINDS = (JPEG_DECODE, FULL_DECODE)
+
+
 def decode_capture(
     body: bytes,
     content_type: str | None,
@@ -85,6 +92,17 @@ def decode_capture(
 
     `min_size` (width, height): what the model needs at least; a JPEG may then decode at reduced scale.
     """
+    return decode_capture_kind(body, content_type, headers, limits, min_size)[0]
+
+
+def decode_capture_kind(
+    body: bytes,
+    content_type: str | None,
+    headers: Mapping[str, Any] | None,
+    limits: DecodeLimits,
+    min_size: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, str]:
+    """decode_capture's pixels, and how they were decoded (one of DECODE_KINDS)."""
     if not body:
         raise FrameError("empty_body", "the capture's body is empty")
     if len(body) > limits.max_image_bytes:
@@ -93,7 +111,7 @@ def decode_capture(
     if kind in ENCODED_TYPES or kind in SNIFFED_TYPES:
         return _decode_image(body, "the body", limits, min_size)
     if kind == imageformats.RAW_CONTENT_TYPE:
-        return _decode_raw(body, headers or {}, limits)
+        return _decode_raw(body, headers or {}, limits), FULL_DECODE
     if kind == "application/json":
         return _decode_json(body, limits, min_size)
     message = f"content type {content_type!r} is not decoded; send {SUPPORTED_TYPES}"
@@ -139,8 +157,10 @@ def check_jpeg_scans(data: bytes, what: str, limits: DecodeLimits) -> None:
 # -- encoded images --------------------------------------------------------------------
 
 
-def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode the bytes of any encoded format (whatever the content type said) fully, first frame only."""
+def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[int, int] | None = None
+                  ) -> tuple[np.ndarray, str]:
+    """Decode the bytes of any encoded format (whatever the content type said) fully, first frame only; with
+    how (a JPEG or MPO decodes as JPEG: at reduced scale where min_size allows)."""
     allow_pixels(limits.max_image_pixels)  # PIL's own guard must not refuse what worker.max_image_pixels allows
     check_jpeg_scans(data, what, limits)
     try:
@@ -156,7 +176,7 @@ def _decode_image(data: bytes, what: str, limits: DecodeLimits, min_size: tuple[
                 reduce_while_decoding(image, min_size)
                 reserve_pixels(image.size[0] * image.size[1])  # under a PixelBudget (refit, evaluate): waits
                 image.load()  # truncated data raises here (ImageFile.LOAD_TRUNCATED_IMAGES is False)
-                return _to_rgb(image, what)
+                return _to_rgb(image, what), JPEG_DECODE if image.format in ("JPEG", "MPO") else FULL_DECODE
     except FrameError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -176,6 +196,12 @@ def read_file(path: Path, limits: DecodeLimits, min_size: tuple[int, int] | None
     pixels, TIFF tiles, JPEG scans, JPEG scale): how refit, evaluate and explain read images, so a model is
     fitted and judged on what the worker would serve it. Opened without blocking (a FIFO named .png must not
     hang a decode thread), regular files only, at most max_image_bytes read. Every failure is a FrameError."""
+    return read_file_kind(path, limits, min_size)[0]
+
+
+def read_file_kind(path: Path, limits: DecodeLimits, min_size: tuple[int, int] | None = None
+                   ) -> tuple[np.ndarray, str]:
+    """read_file's pixels, and how they were decoded (one of DECODE_KINDS)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:  # ELOOP (x -> x), a dangling link, no permission
@@ -290,7 +316,7 @@ def _positive_int(headers: Mapping[str, Any], name: str) -> int:
 # -- application/json references -------------------------------------------------------
 
 
-def _decode_json(body: bytes, limits: DecodeLimits, min_size: tuple[int, int] | None) -> np.ndarray:
+def _decode_json(body: bytes, limits: DecodeLimits, min_size: tuple[int, int] | None) -> tuple[np.ndarray, str]:
     usage = 'application/json needs an object with exactly one of "image_uri" or "image_b64", a string'
     if _count_up_to(body, b"{[,", JSON_MAX_STRUCTURE + 1) > JSON_MAX_STRUCTURE:
         raise FrameError("json_malformed", f"{usage}; the body has more than {JSON_MAX_STRUCTURE} of "

@@ -47,7 +47,7 @@ from inspector.stores import Store, open_store
 from inspector.timestamps import utc_now
 from inspector.worker.batcher import Batcher
 from inspector.worker.consumer import Consumer, Delivery, Outcome
-from inspector.worker.decode import DecodeLimits, decode_capture
+from inspector.worker.decode import DecodeLimits, decode_capture_kind
 from inspector.worker.evidence import Evidence
 from inspector.worker.hooks import StageHooks, staged, tell, timed, watch, watched
 from inspector.worker.ledger import Ledger
@@ -116,7 +116,7 @@ class Worker:
         self.hooks = hooks
         watch(self, hooks)  # before the consumer is given the callbacks: they are stages too
         self._parse_capture = watched(hooks, "parse", parse_capture)
-        self._decode_capture = watched(hooks, "decode", decode_capture)
+        self._decode_capture = watched(hooks, "decode", decode_capture_kind)
         self._explain_batch = watched(hooks, "score", explain_batch)
         self.device = device if device is not None else resolve_device(settings.device)
         self.store = store if store is not None else open_store(settings.store)
@@ -140,6 +140,7 @@ class Worker:
         self._decoding = 0  # received and not yet prepared: the batcher waits for these
         self._decoding_lock = threading.Lock()
         self._decodes: dict[int, float] = {}  # decode thread -> when its capture's decode began (monotonic)
+        self._said_unlike_fit: set[tuple[str, str, str]] = set()  # (model, version, decode kind) warned of
         self._scoring = False  # a batch is being scored now
         self.scored = 0
         self.watchdog = watchdog or Watchdog()
@@ -347,8 +348,10 @@ class Worker:
         try:
             self._check_age(capture)
             model = self.models.choose(capture)
-            image = self._decode_capture(capture.body, capture.content_type, capture.headers, self.limits,
-                                         decode_size(model.plugin))
+            image, decoded = self._decode_capture(capture.body, capture.content_type, capture.headers, self.limits,
+                                                  decode_size(model.plugin))
+            if model.fitted_decodes is not None and decoded not in model.fitted_decodes:
+                self._unlike_fit(model, decoded)
             try:
                 hooks = self.hooks
                 tensor = model.plugin.prepare(image) if hooks is None else timed(hooks, "prepare", model.plugin.prepare,
@@ -365,6 +368,23 @@ class Worker:
             return
         self.metrics.stage("decode", time.perf_counter() - started)
         self._prepared.put(_Prepared(delivery, capture, model, tensor, (image.shape[1], image.shape[0])))
+
+    def _unlike_fit(self, model: ServedModel, decoded: str) -> None:
+        """A frame decoded as no image of its version's fit was: counted, and said once per version and kind.
+        It is scored (the line keeps moving) but its verdict is not calibrated: a line that sends PNG to a
+        model fitted on JPEG frames rejected 66% of its good parts in bench/components_calibration.py."""
+        self.metrics.frame_unlike_fit(model.name, decoded)
+        said = (model.name, model.version, decoded)
+        if said in self._said_unlike_fit:
+            return
+        self._said_unlike_fit.add(said)
+        fitted = " and ".join(sorted(model.fitted_decodes or ()))
+        log.warning("model %s version %s was fitted on %s-decoded images only, but frames arrive that decode %s "
+                    "(%s): their scores are not the ones it was calibrated on, expect false rejects; refit from "
+                    "frames as the cameras send them, or send the format it was fitted on",
+                    model.name, model.version, fitted, decoded,
+                    "a JPEG" if decoded == "jpeg" else "in full: PNG, BMP, TIFF, WebP or raw pixels",
+                    extra={"model": model.name, "version": model.version})
 
     def _check_age(self, capture: Capture) -> None:
         limit = self.settings.worker.max_frame_age_s

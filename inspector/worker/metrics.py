@@ -40,6 +40,7 @@ from inspector.config import MetricsSettings, Settings
 from inspector.errors import FRAME_ERROR_CODES, ConfigError
 from inspector.logs import Throttle
 from inspector.messages import SOURCE_ID_MAX_BYTES, VERDICTS, clean_id
+from inspector.worker.decode import DECODE_KINDS
 from inspector.worker.memlimit import memory_limit_bytes
 
 log = logging.getLogger(__name__)
@@ -335,6 +336,12 @@ class Metrics:
             "inspector_consumer_paused", "1 while the worker takes no captures: its in-flight budget is spent.",
             registry=r,
         )  # fmt: skip
+        self.frames_unlike_fit = Counter(
+            "inspector_frames_unlike_fit_total",
+            "Frames decoded as the model's version never read an image in its fit (decode: jpeg, or full for every "
+            "other format): its scores for them are not the ones it was calibrated on.", ["model", "decode"],
+            registry=r,
+        )  # fmt: skip
         self.frame_age_implausible = Counter(
             "inspector_frame_age_implausible_total",
             "Frames whose capture time is over a day old or minutes ahead: left out of the latency histograms.",
@@ -448,6 +455,8 @@ class Metrics:
         model = self._cap("model", model)
         for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(model=model, outcome=outcome)
+        for kind in DECODE_KINDS:
+            self.frames_unlike_fit.labels(model=model, decode=kind)
 
     @_guarded()
     def set_model(self, model: str, plugin: str, version: str, threshold: float) -> None:
@@ -463,6 +472,12 @@ class Metrics:
         self.model_threshold.labels(model=model).set(threshold)
         for outcome in RELOAD_OUTCOMES:  # at 0 from now on, so the first failed reload shows in increase()
             self.model_reloads.labels(model=model, outcome=outcome)
+
+    @_guarded()
+    def frame_unlike_fit(self, model: str, decode: str) -> None:
+        if decode not in DECODE_KINDS:
+            raise ValueError(f"decode kind {decode!r} is not one of {DECODE_KINDS}")
+        self.frames_unlike_fit.labels(model=self._cap("model", model), decode=decode).inc()
 
     @_guarded()
     def model_reload(self, model: str, outcome: str) -> None:

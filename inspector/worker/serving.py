@@ -52,6 +52,7 @@ class ServedModel:
     plugin: Plugin
     region_level: float | None = None  # set when models.NAME.regions is on and the version has a calibrated level
     region_verdicts: frozenset[str] = frozenset({"fail"})  # the verdicts whose results carry regions ("all": both)
+    fitted_decodes: frozenset[str] | None = None  # how its fit's images decoded (None: not recorded, not checked)
 
     def identity(self) -> dict[str, str]:
         """The `model` object of a result."""
@@ -100,8 +101,11 @@ def load_version(
                     "or too few good images to calibrate one); its results carry none until a refit adds them",
                     name, info.version, extra={"model": name, "version": info.version})
     verdicts = frozenset({"pass", "fail"}) if settings.regions == "all" else frozenset({"fail"})
+    decoded = (info.manifest.get("images") or {}).get("decoded")
+    fitted = frozenset(k for k, n in decoded.items() if n) if isinstance(decoded, dict) and any(decoded.values()) \
+        else None
     return ServedModel(name=name, plugin_name=info.plugin, version=info.version, threshold=settings.threshold,
-                       plugin=plugin, region_level=level, region_verdicts=verdicts)
+                       plugin=plugin, region_level=level, region_verdicts=verdicts, fitted_decodes=fitted)
 
 
 MapOf = Callable[[tuple[int, int]], np.ndarray]  # (width, height) -> one frame's anomaly map
