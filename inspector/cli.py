@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "defective parts (the model is then calibrated, so it fails them) and stage 3 runs again with "
                        "the model's regions off, then on, side by side: frames/s at saturation, and latency "
                        "p50/p95 at half load of the frames answered fail and pass; the fails seen are counted, and "
-                       "those carrying regions")
+                       "those carrying regions. On the first --encoding only: the model is fitted on that one")
     bench.set_defaults(func=_cmd_bench)
 
     opcua = commands.add_parser(

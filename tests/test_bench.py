@@ -190,12 +190,14 @@ def test_failing_frames_measure_regions_off_and_on_side_by_side(tmp_path: Path) 
     frame, fail about that share, and only the regions-on side's fail results carry regions."""
     from inspector.tools.bench.options import failing_frame
 
-    result = bench(tmp_path, "--resolution", "128", "--encoding", "png", "--frames", "40", "--half-load-s", "1",
+    result = bench(tmp_path, "--resolution", "128", "--encoding", "png,jpeg", "--frames", "40", "--half-load-s", "1",
                    "--failing", "0.25", "--json", maps=True)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["settings"]["failing"] == [0.25] and report["settings"]["region_level"] > 0
     assert set(report["broker"]["png"]) >= {"saturation", "half_load", "failing"}  # the all-good run stays
+    # JPEG frames decode unlike the PNG frames the model was fitted on: no verdicts are judged there
+    assert "saturation" in report["broker"]["jpeg"] and "failing" not in report["broker"]["jpeg"]
     runs = report["broker"]["png"]["failing"]["0.25"]
     assert set(runs) == {"regions_off", "regions_on"}
     defective_sat = sum(failing_frame(i, 0.25) for i in range(40))
