@@ -4,6 +4,7 @@ cross-fit's embeddings, and versions with and without it that load, score and re
 
 import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -11,7 +12,7 @@ from inspector.errors import StateError
 from inspector.plugin import region_level
 from inspector.tools import samples
 from inspector_dfkde import patchmap
-from inspector_dfkde.patchmap import FILE, PatchDensity, PatchSampler, map_layer, region_rank
+from inspector_dfkde.patchmap import FILE, PatchDensity, PatchSampler, local_average, map_layer, region_rank
 from inspector_dfkde.plugin import DfkdePlugin, DfkdeSettings
 
 CPU = torch.device("cpu")
@@ -65,7 +66,7 @@ def test_the_level_is_the_k_th_held_out_peak_by_a_numpy_reference(images):
         sampler.add(plugin._extractor()(batch))
     assert sampler.images == IMAGES and sampler.held_seen == IMAGES // patchmap.HOLD_OUT_EVERY
     density = PatchDensity(plugin._extractor().size).fit(sampler)
-    held = torch.stack(sampler.held)
+    held = torch.from_numpy(_local_mean(torch.stack(sampler.held).numpy(), patchmap.LOCAL_AVERAGE))
     # the reference: each held-out image's smoothed negative log-density grid, by hand, then its maximum
     rows = held.permute(0, 2, 3, 1).reshape(-1, held.shape[1])
     projected = (rows - density.pca.mean) @ density.pca.components
@@ -84,6 +85,34 @@ def test_the_level_is_the_k_th_held_out_peak_by_a_numpy_reference(images):
                              for g in grids])
     drawn = density.transform(torch.from_numpy(np.quantile(pixels, [0.5, 0.99]))).numpy()
     np.testing.assert_allclose(drawn, [patchmap.GOOD_MEDIAN_LEVEL, patchmap.GOOD_LEVEL], rtol=1e-3)
+
+
+def _local_mean(grids, width):
+    """scipy's reference of the local average: the window's sum over the count of its locations inside the grid."""
+    size = (1, 1, width, width)
+    sums = scipy.ndimage.uniform_filter(grids.astype(np.float64), size, mode="constant") * width * width
+    inside = scipy.ndimage.uniform_filter(np.ones(grids.shape), size, mode="constant") * width * width
+    return (sums / inside).astype(np.float32)
+
+
+@pytest.mark.parametrize("width", [1, 3, 5])
+def test_the_local_average_is_scipy_s_mean_over_the_neighbours_inside(width):
+    grids = torch.randn(2, 3, 7, 9, generator=torch.Generator().manual_seed(width))
+    np.testing.assert_allclose(local_average(grids, width).numpy(), _local_mean(grids.numpy(), width),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_the_sampled_locations_are_locally_averaged():
+    held = patchmap.HOLD_OUT_EVERY - 1  # the first image held out
+    grids = torch.randn(held + 1, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    sampler = PatchSampler(0)
+    sampler.add(grids)
+    averaged = torch.from_numpy(_local_mean(grids[:held].numpy(), patchmap.LOCAL_AVERAGE))
+    every = averaged.permute(0, 2, 3, 1).reshape(-1, 3)
+    assert len(sampler.sample()) == held * 25
+    for row in sampler.sample():
+        assert torch.isclose(every, row, rtol=1e-5, atol=1e-6).all(1).any()
+    torch.testing.assert_close(sampler.held[0], grids[held])  # kept as drawn: the density averages it
 
 
 def test_samples_stay_bounded_whatever_the_archive(monkeypatch):
@@ -125,20 +154,43 @@ def test_a_version_saves_and_loads_with_its_map_and_without_one(fitted, tmp_path
     assert older.explain(batch).map_of(0, (20, 20)).shape == (20, 20)  # the scoring pass's map, as before
 
 
-@pytest.mark.parametrize("change", ["extra tensor", "wrong shape", "layer"])
+def test_a_map_of_the_earlier_format_draws_as_it_was_fitted(images, tmp_path, monkeypatch):
+    """A dfkde.patchmap/1 file (no local average, at most 32 components) loads, and draws what it drew."""
+    monkeypatch.setattr(patchmap, "LOCAL_AVERAGE", 1)
+    monkeypatch.setattr(patchmap, "COMPONENTS", 32)
+    plugin = _plugin()
+    plugin.fit(iter(_batches(plugin, images)))
+    plugin.save(tmp_path)
+    path = tmp_path / FILE
+    save_file(load_file(str(path)), str(path),
+              metadata={"format": "dfkde.patchmap/1", "layer": "layer3", "map_size": str(2 * 48), "figures": "{}"})
+    monkeypatch.undo()
+    loaded = DfkdePlugin.load(tmp_path, CPU)
+    assert loaded.patch_map.density.pool == 1
+    batch = torch.stack([plugin.prepare(image) for image in samples.make_images(2, defective=True, seed=4,
+                                                                                  size=SIZE)])
+    np.testing.assert_array_equal(loaded.explain(batch).map_of(0, (40, 30)), plugin.explain(batch).map_of(0, (40, 30)))
+
+
+@pytest.mark.parametrize("change", ["extra tensor", "wrong shape", "layer", "format", "local average"])
 def test_a_bad_map_file_is_refused_with_a_clear_error(fitted, tmp_path, change):
     fitted.save(tmp_path)
     path = tmp_path / FILE
     tensors = load_file(str(path))
-    meta = {"format": patchmap.FORMAT, "layer": "layer3", "map_size": str(2 * 48), "figures": "{}"}
+    meta = {"format": patchmap.FORMAT, "layer": "layer3", "map_size": str(2 * 48), "local_average": "3",
+            "figures": "{}"}
     if change == "extra tensor":
         tensors["evil"] = torch.zeros(3)
     elif change == "wrong shape":
         tensors["pca.mean"] = torch.zeros(7)
-    else:
+    elif change == "layer":
         meta["layer"] = "layer2"
+    elif change == "format":
+        meta["format"] = "dfkde.patchmap/9"
+    else:
+        meta["local_average"] = "4"
     save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(StateError, match="refit the model|not"):
+    with pytest.raises(StateError, match="refit the model|not|a refit draws the maps anew"):
         DfkdePlugin.load(tmp_path, CPU)
 
 
