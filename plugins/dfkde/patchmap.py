@@ -200,8 +200,8 @@ class PatchDensity(nn.Module):
         b = top - _logit(GOOD_LEVEL) / a
         self.scale = torch.tensor([a, b], dtype=torch.float32)
         self.figures = {"components": components, "patches": int(patches.shape[0]),
-                        "map_size": self.size, "local_average": self.pool, "fit_images": sampler.images - sampler.held_seen,
-                        "held_out_images": len(peaks),
+                        "map_size": self.size, "local_average": self.pool,
+                        "fit_images": sampler.images - sampler.held_seen, "held_out_images": len(peaks),
                         "good_region_rate": GOOD_REGION_RATE}
         k = region_rank(len(peaks), GOOD_REGION_RATE)
         if k is None:
