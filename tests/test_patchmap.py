@@ -8,7 +8,9 @@ import scipy.ndimage
 import torch
 from safetensors.torch import load_file, save_file
 
-from inspector.errors import StateError
+from pydantic import ValidationError
+
+from inspector.errors import FitError, StateError
 from inspector.plugin import region_level
 from inspector.tools import samples
 from inspector_dfkde import patchmap
@@ -20,9 +22,9 @@ SIZE = 96
 IMAGES = 100  # 20 held out of the map's fit: enough for a 5% level
 
 
-def _plugin(maps=True):
+def _plugin(maps=True, **extra):
     settings = DfkdeSettings(backbone="resnet18", layers=["layer2", "layer3"], weights="none", precision="fp32",
-                             input_size=48, n_comps=8, localisation_maps=maps)
+                             input_size=48, n_comps=8, localisation_maps=maps, **extra)
     return DfkdePlugin.create(settings, CPU)
 
 
@@ -59,13 +61,14 @@ def test_the_map_never_changes_a_score(fitted, images):
         np.testing.assert_array_equal(scores.probability, plain.score(batch).probability)
 
 
-def test_the_level_is_the_k_th_held_out_peak_by_a_numpy_reference(images):
+@pytest.mark.parametrize("rate", [patchmap.GOOD_REGION_RATE, 0.2])
+def test_the_level_is_the_k_th_held_out_peak_by_a_numpy_reference(images, rate):
     plugin = _plugin()
     sampler = PatchSampler(0)
     for batch in _batches(plugin, images):
         sampler.add(plugin._extractor()(batch))
     assert sampler.images == IMAGES and sampler.held_seen == IMAGES // patchmap.HOLD_OUT_EVERY
-    density = PatchDensity(plugin._extractor().size).fit(sampler)
+    density = PatchDensity(plugin._extractor().size, region_rate=rate).fit(sampler)
     held = torch.from_numpy(_local_mean(torch.stack(sampler.held).numpy(), patchmap.LOCAL_AVERAGE))
     # the reference: each held-out image's smoothed negative log-density grid, by hand, then its maximum
     rows = held.permute(0, 2, 3, 1).reshape(-1, held.shape[1])
@@ -74,12 +77,13 @@ def test_the_level_is_the_k_th_held_out_peak_by_a_numpy_reference(images):
     grids = torch.nn.functional.interpolate(scores, size=(density.size,) * 2, mode="bilinear", align_corners=False)
     peaks = np.array([float(patchmap._blur(g[None], patchmap.SMOOTH_SHARE * density.size).max()) for g in grids])
     n = len(peaks)
-    k = int(np.ceil((1 - patchmap.GOOD_REGION_RATE) * (n + 1)))
+    k = int(np.ceil((1 - rate) * (n + 1)))
     level = np.sort(peaks)[k - 1]
-    assert region_rank(n, patchmap.GOOD_REGION_RATE) == k
+    assert region_rank(n, rate) == k
     a, b = (float(v) for v in density.scale)
     np.testing.assert_allclose(density.region_level, 1 / (1 + np.exp(-a * (level - b))), rtol=1e-5)
     assert density.figures["held_out_images"] == n and density.figures["rank"] == k
+    assert density.figures["good_region_rate"] == rate
     # the transform puts the held-out good pixels' median and 99th percentile where the module says
     pixels = np.concatenate([patchmap._blur(g[None], patchmap.SMOOTH_SHARE * density.size).numpy().ravel()
                              for g in grids])
@@ -212,3 +216,30 @@ def test_a_fit_too_small_to_calibrate_draws_maps_without_regions():
     plugin.fit(iter(_batches(plugin, few)))
     assert plugin.patch_map is not None and plugin.region_level is None
     assert "not calibrated" in plugin.patch_map.density.figures["regions"]
+
+
+def test_the_good_region_rate_setting_reaches_the_level_and_the_manifest(images):
+    plugin = _plugin(good_region_rate=0.2)
+    plugin.fit(iter(_batches(plugin, images)))
+    figures = plugin.patch_map.density.figures
+    n = figures["held_out_images"]
+    assert figures["good_region_rate"] == 0.2 and figures["rank"] == int(np.ceil(0.8 * (n + 1))) < n
+
+
+@pytest.mark.parametrize("rate", [0.0005, 0.6])
+def test_a_good_region_rate_out_of_bounds_is_refused_naming_the_setting(rate):
+    with pytest.raises(ValidationError, match="good_region_rate"):
+        DfkdeSettings(good_region_rate=rate)
+
+
+def test_a_chosen_rate_the_held_out_images_cannot_promise_refuses_the_refit():
+    """24 images hold out 4: a rate of 1% (99 needed) fails with the fix; at the default 5% (19 needed) maps
+    come without regions, as before (test_a_fit_too_small_to_calibrate_draws_maps_without_regions)."""
+    few = samples.make_images(24, seed=2, size=SIZE)
+    plugin = _plugin(good_region_rate=0.01)
+    with pytest.raises(FitError, match=r"plugins.dfkde.good_region_rate = 0.01 needs at least 99 held-out good "
+                                       r"images .* got 4 of 24.* at least 0.2,"):
+        plugin.fit(iter(_batches(plugin, few)))
+    plugin = _plugin(good_region_rate=0.2)  # the rate the message offers is one the same archive keeps
+    plugin.fit(iter(_batches(plugin, few)))
+    assert plugin.region_level is not None and plugin.patch_map.density.figures["rank"] == 4

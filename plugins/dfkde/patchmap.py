@@ -13,7 +13,7 @@ Magnetic Tile Defect set's pixel masks (bench/anomaly_maps.py, docs/quality.md).
 Fitted in the same refit from the same images: every image the plugin embeds also passes through this
 extractor (PatchSampler); every HOLD_OUT_EVERY'th image is held out of the map's fit, and those images' maps
 (drawn by a model that never saw them) set the map's scale and the regions' level: the level that a
-(1 - GOOD_REGION_RATE) share of the held-out good parts' peaks stay under (a split-conformal rank, as the
+(1 - good_region_rate) share of the held-out good parts' peaks stay under (a split-conformal rank, as the
 image threshold's). Fitted once on all images' samples after any cross-fitting folds (the folds' models
 draw no maps). Memory is bounded: MAX_PATCHES locations and MAX_CALIBRATION_IMAGES grids, whatever the
 archive's size. Saved in its own safetensors file beside the state, its format and local average in the header;
@@ -53,7 +53,8 @@ MAX_PATCHES = 40000  # the KDE's points: a seeded reservoir over the fit images'
 PATCHES_PER_IMAGE = 64
 HOLD_OUT_EVERY = 5  # every 5th image embedded is held out of the map's fit; its map calibrates
 MAX_CALIBRATION_IMAGES = 256  # a seeded reservoir of the held-out images' grids
-GOOD_REGION_RATE = 0.05  # the share of good parts that may get a region at the calibrated level
+GOOD_REGION_RATE = 0.05  # the share of good parts that may get a region at the calibrated level, by default
+REGION_RATE_BOUNDS = (0.001, 0.5)  # what `[plugins.dfkde] good_region_rate` may be
 SMOOTH_SHARE = 4 / 128  # a Gaussian of sigma 8 px at 256 px, as the scoring maps' 4 at 128
 # The map is the logistic 1 / (1 + exp(-a (s - b))) of the smoothed score s (negative log-density): strictly
 # rising, so no two scores tie (in float32 until 6.4 times the good parts' spread above their top), and on
@@ -158,8 +159,9 @@ class PatchSampler:
 class PatchDensity(nn.Module):
     """The fitted map: PCA, the KDE over good locations, the scale, and the regions' level."""
 
-    def __init__(self, size: int, pool: int = LOCAL_AVERAGE) -> None:
+    def __init__(self, size: int, pool: int = LOCAL_AVERAGE, region_rate: float = GOOD_REGION_RATE) -> None:
         super().__init__()
+        self.region_rate = region_rate  # the share of good parts that may get a region (the level's rank)
         self.size = size  # the map pass's input side, where the scores are smoothed
         self.pool = pool  # the local average's width the density was fitted with (1: none)
         self.pca = PCA(COMPONENTS)
@@ -202,12 +204,12 @@ class PatchDensity(nn.Module):
         self.figures = {"components": components, "patches": int(patches.shape[0]),
                         "map_size": self.size, "local_average": self.pool,
                         "fit_images": sampler.images - sampler.held_seen, "held_out_images": len(peaks),
-                        "good_region_rate": GOOD_REGION_RATE}
-        k = region_rank(len(peaks), GOOD_REGION_RATE)
+                        "good_region_rate": self.region_rate}
+        k = region_rank(len(peaks), self.region_rate)
         if k is None:
             self.level = torch.empty(0)
             self.figures["regions"] = (f"not calibrated: {len(peaks)} held-out images, "
-                                       f"{images_for_regions(GOOD_REGION_RATE)} needed")
+                                       f"{images_for_regions(self.region_rate)} needed")
         else:
             level = float(np.sort(peaks)[k - 1])
             self.level = torch.tensor([float(self.transform(torch.tensor(level)))], dtype=torch.float32)
