@@ -226,10 +226,14 @@ def test_the_good_region_rate_setting_reaches_the_level_and_the_manifest(images)
     assert figures["good_region_rate"] == 0.2 and figures["rank"] == int(np.ceil(0.8 * (n + 1))) < n
 
 
-@pytest.mark.parametrize("rate", [0.0005, 0.6])
+@pytest.mark.parametrize("rate", [0.003, 0.6])
 def test_a_good_region_rate_out_of_bounds_is_refused_naming_the_setting(rate):
     with pytest.raises(ValidationError, match="good_region_rate"):
         DfkdeSettings(good_region_rate=rate)
+
+
+def test_the_lowest_rate_is_one_the_kept_held_out_images_can_promise():
+    assert patchmap.images_for_regions(patchmap.REGION_RATE_BOUNDS[0]) <= patchmap.MAX_CALIBRATION_IMAGES
 
 
 def test_a_chosen_rate_the_held_out_images_cannot_promise_refuses_the_refit():

@@ -54,7 +54,8 @@ PATCHES_PER_IMAGE = 64
 HOLD_OUT_EVERY = 5  # every 5th image embedded is held out of the map's fit; its map calibrates
 MAX_CALIBRATION_IMAGES = 256  # a seeded reservoir of the held-out images' grids
 GOOD_REGION_RATE = 0.05  # the share of good parts that may get a region at the calibrated level, by default
-REGION_RATE_BOUNDS = (0.001, 0.5)  # what `[plugins.dfkde] good_region_rate` may be
+# What `[plugins.dfkde] good_region_rate` may be: 0.004 needs 249 held-out images, within MAX_CALIBRATION_IMAGES
+REGION_RATE_BOUNDS = (0.004, 0.5)
 SMOOTH_SHARE = 4 / 128  # a Gaussian of sigma 8 px at 256 px, as the scoring maps' 4 at 128
 # The map is the logistic 1 / (1 + exp(-a (s - b))) of the smoothed score s (negative log-density): strictly
 # rising, so no two scores tie (in float32 until 6.4 times the good parts' spread above their top), and on
