@@ -15,8 +15,8 @@ method at its own size; the maps are judged against ground_truth/<kind>/NAME.png
 Methods (see plugins/dfkde/patchmap.py for the one shipped):
 - patch density (shipped, plugins/dfkde/patchmap.py; drawn through the plugin's own `explain` and `map_of`):
   a pass of its own on the prepared image enlarged twice (256 px), the backbone's stride-16 layer (16 x 16
-  locations), each location's features through a PCA to 32 and scored by a Gaussian KDE over 40,000
-  sampled locations of the good parts, smoothed; fitted in the same fit.
+  locations), each location's features averaged over its 3 x 3 neighbourhood, through a PCA to 64 and scored
+  by a Gaussian KDE over 40,000 sampled locations of the good parts, smoothed; fitted in the same fit.
 - local diagonal (shipped before, plugins/dfkde/maps.py; what a version without the patch map draws):
   every location of every layer scored by its features' squared distance to the good parts' per-channel
   mean in units of their per-channel spread (one diagonal Gaussian for all positions, fitted alongside

@@ -4,18 +4,20 @@ The score's feature maps are coarse (8 x 8 at the shipped 128 px input), so a ma
 blob over most of a part. The plugin contract draws maps later, off the scoring thread, for the frames that
 want one, so this map comes from its own pass: the prepared image enlarged MAP_ZOOM times, the backbone's
 stride-16 layer (the same architecture and weights as the scoring backbone, built apart from it so that its
-runtime never touches the score's), each location's features projected by a PCA to COMPONENTS and scored by a
-Gaussian KDE over a bounded sample of the good parts' locations (patch-level density, in the spirit of
-PaDiM and PatchCore, without positions since parts are not registered). Chosen by measurement on the
+runtime never touches the score's), each location's features averaged over its LOCAL_AVERAGE x LOCAL_AVERAGE
+neighbourhood (PatchCore's local aggregation: a location sees a little of its context), projected by a PCA to
+COMPONENTS and scored by a Gaussian KDE over a bounded sample of the good parts' locations (patch-level density,
+in the spirit of PaDiM and PatchCore, without positions since parts are not registered). Chosen by measurement on the
 Magnetic Tile Defect set's pixel masks (bench/anomaly_maps.py, docs/quality.md). Never touches a score.
 
 Fitted in the same refit from the same images: every image the plugin embeds also passes through this
 extractor (PatchSampler); every HOLD_OUT_EVERY'th image is held out of the map's fit, and those images' maps
 (drawn by a model that never saw them) set the map's scale and the regions' level: the level that a
-(1 - GOOD_REGION_RATE) share of the held-out good parts' peaks stay under (a split-conformal rank, as the
+(1 - good_region_rate) share of the held-out good parts' peaks stay under (a split-conformal rank, as the
 image threshold's). Fitted once on all images' samples after any cross-fitting folds (the folds' models
 draw no maps). Memory is bounded: MAX_PATCHES locations and MAX_CALIBRATION_IMAGES grids, whatever the
-archive's size. Saved in its own safetensors file beside the state; a version without it scores as before.
+archive's size. Saved in its own safetensors file beside the state, its format and local average in the header;
+a version without it scores as before, and a file of an earlier format draws as it was fitted.
 """
 
 from __future__ import annotations
@@ -40,15 +42,20 @@ from inspector_dfkde.kde import GaussianKDE
 from inspector_dfkde.pca import PCA
 
 FILE = "patchmap.safetensors"
-FORMAT = "dfkde.patchmap/1"
+FORMAT = "dfkde.patchmap/2"
+# Files of earlier formats load as they were fitted: format -> (local average, most components); /1 had neither
+EARLIER_FORMATS = {"dfkde.patchmap/1": (1, 32)}
 MAP_ZOOM = 2  # the map pass's input: the prepared image enlarged (bilinear) twice, 256 px at the shipped 128
 MAP_STRIDE = 16  # the backbone layer whose features are scored: 16 x 16 locations at 256 px
-COMPONENTS = 32
+COMPONENTS = 64
+LOCAL_AVERAGE = 3  # each location's features: the mean over its 3 x 3 neighbourhood (edges: the ones inside)
 MAX_PATCHES = 40000  # the KDE's points: a seeded reservoir over the fit images' sampled locations
 PATCHES_PER_IMAGE = 64
 HOLD_OUT_EVERY = 5  # every 5th image embedded is held out of the map's fit; its map calibrates
 MAX_CALIBRATION_IMAGES = 256  # a seeded reservoir of the held-out images' grids
-GOOD_REGION_RATE = 0.05  # the share of good parts that may get a region at the calibrated level
+GOOD_REGION_RATE = 0.05  # the share of good parts that may get a region at the calibrated level, by default
+# What `[plugins.dfkde] good_region_rate` may be: 0.004 needs 249 held-out images, within MAX_CALIBRATION_IMAGES
+REGION_RATE_BOUNDS = (0.004, 0.5)
 SMOOTH_SHARE = 4 / 128  # a Gaussian of sigma 8 px at 256 px, as the scoring maps' 4 at 128
 # The map is the logistic 1 / (1 + exp(-a (s - b))) of the smoothed score s (negative log-density): strictly
 # rising, so no two scores tie (in float32 until 6.4 times the good parts' spread above their top), and on
@@ -118,7 +125,7 @@ class PatchSampler:
             if self.images % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1:
                 self._hold(grid)
             else:
-                rows = grid.flatten(1).T  # locations x C
+                rows = local_average(grid[None], LOCAL_AVERAGE)[0].flatten(1).T  # locations x C
                 chosen = self.rng.choice(rows.shape[0], min(PATCHES_PER_IMAGE, rows.shape[0]), replace=False)
                 self._keep(rows[torch.from_numpy(chosen)])
             self.images += 1
@@ -153,9 +160,11 @@ class PatchSampler:
 class PatchDensity(nn.Module):
     """The fitted map: PCA, the KDE over good locations, the scale, and the regions' level."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, pool: int = LOCAL_AVERAGE, region_rate: float = GOOD_REGION_RATE) -> None:
         super().__init__()
+        self.region_rate = region_rate  # the share of good parts that may get a region (the level's rank)
         self.size = size  # the map pass's input side, where the scores are smoothed
+        self.pool = pool  # the local average's width the density was fitted with (1: none)
         self.pca = PCA(COMPONENTS)
         self.kde = GaussianKDE()
         self.register_buffer("scale", torch.empty(0))  # (a, b) of the map's transform
@@ -173,6 +182,7 @@ class PatchDensity(nn.Module):
     def fit(self, sampler: PatchSampler) -> "PatchDensity":
         """PCA and KDE on the fit images' locations; scale and level from the held-out images' maps.
         ValueError when the locations are too few or degenerate."""
+        self.pool = LOCAL_AVERAGE  # what the sampler's locations were averaged with
         patches = sampler.sample()
         components = min(COMPONENTS, patches.shape[1], max(1, patches.shape[0] - 2 - 1))
         if patches.shape[0] < 4:
@@ -193,14 +203,14 @@ class PatchDensity(nn.Module):
         b = top - _logit(GOOD_LEVEL) / a
         self.scale = torch.tensor([a, b], dtype=torch.float32)
         self.figures = {"components": components, "patches": int(patches.shape[0]),
-                        "map_size": self.size, "fit_images": sampler.images - sampler.held_seen,
-                        "held_out_images": len(peaks),
-                        "good_region_rate": GOOD_REGION_RATE}
-        k = region_rank(len(peaks), GOOD_REGION_RATE)
+                        "map_size": self.size, "local_average": self.pool,
+                        "fit_images": sampler.images - sampler.held_seen, "held_out_images": len(peaks),
+                        "good_region_rate": self.region_rate}
+        k = region_rank(len(peaks), self.region_rate)
         if k is None:
             self.level = torch.empty(0)
             self.figures["regions"] = (f"not calibrated: {len(peaks)} held-out images, "
-                                       f"{images_for_regions(GOOD_REGION_RATE)} needed")
+                                       f"{images_for_regions(self.region_rate)} needed")
         else:
             level = float(np.sort(peaks)[k - 1])
             self.level = torch.tensor([float(self.transform(torch.tensor(level)))], dtype=torch.float32)
@@ -215,6 +225,7 @@ class PatchDensity(nn.Module):
     @torch.inference_mode()
     def smoothed_scores(self, grids: Tensor) -> Tensor:
         """B x C x g x g features -> B x size x size smoothed negative log-densities."""
+        grids = local_average(grids, self.pool)
         b, c, h, w = grids.shape
         rows = grids.permute(0, 2, 3, 1).reshape(-1, c)
         scores = self._scores(self.pca.transform(rows.to(self.pca.mean.device))).reshape(b, 1, h, w)
@@ -245,7 +256,8 @@ class PatchDensity(nn.Module):
                    "kde.log_norm": self.kde.log_norm, "scale": self.scale}
         if self.level.numel():
             tensors["level"] = self.level
-        meta = {"format": FORMAT, "layer": layer, "map_size": str(self.size), "figures": json.dumps(self.figures)}
+        meta = {"format": FORMAT, "layer": layer, "map_size": str(self.size), "local_average": str(self.pool),
+                "figures": json.dumps(self.figures)}
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / FILE), metadata=meta)
         return FILE
 
@@ -255,14 +267,14 @@ class PatchDensity(nn.Module):
         path = folder / FILE
         if not path.exists():
             return None
-        _check_header(path, layer, channels, size)
+        pool = _check_header(path, layer, channels, size)
         try:
             tensors = load_file(str(path))
         except SafetensorError as exc:
             raise StateError(f"{path}: cannot read the localisation map ({exc}); refit the model") from None
         except OSError as exc:
             raise StoreUnavailable(f"{path}: cannot read the localisation map ({exc})") from None
-        density = cls(size)
+        density = cls(size, pool)
         k = tensors["pca.components"].shape[1]
         density.pca = PCA(k)
         density.pca.mean, density.pca.components = tensors["pca.mean"], tensors["pca.components"]
@@ -291,6 +303,14 @@ def images_for_regions(rate: float) -> int:
     return math.ceil(1.0 / rate - 1.0 - 1e-9)
 
 
+def local_average(grids: Tensor, width: int) -> Tensor:
+    """B x C x h x w -> each location's mean over its width x width neighbourhood, of the locations inside the
+    grid (so an edge is not darkened by padding); width 1: the grids as they are."""
+    if width == 1:
+        return grids
+    return F.avg_pool2d(grids, width, stride=1, padding=width // 2, count_include_pad=False)
+
+
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
@@ -310,8 +330,9 @@ def _blur(grid: Tensor, sigma: float) -> Tensor:
     return F.conv2d(F.pad(grid, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
 
 
-def _check_header(path: Path, layer: str, channels: int, size: int) -> None:
-    """The file's header alone, checked against what the version's backbone implies, before any tensor is read."""
+def _check_header(path: Path, layer: str, channels: int, size: int) -> int:
+    """The file's header alone, checked against what the version's backbone implies, before any tensor is read;
+    the local average's width the map was fitted with."""
     try:
         with open(path, "rb") as handle:
             length = int.from_bytes(handle.read(8).ljust(8, b"\xff"), "little")
@@ -323,8 +344,15 @@ def _check_header(path: Path, layer: str, channels: int, size: int) -> None:
     except (ValueError, RecursionError) as exc:
         raise StateError(f"{path}: cannot read the localisation map's header ({exc!r:.100})") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("layer") != layer:
-        raise StateError(f"{path}: not a {FORMAT} file for layer {layer}; refit the model")
+    if not isinstance(meta, dict) or meta.get("layer") != layer:
+        raise StateError(f"{path}: not a localisation map for layer {layer}; refit the model")
+    if meta.get("format") in EARLIER_FORMATS:
+        pool, most = EARLIER_FORMATS[meta["format"]]
+    elif meta.get("format") == FORMAT and meta.get("local_average") in {str(w) for w in (1, 3, 5, 7)}:
+        pool, most = int(meta["local_average"]), COMPONENTS
+    else:
+        raise StateError(f"{path}: a localisation map of format {meta.get('format')!r:.40}, not one this version "
+                         f"reads ({FORMAT} or {', '.join(EARLIER_FORMATS)}); a refit draws the maps anew")
     if meta.get("map_size") != str(size):
         raise StateError(f"{path}: drawn at {meta.get('map_size')!r:.20} px, this version draws at {size}; "
                          "refit the model")
@@ -332,8 +360,8 @@ def _check_header(path: Path, layer: str, channels: int, size: int) -> None:
     components = shape("pca.components")
     rows = shape("kde.whitened")
     if not (isinstance(components, list) and len(components) == 2 and components[0] == channels
-            and 1 <= components[1] <= COMPONENTS):
-        raise StateError(f"{path}: pca.components is {components!r:.40}, not {channels} x at most {COMPONENTS}")
+            and 1 <= components[1] <= most):
+        raise StateError(f"{path}: pca.components is {components!r:.40}, not {channels} x at most {most}")
     k = components[1]
     if not (isinstance(rows, list) and len(rows) == 2 and 1 <= rows[0] <= MAX_PATCHES and rows[1] == k):
         raise StateError(f"{path}: kde.whitened is {rows!r:.40}, not at most {MAX_PATCHES} x {k}")
@@ -349,6 +377,7 @@ def _check_header(path: Path, layer: str, channels: int, size: int) -> None:
     missing = sorted(set(expected) - {"level"} - set(header))
     if missing:
         raise StateError(f"{path}: missing tensors {missing}; refit the model")
+    return pool
 
 
 class PatchMap:

@@ -21,7 +21,16 @@ from inspector_dfkde.maps import LocalStats, draw
 from inspector_dfkde.maps import LocalSums as _Sums
 from inspector_dfkde.model import DfkdeModel
 from inspector_dfkde.patchmap import FILE as PATCH_MAP_FILE
-from inspector_dfkde.patchmap import PatchDensity, PatchExtractor, PatchMap, PatchSampler
+from inspector_dfkde.patchmap import (
+    GOOD_REGION_RATE,
+    HOLD_OUT_EVERY,
+    REGION_RATE_BOUNDS,
+    PatchDensity,
+    PatchExtractor,
+    PatchMap,
+    PatchSampler,
+    images_for_regions,
+)
 from inspector_dfkde.runtimes import RUNTIMES, check_runtime, missing_packages
 from inspector_dfkde.state import load_state, model_settings, read_settings, save_state
 
@@ -61,6 +70,11 @@ class DfkdeSettings(BaseModel):
     )
     localisation_maps: bool = Field(
         True, description="fit the localisation maps' own pass (plugins/dfkde/patchmap.py) in every refit"
+    )
+    good_region_rate: float = Field(
+        GOOD_REGION_RATE, ge=REGION_RATE_BOUNDS[0], le=REGION_RATE_BOUNDS[1],
+        description="the share of good parts that may get a region; any rate but the default that a refit's "
+        "held-out images cannot promise is refused (at the default such a refit fits maps without regions)",
     )
 
     @field_validator("runtime")
@@ -120,11 +134,14 @@ class DfkdePlugin:
     Settings: ClassVar[type[BaseModel]] = DfkdeSettings
 
     def __init__(self, model: DfkdeModel, device: torch.device, jpeg_reduced_decode: bool = False,
-                 localisation_maps: bool = True) -> None:
+                 localisation_maps: bool = True, good_region_rate: float = GOOD_REGION_RATE,
+                 region_rate_required: bool = False) -> None:
         self.model = model.to(device).eval()
         self.device = device
         self.jpeg_reduced_decode = jpeg_reduced_decode
         self.localisation_maps = localisation_maps
+        self.good_region_rate = good_region_rate
+        self.region_rate_required = region_rate_required  # chosen by the operator: a refit that cannot keep it fails
         self.patch_map: PatchMap | None = None  # the fitted localisation map, if any
         self._patch_extractor: PatchExtractor | None = None
         self._patch_sampler: PatchSampler | None = None  # fed by `embed`, consumed by the fit on all images
@@ -151,7 +168,8 @@ class DfkdePlugin:
             seed=s.seed,
             runtime=runtime,
         )
-        return cls(model, device, s.jpeg_reduced_decode, s.localisation_maps)
+        return cls(model, device, s.jpeg_reduced_decode, s.localisation_maps, s.good_region_rate,
+                   region_rate_required=s.good_region_rate != GOOD_REGION_RATE)
 
     @classmethod
     def load(cls, folder: Path, device: torch.device, settings: BaseModel | None = None) -> "DfkdePlugin":
@@ -296,9 +314,19 @@ class DfkdePlugin:
         if sampler is None or sampler.images != images:
             return
         try:
-            density = PatchDensity(self._extractor().size).fit(sampler)
+            density = PatchDensity(self._extractor().size, region_rate=self.good_region_rate).fit(sampler)
         except ValueError as exc:
             raise FitError(f"DFKDE localisation map fit failed: {exc}") from exc
+        held = density.figures["held_out_images"]
+        if self.region_rate_required and density.region_level is None:
+            needed = images_for_regions(self.good_region_rate)
+            raise FitError(
+                f"plugins.dfkde.good_region_rate = {self.good_region_rate:g} needs at least {needed} held-out good "
+                f"images to calibrate the regions (every {HOLD_OUT_EVERY}th image is held out), got {held} of "
+                f"{sampler.images}. Add good images (about {needed * HOLD_OUT_EVERY} in all), "
+                + (f"raise plugins.dfkde.good_region_rate to at least {math.ceil(1000 / (held + 1)) / 1000:g}, "
+                   if held + 1 >= 1 / REGION_RATE_BOUNDS[1] else "")
+                + f"or set it back to {GOOD_REGION_RATE:g} to fit maps without regions")
         self.patch_map = PatchMap(self._extractor(), density.to(self.device))
 
     @property
