@@ -254,6 +254,7 @@ def test_refit_on_40_images_cross_fits_and_says_how(small_refit):
                                   "skipped": 0, "skipped_reasons": {},
                                   "groups": {"groups": ARCHIVE, "images": ARCHIVE, "images_with_twin": 0,
                                              "largest_group": 1, "merged_by": {"embeddings": 0}},
+                                  "decoded": {"jpeg": 0, "full": ARCHIVE},  # PNG files: decoded in full
                                   "components": {"configured": 24, "used": 19, "images_per_fit": 38,
                                                  "images_per_component": 2}}
     assert result.used == ARCHIVE and result.held_out == 0

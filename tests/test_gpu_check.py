@@ -105,11 +105,12 @@ def test_dry_run_on_the_cpu_writes_every_step_and_labels_itself(dry_run) -> None
 
 
 def test_the_providers_step_runs_the_exported_backbone_beside_torch_and_never_falls_back() -> None:
-    """On the CPU the CPU provider stands in for the GPU ones: the plumbing, the parity and the labels."""
-    done = gpu_check("--providers-step", "--device", "cpu", "--batch", "2", "--rounds", "1", "--input-size", "64",
-                     timeout=180)
-    assert done.returncode == 0, done.stderr
-    found = json.loads(done.stdout)
+    """On the CPU the CPU provider stands in for the GPU ones: the plumbing, the parity and the labels (in this
+    process: the script's own function, as its --providers-step runs it)."""
+    loader = importlib.machinery.SourceFileLoader("gpu_check_script", str(SCRIPT))
+    script = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(script)
+    found = json.loads(json.dumps(script.providers_step("cpu", batch=2, rounds=1, size=64)))  # JSON, as printed
     assert found["dry_run"] is True and found["backbone"].endswith("blocks.4+blocks.6")
     rows = {r["way"]: r for r in found["rows"]}
     assert set(rows) == {"torch fp32", "onnxruntime CPU fp32"}

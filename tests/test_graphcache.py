@@ -23,19 +23,25 @@ def backbone():
     return DfkdeModel(SHIPPED.backbone, layers=SHIPPED.layers, weights=SHIPPED.weights).backbone
 
 
+@pytest.fixture(scope="module")
+def exported(backbone):
+    """The real export of the backbone at SIZE, made once: the cache's logic is under test, not the exporter."""
+    return runtimes.export_onnx(backbone.extractor, SIZE)
+
+
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
+def cache(tmp_path, monkeypatch, exported):
     """A fresh process's view: no runner or graph in memory, the cache in tmp_path/graphs, exports counted."""
     folder = tmp_path / "graphs"
     monkeypatch.setattr(runtimes, "_runners", type(runtimes._runners)())
     monkeypatch.setattr(runtimes, "_graphs", {})
     monkeypatch.setattr(graphcache, "_warned", set())
     exports = []
-    real = runtimes.export_onnx
 
     def counted(extractor, input_size):
+        assert input_size == SIZE
         exports.append(input_size)
-        return real(extractor, input_size)
+        return exported
 
     monkeypatch.setattr(runtimes, "export_onnx", counted)
     graphcache.use(str(folder))
@@ -80,13 +86,26 @@ def test_a_damaged_or_foreign_graph_is_exported_again_and_replaced(backbone, cac
     good = (folder / name).read_bytes()
     assert good.startswith(b"\x08") and len(good) > 1_000_000  # the real export took its place
 
-    # a well-formed graph that is not this backbone (another input size's export under this name) is refused too
-    foreign = runtimes.export_onnx(backbone.extractor, 2 * SIZE)
+    # a well-formed graph that is not this backbone (a one-layer network's, under this name) is refused too
+    foreign = _one_convolution_graph()
     (folder / name).write_bytes(foreign)
     _new_process()
     exports.clear()
     assert _features_match_torch(backbone)
     assert exports == [SIZE] and (folder / name).read_bytes() == good
+
+
+def _one_convolution_graph() -> bytes:
+    import io
+    import warnings
+
+    layer = torch.nn.Conv2d(3, 8, 3, stride=16)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(layer.eval(), (torch.zeros(2, 3, SIZE, SIZE),), buffer, dynamo=False, input_names=["images"],
+                          dynamic_axes={"images": {0: "batch"}}, opset_version=runtimes._OPSET)
+    return buffer.getvalue()
 
 
 def test_a_folder_other_users_can_write_is_never_used(backbone, cache, caplog):
