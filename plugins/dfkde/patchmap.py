@@ -64,6 +64,10 @@ SMOOTH_SHARE = 4 / 128  # a Gaussian of sigma 8 px at 256 px, as the scoring map
 GOOD_QUANTILE = 0.99
 GOOD_LEVEL = 0.15
 GOOD_MEDIAN_LEVEL = 0.01
+# Above the logit TAIL_START (0.9933) the map's logit grows as log(1 + the excess): the drawn look is the same,
+# but strong defects no longer all round to exactly 1.0 in float32 (they did from 6.4 spreads above the good
+# parts' top, tying every defect pixel with the brightest normal ones), only from about 10^5.
+TAIL_START = 5.0
 MAX_HEADER_BYTES = 1 << 20
 
 
@@ -235,7 +239,9 @@ class PatchDensity(nn.Module):
     def transform(self, scores: Tensor) -> Tensor:
         """Smoothed scores -> the map's values in (0, 1), on the model's scale."""
         a, b = (float(v) for v in self.scale)
-        return torch.sigmoid(a * (scores.double() - b)).float()
+        z = a * (scores.double() - b)
+        over = (z.abs() - TAIL_START).clamp(min=0)  # beyond it the logit grows as a logarithm: no float32 ties
+        return torch.sigmoid(torch.sign(z) * (z.abs() - over + torch.log1p(over))).float()
 
     def draw(self, grid: Tensor, size: tuple[int, int]) -> np.ndarray:
         """One image's features (C x g x g) -> its map at (width, height), float32 in [0, 1]."""
