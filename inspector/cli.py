@@ -25,6 +25,17 @@ if TYPE_CHECKING:  # the plugin contract imports torch, which a command loads on
 log = logging.getLogger("inspector")
 
 
+def _add_announce(parser: argparse.ArgumentParser, what: str, doing: str) -> None:
+    """--announce / --no-announce, on refit's terms for every command that makes a version current."""
+    telling = parser.add_mutually_exclusive_group()
+    telling.add_argument("--announce", action="store_true",
+                         help=f"announce {what} on the broker even when no broker.url is configured (the default "
+                         "URL, a local RabbitMQ)")
+    telling.add_argument("--no-announce", action="store_true",
+                         help=f"{doing} without telling the workers (default where no broker.url is configured: "
+                         "nothing is sent)")
+
+
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
@@ -126,13 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     refit.add_argument("--no-calibrate", action="store_true",
                        help="keep the configured threshold and offset; use every image for the fit")
     refit.add_argument("--keep", type=int, metavar="N", help="keep only the newest N versions (never the current)")
-    telling = refit.add_mutually_exclusive_group()
-    telling.add_argument("--announce", action="store_true",
-                         help="announce the version on the broker even when no broker.url is configured (the "
-                         "default URL, a local RabbitMQ)")
-    telling.add_argument("--no-announce", action="store_true",
-                         help="store the version without telling the workers (default where no broker.url is "
-                         "configured: nothing is sent)")
+    _add_announce(refit, "the version", "store the version")
     refit.set_defaults(func=_cmd_refit, check=_check_refit)
 
     models = commands.add_parser("models", help="what is in the model store; make an older version current")
@@ -149,13 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(rollback)
     rollback.add_argument("name", help="the model")
     rollback.add_argument("version", help="the stored version to make current (see `inspector models list`)")
-    telling = rollback.add_mutually_exclusive_group()
-    telling.add_argument("--announce", action="store_true",
-                         help="announce the switch on the broker even when no broker.url is configured (the default "
-                         "URL, a local RabbitMQ)")
-    telling.add_argument("--no-announce", action="store_true",
-                         help="switch without telling the workers (default where no broker.url is configured: "
-                         "nothing is sent)")
+    _add_announce(rollback, "the switch", "switch")
     rollback.set_defaults(func=_cmd_models_rollback)
 
     evaluate = commands.add_parser(
