@@ -83,6 +83,7 @@ def test_bench_through_the_broker_reports_every_stage_and_loses_no_frame(tmp_pat
     assert bench_queues(report["settings"]["queue_prefix"] + ".") == set()  # its quorum queues are deleted
 
 
+@pytest.mark.slow  # 13 s; stages 1 and 2 run in every bench test, and --skip-broker in the runtimes one
 def test_bench_without_the_broker_prints_stages_1_and_2(tmp_path: Path) -> None:
     # a broker URL nobody listens on: --skip-broker must not need one
     result = bench(tmp_path, "--resolution", "96", "--encoding", "jpeg,png", "--skip-broker",
@@ -146,6 +147,7 @@ def test_bad_options_are_usage_errors(options: dict, message: str) -> None:
     assert caught.value.exit_code == 2
 
 
+@pytest.mark.slow  # 40 s; the whole path per stage is also measured by the broker and --failing tests
 def test_the_null_plugin_bench_measures_the_path_per_stage_and_rabbitmq_alone(tmp_path: Path) -> None:
     from inspector.tools.bench.cpu_stages import STAGES
     from inspector.worker import hooks
@@ -320,6 +322,7 @@ def test_the_hostile_inputs_driver_runs_each_case_in_a_process_of_its_own(tmp_pa
     assert broken.returncode == 1 and "broken: ModuleNotFoundError" in broken.stderr
 
 
+@pytest.mark.slow  # 12 s; a benchmark script's own run
 def test_the_calibration_twins_benchmark_runs_on_a_tiny_line(tmp_path: Path) -> None:
     """bench/calibration_twins.py end to end on a tiny sample line and a small random-weight model: every archive
     and rule, rates from the fresh good images, exact intervals, and `inspector evaluate` agreeing with it."""

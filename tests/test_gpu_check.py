@@ -145,6 +145,7 @@ def test_the_table_is_printed_from_a_recorded_run(dry_run, tmp_path: Path) -> No
     assert refused.returncode == 2 and "not a gpu-check record" in refused.stderr and "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow  # 30 s of budget by its nature; the GPU check is run by hand on a device
 def test_the_budget_stops_the_run_and_the_steps_left_fail(tmp_path: Path) -> None:
     out = tmp_path / "short.json"
     done = gpu_check("--device", "cpu", "--out", str(out), "--budget-s", "30", timeout=120)
