@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets
@@ -122,12 +123,12 @@ def embed_paths(plugin: DfkdePlugin, paths: list[Path]) -> torch.Tensor:
 
 
 def _cached(cache: Path, key: str, plugin: DfkdePlugin, paths: list[Path]) -> torch.Tensor:
-    file = cache / f"{key}.pt"
+    file = cache / f"{key}.safetensors"  # tensors only: nothing in the cache is unpickled
     if file.exists():
-        return torch.load(file)
+        return load_file(str(file))["rows"]
     started = time.perf_counter()
     rows = embed_paths(plugin, paths)
-    torch.save(rows, file)
+    save_file({"rows": rows.contiguous()}, str(file))
     log.info("embedded %d images (%s) in %.0f s", len(paths), key, time.perf_counter() - started)
     return rows
 

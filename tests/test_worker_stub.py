@@ -504,4 +504,5 @@ def test_a_version_without_a_record_of_its_decoding_is_not_judged(null_store, st
     worker.consumer.deliver(jpeg, "line1.cam1", content_type="image/jpeg", message_id="old")
     worker.consumer.join()
     assert list(worker.consumer.answers()) == ["old"]
+    assert worker.consumer.results[0].body["verdict"] == "pass"  # scored as ever, not an error
     assert metric(worker, "inspector_frames_unlike_fit_total", model="default", decode="jpeg") == 0

@@ -27,6 +27,7 @@ the declarations (topology), the messages and their properties (envelopes), the 
 
 from __future__ import annotations
 
+import abc
 import functools
 import logging
 import random
@@ -92,7 +93,7 @@ def _survive(method: Callable) -> Callable:
     return guarded
 
 
-class ConsumerCallbacks:
+class ConsumerCallbacks(abc.ABC):
     """The consumer's constructor and the state the worker reads, shared by Consumer and StubConsumer: one
     interface, so a worker built on the stub is built exactly as on the real broker. A subclass sets up the
     rest of its state in `_init_state`, called last."""
@@ -127,8 +128,9 @@ class ConsumerCallbacks:
         self.on_refused: Callable[[str], None] = on_refused or (lambda outcome: None)  # "requeued" or "given_up"
         self._init_state(settings)
 
+    @abc.abstractmethod
     def _init_state(self, settings: Settings) -> None:
-        raise NotImplementedError
+        """The subclass's own state (its books, thread, connection), set up last by the shared constructor."""
 
 
 class Consumer(ConsumerCallbacks):

@@ -93,20 +93,9 @@ def runner_for(extractor: torch.nn.Module, key: tuple, runtime: str, precision: 
             return _runners[full_key]
         graph_key = (*key, input_size)
         build = _onnxruntime if runtime == "onnxruntime" else _openvino
-        runner = None
-        graph = _graphs.get(graph_key)
-        if graph is None and _stable(key):
-            name = graphcache.entry_name(key, input_size, _OPSET)
-            kept = graphcache.read(name)
-            if kept is not None:
-                runner = _checked(build, kept, precision, extractor, input_size)
-                graph = kept if runner is not None else None
-                if runner is None:
-                    log.warning("the kept graph %s does not give this backbone's features: exported again", name)
-            if graph is None:
-                graph = export_onnx(extractor, input_size)
-                graphcache.write(name, graph)
-        graph = graph or export_onnx(extractor, input_size)
+        graph, runner = _graphs.get(graph_key), None
+        if graph is None:
+            graph, runner = _kept_or_exported(extractor, key, input_size, build, precision)
         _graphs.clear()  # the last export only, for the other runtime of the same backbone (a comparison)
         _graphs[graph_key] = graph
         runner = runner or build(graph, precision, torch.get_num_threads())
@@ -114,6 +103,23 @@ def runner_for(extractor: torch.nn.Module, key: tuple, runtime: str, precision: 
         while len(_runners) > _KEPT:
             _runners.popitem(last=False)
         return runner
+
+
+def _kept_or_exported(extractor: torch.nn.Module, key: tuple, input_size: int, build: Callable[..., Runner],
+                      precision: str) -> tuple[bytes, Runner | None]:
+    """The graph kept on disk, with its runner, when that runner reproduces the torch module; else a fresh export,
+    kept for the next process (a key without a weights digest is never kept: it names no module elsewhere)."""
+    name = graphcache.entry_name(key, input_size, _OPSET) if _stable(key) else None
+    kept = graphcache.read(name) if name else None
+    if kept is not None:
+        runner = _checked(build, kept, precision, extractor, input_size)
+        if runner is not None:
+            return kept, runner
+        log.warning("the kept graph %s does not give this backbone's features: exported again", name)
+    graph = export_onnx(extractor, input_size)
+    if name:
+        graphcache.write(name, graph)
+    return graph, None
 
 
 def _stable(key: tuple) -> bool:
